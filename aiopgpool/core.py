@@ -1,0 +1,729 @@
+"""The asyncio pool core: slots, checkout and return, growth, maintenance, closing.
+
+:class:`PoolCore` is generic over the kind of connection; a
+:class:`~aiopgpool.lifecycle.Lifecycle` does everything that touches one. It
+runs on one event loop and knows nothing of threads.
+
+Design, in short:
+
+* ``max_size`` :class:`~aiopgpool.lifecycle.Holder` objects live in a
+  :class:`~aiopgpool.waiting.HandoffQueue`; a holder is a slot, with or
+  without a connection. Taking a holder is taking a slot, so the queue is the
+  semaphore and "never more than ``max_size``" holds by construction.
+* A borrower that gets an empty holder connects on it itself (many borrowers
+  connect concurrently, bounded by a semaphore), within its own deadline.
+* The hot path (an idle connection is ready, nobody waits): ``getconn`` pops
+  the top holder, makes a non-blocking socket test and returns; ``putconn``
+  sees the connection idle with its attributes unchanged and pushes it back.
+  No lock, no task, no server round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import traceback
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from .backoff import Backoff
+from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
+from .lifecycle import Holder, Lifecycle
+from .options import check_sizes, check_timeout
+from .stats import Counters, PoolStats
+from .waiting import HandoffQueue, WaitTimeout
+
+__all__ = ["PoolCore"]
+
+logger = logging.getLogger("aiopgpool")
+
+ConnT = TypeVar("ConnT")
+
+_NEW, _OPEN, _CLOSING, _CLOSED = "new", "open", "closing", "closed"
+
+# Connections opened at the same time by one pool.
+MAX_CONCURRENT_CONNECTS = 16
+# A connection's max_lifetime is shortened by up to this fraction, so that
+# connections made together do not all expire together.
+LIFETIME_JITTER = 0.05
+
+
+def _is_connected(holder: Holder[Any]) -> bool:
+    return holder.conn is not None
+
+
+class PoolCore(Generic[ConnT]):
+    """The pool machinery shared by every pool class; see the module docstring."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle[ConnT],
+        *,
+        name: str,
+        target: str,
+        min_size: int,
+        max_size: int,
+        timeout: float | None,
+        max_waiting: int,
+        max_idle: float | None,
+        max_lifetime: float | None,
+        reconnect_timeout: float | None,
+        reconnect_failed: Callable[[Any], None] | None,
+        leak_timeout: float | None,
+        keep_idle: bool = True,
+        owner: Any = None,
+    ) -> None:
+        check_sizes(min_size, max_size)
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
+        if reconnect_failed is not None and not callable(reconnect_failed):
+            raise ValueError("reconnect_failed must be callable")
+        self.name = name
+        self._target = target
+        self._lifecycle = lifecycle
+        self._min_size = min_size
+        self._max_size = max_size
+        self.timeout = check_timeout("timeout", timeout)
+        self.max_waiting = max_waiting
+        self.max_idle = check_timeout("max_idle", max_idle)
+        self.max_lifetime = check_timeout("max_lifetime", max_lifetime)
+        self.reconnect_timeout = check_timeout("reconnect_timeout", reconnect_timeout)
+        self.leak_timeout = check_timeout("leak_timeout", leak_timeout)
+        self._reconnect_failed = reconnect_failed
+        self._keep_idle = keep_idle
+        self._owner = self if owner is None else owner
+
+        self._state = _NEW
+        self._queue: HandoffQueue[Holder[ConnT]] = HandoffQueue(_is_connected)
+        for _ in range(max_size):
+            self._queue.put(Holder())
+        self._excess = 0  # holders to drop as they come back, after a shrinking resize
+        self._size = 0  # open connections: idle, borrowed, or being checked
+        self._in_use = 0
+        self._borrowed: dict[int, Holder[ConnT]] = {}
+        self._keyed: dict[Hashable, ConnT] = {}
+        self._key_of: dict[int, Hashable] = {}
+        self._generation = 0
+        self._filling = 0
+        self._connect_slots = asyncio.Semaphore(min(max_size, MAX_CONCURRENT_CONNECTS) or 1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._size_watchers: list[asyncio.Future[None]] = []
+        self._all_returned: asyncio.Future[None] | None = None
+        self._maintenance: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_error: BaseException | None = None
+        self._failing_since: float | None = None
+        self._failure_reported = False
+        self._stats = Counters()
+
+    # -- attributes --------------------------------------------------------------
+
+    @property
+    def min_size(self) -> int:
+        """The number of connections the pool keeps open, idle or not."""
+        return self._min_size
+
+    @property
+    def max_size(self) -> int:
+        """The most connections the pool opens at once."""
+        return self._max_size
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool is closed (or closing)."""
+        return self._state in (_CLOSING, _CLOSED)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self._owner).__name__} {self.name!r} {self._state} "
+            f"size={self._size}/{self._max_size} in_use={self._in_use} "
+            f"waiting={self._queue.waiting} {self._target}>"
+        )
+
+    # -- opening -----------------------------------------------------------------
+
+    async def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Start the pool: fill ``min_size`` connections in the background.
+
+        With ``wait=True``, return once they exist or raise :class:`PoolTimeout`
+        (the last connection error chained) after ``timeout`` seconds.
+        """
+        if self._state == _OPEN:
+            if wait:
+                await self.wait(timeout)
+            return
+        if self._state != _NEW:
+            raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
+        self._loop = asyncio.get_running_loop()
+        self._state = _OPEN
+        logger.info("pool %r opening (min_size=%d max_size=%d) %s",
+                    self.name, self._min_size, self._max_size, self._target)
+        self._fill()
+        self._schedule_maintenance()
+        if wait:
+            await self.wait(timeout)
+
+    async def wait(self, timeout: float = 30.0) -> None:
+        """Wait until ``min_size`` connections are open, or raise :class:`PoolTimeout`."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._size_watchers.append(fut)
+        self._notify_size()
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise PoolTimeout(
+                f"pool {self.name!r}: {self._size} of min_size {self._min_size} "
+                f"connections after {timeout:g} s"
+            ) from self._last_error
+        finally:
+            if fut in self._size_watchers:
+                self._size_watchers.remove(fut)
+
+    def _notify_size(self) -> None:
+        if self._size >= self._min_size and self._size_watchers:
+            for fut in self._size_watchers:
+                if not fut.done():
+                    fut.set_result(None)
+            self._size_watchers.clear()
+
+    def _check_open(self) -> None:
+        if self._state != _OPEN:
+            raise self._closed_error()
+
+    def _closed_error(self) -> PoolClosed:
+        if self._state == _NEW:
+            return PoolClosed(
+                f"pool {self.name!r} is not open yet: call open() or use it as a context manager"
+            )
+        return PoolClosed(f"pool {self.name!r} is closed")
+
+    # -- checkout ----------------------------------------------------------------
+
+    async def getconn(self, key: Hashable | None = None, timeout: float | None = None) -> ConnT:
+        """A connection, waiting up to ``timeout`` (default: the pool's) for one.
+
+        The same ``key`` while its connection is held returns that connection
+        again, without taking another slot.
+        """
+        if key is not None and self._keyed:
+            conn = self._keyed.get(key)
+            if conn is not None:
+                self._check_open()
+                return conn
+        if self._state != _OPEN:
+            raise self._closed_error()
+        self._stats.requests += 1
+        holder = self._queue.get_nowait()
+        if (
+            holder is None
+            or holder.conn is None
+            or self._lifecycle.has_check
+            or not self._lifecycle.is_quiet(holder.conn)
+            or holder.expires_at <= self._now()
+        ):
+            holder = await self._acquire(holder, timeout)
+        conn = holder.conn
+        assert conn is not None
+        self._in_use += 1
+        self._borrowed[id(conn)] = holder
+        if self.leak_timeout is not None:
+            self._watch_leak(holder)
+        if key is not None:
+            self._keyed[key] = conn
+            self._key_of[id(conn)] = key
+        return conn
+
+    async def _acquire(self, holder: Holder[ConnT] | None, timeout: float | None) -> Holder[ConnT]:
+        """The slow path of getconn: wait for a slot, check or replace its connection."""
+        if timeout is None:
+            timeout = self.timeout
+        else:
+            timeout = check_timeout("timeout", timeout)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if holder is None:
+            try:
+                holder = await self._wait_for_slot(timeout, start)
+            except PoolError:
+                self._stats.timeouts += 1
+                raise
+        # Setting up a connection on a slot had at once (timeout=0) still gets
+        # the pool's own timeout, as psycopg2 connects when a slot is free.
+        budget = timeout or self.timeout
+        deadline = None if budget is None else start + budget
+        try:
+            while True:
+                if holder.conn is not None:
+                    if await self._usable(holder):
+                        return holder
+                    swapped = self._queue.swap_top(holder)
+                    if swapped is not None:
+                        holder = swapped
+                    continue
+                await self._connect(holder, deadline)
+                self._notify_size()
+                return holder
+        except PoolTimeout:
+            self._stats.timeouts += 1
+            self._release_slot(holder)
+            raise
+        except BaseException:
+            self._release_slot(holder)
+            raise
+
+    async def _wait_for_slot(self, timeout: float | None, start: float) -> Holder[ConnT]:
+        if timeout == 0:
+            raise PoolTimeout("connection pool exhausted")
+        if self.max_waiting and self._queue.waiting >= self.max_waiting:
+            raise TooManyRequests(
+                f"pool {self.name!r}: {self._queue.waiting} requests already waiting "
+                f"(max_waiting={self.max_waiting})"
+            )
+        self._stats.requests_waited += 1
+        try:
+            return await self._queue.get(timeout)
+        except WaitTimeout:
+            raise PoolTimeout(
+                f"pool {self.name!r}: no connection available after {timeout:g} s"
+            ) from (self._last_error if self._failing_since is not None else None)
+        finally:
+            self._stats.wait_time_total += asyncio.get_running_loop().time() - start
+
+    async def _usable(self, holder: Holder[ConnT]) -> bool:
+        """Whether a connected holder can be handed out; discards it if not."""
+        conn = holder.conn
+        assert conn is not None
+        if holder.expires_at <= self._now():
+            self._discard(holder, "max_lifetime reached")
+            return False
+        lifecycle = self._lifecycle
+        if not lifecycle.is_quiet(conn):
+            try:
+                await lifecycle.probe(conn)
+            except Exception as exc:
+                self._discard(holder, f"dead while idle ({exc.__class__.__name__})", lost=True)
+                return False
+        if lifecycle.has_check:
+            try:
+                await lifecycle.check(conn)
+            except Exception as exc:
+                self._discard(holder, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
+                return False
+        return True
+
+    def _release_slot(self, holder: Holder[ConnT]) -> None:
+        """Give a slot back to the queue (or drop it, after a shrinking resize)."""
+        if self._state == _CLOSED:
+            if holder.conn is not None:
+                self._discard(holder, "pool closed")
+            return
+        if self._excess:
+            self._excess -= 1
+            if holder.conn is not None:
+                self._discard(holder, "pool resized")
+            return
+        self._queue.put(holder)
+
+    # -- connecting ----------------------------------------------------------------
+
+    async def _connect(self, holder: Holder[ConnT], deadline: float | None) -> None:
+        """Open a connection on an empty holder, retrying with backoff until ``deadline``."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff()
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            if self._state == _CLOSED:
+                raise self._closed_error()
+            if remaining is not None and remaining <= 0:
+                raise PoolTimeout(
+                    f"pool {self.name!r}: could not connect before the deadline"
+                ) from self._last_error
+            try:
+                await asyncio.wait_for(self._connect_once(holder), remaining)
+                return
+            except asyncio.TimeoutError:
+                continue
+            except PoolClosed:
+                raise
+            except Exception as exc:
+                self._connect_failed(exc)
+            delay = backoff.next()
+            if deadline is not None:
+                delay = min(delay, max(deadline - loop.time(), 0))
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self, holder: Holder[ConnT]) -> None:
+        async with self._connect_slots:
+            conn, baseline = await self._lifecycle.connect()
+        if self._state == _CLOSED:
+            self._lifecycle.close(conn)
+            raise self._closed_error()
+        now = self._now()
+        holder.conn = conn
+        holder.baseline = baseline
+        holder.created_at = holder.returned_at = now
+        holder.generation = self._generation
+        holder.expires_at = (
+            float("inf")
+            if self.max_lifetime is None
+            else now + self.max_lifetime * (1 - LIFETIME_JITTER * random.random())
+        )
+        self._size += 1
+        self._stats.connections_created += 1
+        if self._failing_since is not None:
+            logger.info("pool %r: connected again after failures", self.name)
+            self._failing_since = None
+            self._failure_reported = False
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        self._stats.connections_failed += 1
+        self._last_error = exc
+        now = self._now()
+        if self._failing_since is None:
+            self._failing_since = now
+        logger.warning("pool %r: connection attempt failed: %s", self.name, exc)
+        if (
+            not self._failure_reported
+            and self.reconnect_timeout is not None
+            and now - self._failing_since >= self.reconnect_timeout
+        ):
+            self._failure_reported = True
+            logger.error(
+                "pool %r: could not connect for %g s (reconnect_timeout)",
+                self.name, self.reconnect_timeout,
+            )
+            if self._reconnect_failed is not None:
+                try:
+                    self._reconnect_failed(self._owner)
+                except Exception:
+                    logger.exception("pool %r: reconnect_failed callback raised", self.name)
+
+    def _fill(self) -> None:
+        """Start background connects until ``min_size`` connections exist or are coming."""
+        while self._state == _OPEN and self._size + self._filling < self._min_size:
+            holder = self._queue.take_bottom()
+            if holder is None:
+                return
+            self._filling += 1
+            self._spawn(self._fill_one(holder))
+
+    async def _fill_one(self, holder: Holder[ConnT]) -> None:
+        deadline = None
+        if self.reconnect_timeout is not None:
+            deadline = asyncio.get_running_loop().time() + self.reconnect_timeout
+        try:
+            await self._connect(holder, deadline)
+        except (PoolTimeout, PoolClosed):
+            pass
+        finally:
+            self._filling -= 1
+            self._release_slot(holder)
+            self._notify_size()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _discard(self, holder: Holder[ConnT], reason: str, *, lost: bool = False) -> None:
+        """Close a holder's connection; the holder becomes an empty slot."""
+        conn = holder.conn
+        if conn is None:
+            return
+        holder.conn = None
+        self._size -= 1
+        if lost:
+            self._stats.connections_lost += 1
+        else:
+            self._stats.connections_closed += 1
+        logger.debug("pool %r: closing a connection: %s", self.name, reason)
+        self._lifecycle.close(conn)
+
+    # -- return --------------------------------------------------------------------
+
+    async def putconn(self, conn: ConnT, key: Hashable | None = None, close: bool = False) -> None:
+        """Give a connection back; ``close=True`` discards it.
+
+        A connection left in a transaction or in error is rolled back, one left
+        mid-query or broken is discarded, and changed attributes (autocommit,
+        isolation level, read only, deferrable) are restored.
+        """
+        holder = self._borrowed.pop(id(conn), None)
+        if holder is None or holder.conn is not conn:
+            if holder is not None:
+                self._borrowed[id(conn)] = holder
+            if self._state == _CLOSED:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            raise PoolError(
+                f"pool {self.name!r}: this connection is not borrowed from this pool "
+                "(a foreign connection, or returned twice)"
+            )
+        if self._key_of:
+            held_key = self._key_of.pop(id(conn), None)
+            if held_key is not None:
+                del self._keyed[held_key]
+        if holder.leak_timer is not None:
+            holder.leak_timer.cancel()
+            holder.leak_timer = None
+        self._in_use -= 1
+        if (
+            close
+            or self._state != _OPEN
+            or self._excess
+            or not self._keep_idle
+            or self._lifecycle.has_reset
+            or holder.generation != self._generation
+            or not self._lifecycle.is_clean(conn, holder.baseline)
+        ):
+            await self._return_slow(holder, close)
+            return
+        holder.returned_at = self._now()
+        self._queue.put(holder)
+
+    async def _return_slow(self, holder: Holder[ConnT], close: bool) -> None:
+        conn = holder.conn
+        assert conn is not None
+        lifecycle = self._lifecycle
+        try:
+            if close:
+                self._discard(holder, "closed by its borrower")
+            elif self._state != _OPEN or not self._keep_idle or self._excess:
+                self._discard(holder, "not kept")
+            elif holder.generation != self._generation:
+                self._discard(holder, "drained")
+            else:
+                if lifecycle.is_bad_return(conn):
+                    self._stats.returns_bad += 1
+                if not lifecycle.is_clean(conn, holder.baseline) and not await lifecycle.clean(
+                    conn, holder.baseline
+                ):
+                    self._discard(holder, "could not be cleaned after return")
+                elif lifecycle.has_reset and not await lifecycle.reset(conn):
+                    self._discard(holder, "reset left it unusable")
+                elif holder.expires_at <= self._now():
+                    self._discard(holder, "max_lifetime reached")
+        except BaseException as exc:
+            # Cleaning failed or was interrupted (the borrower cancelled again):
+            # the connection is in an unknown state, so it goes; the slot stays.
+            self._discard(holder, f"cleaning failed ({exc.__class__.__name__})")
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("pool %r: discarded a returned connection: %s", self.name, exc)
+        finally:
+            holder.returned_at = self._now()
+            self._after_return(holder)
+
+    def _after_return(self, holder: Holder[ConnT]) -> None:
+        self._release_slot(holder)
+        if self._state == _CLOSING and self._in_use == 0 and self._all_returned is not None:
+            if not self._all_returned.done():
+                self._all_returned.set_result(None)
+        elif self._state == _OPEN and holder.conn is None:
+            self._fill()
+
+    # -- leaks -------------------------------------------------------------------
+
+    def _watch_leak(self, holder: Holder[ConnT]) -> None:
+        assert self._loop is not None and self.leak_timeout is not None
+        stack = "".join(traceback.format_stack()[:-2])
+        holder.leak_timer = self._loop.call_later(
+            self.leak_timeout, self._report_leak, holder, stack
+        )
+
+    def _report_leak(self, holder: Holder[ConnT], stack: str) -> None:
+        holder.leak_timer = None
+        self._stats.leaks += 1
+        logger.warning(
+            "pool %r: a connection has been held for more than %g s (leak_timeout); "
+            "borrowed at:\n%s",
+            self.name, self.leak_timeout, stack,
+        )
+
+    # -- maintenance ---------------------------------------------------------------
+
+    def _schedule_maintenance(self) -> None:
+        periods = [p for p in (self.max_idle, self.max_lifetime) if p]
+        if not periods or self._loop is None:
+            return
+        interval = min(max(min(periods) / 2, 0.05), 10.0)
+        self._maintenance = self._loop.call_later(interval, self._maintain)
+
+    def _maintain(self) -> None:
+        if self._state != _OPEN:
+            return
+        try:
+            self._expire_idle(self.max_idle, keep_min=True)
+        finally:
+            self._schedule_maintenance()
+
+    def _expire_idle(self, max_idle: float | None, *, keep_min: bool) -> int:
+        """Close idle connections past their lifetime or idle longer than ``max_idle``."""
+        now = self._now()
+        spare = self._size - self._min_size if keep_min else self._size
+
+        def expired(holder: Holder[ConnT]) -> bool:
+            nonlocal spare
+            if holder.conn is None:
+                return False
+            if holder.expires_at <= now:
+                return True
+            if max_idle is not None and spare > 0 and now - holder.returned_at >= max_idle:
+                spare -= 1
+                return True
+            return False
+
+        taken = self._queue.take(expired)
+        for holder in taken:
+            self._discard(holder, "expired")
+            self._release_slot(holder)
+        self._fill()
+        return len(taken)
+
+    async def purge_expired(self) -> int:
+        """Close idle connections idle longer than ``max_idle`` (or past max_lifetime) now.
+
+        Unlike the background shrinking, ``min_size`` does not protect them;
+        the pool then refills ``min_size`` with fresh connections. Returns how
+        many were closed.
+        """
+        self._check_open()
+        return self._expire_idle(self.max_idle, keep_min=False)
+
+    async def check(self) -> None:
+        """Make a round trip on every idle connection; replace those that fail."""
+        self._check_open()
+        taken = self._queue.take(_is_connected)
+        try:
+            while taken:
+                holder = taken.pop()
+                conn = holder.conn
+                assert conn is not None
+                try:
+                    await self._lifecycle.probe(conn)
+                except Exception as exc:
+                    self._discard(holder, f"check() failed ({exc.__class__.__name__})", lost=True)
+                self._release_slot(holder)
+        finally:
+            for holder in taken:
+                self._release_slot(holder)
+        self._fill()
+
+    async def drain(self) -> None:
+        """Replace every connection: idle ones now, borrowed ones when returned."""
+        self._check_open()
+        self._generation += 1
+        for holder in self._queue.take(_is_connected):
+            self._discard(holder, "drained")
+            self._release_slot(holder)
+        self._fill()
+
+    async def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the pool's sizes; connections beyond a smaller max go as they come back."""
+        self._check_open()
+        if max_size is None:
+            max_size = max(min_size, self._max_size)
+        check_sizes(min_size, max_size)
+        grow = max_size - self._max_size
+        self._min_size = min_size
+        self._max_size = max_size
+        if grow > 0:
+            cancel = min(grow, self._excess)
+            self._excess -= cancel
+            for _ in range(grow - cancel):
+                self._queue.put(Holder())
+        elif grow < 0:
+            shrink = -grow
+            # Free slots go first, then the least recently used idle connections;
+            # whatever is left is dropped as borrowed connections come back.
+            for predicate in (lambda h: h.conn is None, _is_connected):
+                taken = self._queue.take(predicate)
+                for holder in taken[:shrink]:
+                    self._discard(holder, "pool resized")
+                for holder in taken[shrink:]:
+                    self._queue.put(holder)
+                shrink -= min(shrink, len(taken))
+            self._excess += shrink
+        self._fill()
+
+    # -- closing -------------------------------------------------------------------
+
+    async def closeall(self) -> None:
+        """Close every connection now, borrowed ones included; the pool is closed."""
+        if self._state == _CLOSED:
+            raise PoolClosed(f"pool {self.name!r} is already closed")
+        self._close_now()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Refuse new requests, wait up to ``timeout`` for borrowed connections, close."""
+        if self._state in (_CLOSED, _CLOSING):
+            return
+        if self._state == _NEW:
+            self._close_now()
+            return
+        self._state = _CLOSING
+        self._queue.fail_waiters(self._closed_error)
+        if self._in_use:
+            self._all_returned = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_returned), timeout)
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "pool %r: %d connections still borrowed after %g s: closing them",
+                    self.name, self._in_use, timeout,
+                )
+        self._close_now()
+
+    def _close_now(self) -> None:
+        self._state = _CLOSED
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        self._queue.fail_waiters(self._closed_error)
+        for fut in self._size_watchers:
+            if not fut.done():
+                fut.set_exception(self._closed_error())
+        self._size_watchers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for holder in self._queue.take(lambda h: True):
+            self._discard(holder, "pool closed")
+        for holder in self._borrowed.values():
+            if holder.leak_timer is not None:
+                holder.leak_timer.cancel()
+            self._discard(holder, "pool closed while borrowed")
+        self._borrowed.clear()
+        self._keyed.clear()
+        self._key_of.clear()
+        self._in_use = 0
+        logger.info("pool %r closed", self.name)
+
+    # -- stats -----------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool's state and counters."""
+        c = self._stats
+        return PoolStats(
+            name=self.name,
+            size=self._size,
+            idle=sum(1 for h in self._queue if h.conn is not None),
+            in_use=self._in_use,
+            waiting=self._queue.waiting,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            requests=c.requests,
+            requests_waited=c.requests_waited,
+            wait_time_total=c.wait_time_total,
+            timeouts=c.timeouts,
+            connections_created=c.connections_created,
+            connections_failed=c.connections_failed,
+            connections_lost=c.connections_lost,
+            returns_bad=c.returns_bad,
+            leaks=c.leaks,
+            connections_closed=c.connections_closed,
+        )
+
+    def _now(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else 0.0

@@ -1,0 +1,223 @@
+"""The connection lifecycle: connect, configure, check, clean on return, close.
+
+The pool core never touches a connection directly: it asks a
+:class:`Lifecycle` to. :class:`AsyncLifecycle` serves psycopg's
+``AsyncConnection``; the sync facade plugs in its own lifecycle for sync
+connections, so waiting, fairness, timeouts and stats stay the core's.
+"""
+
+from __future__ import annotations
+
+import select
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import psycopg
+from psycopg.pq import ConnStatus, TransactionStatus
+
+__all__ = [
+    "AsyncLifecycle",
+    "Baseline",
+    "Holder",
+    "Lifecycle",
+    "check_connection",
+    "socket_is_quiet",
+]
+
+ConnT = TypeVar("ConnT")
+
+IDLE = TransactionStatus.IDLE
+INTRANS = TransactionStatus.INTRANS
+INERROR = TransactionStatus.INERROR
+ACTIVE = TransactionStatus.ACTIVE
+OK = ConnStatus.OK
+
+Baseline = tuple[Any, Any, Any, Any]
+"""(autocommit, isolation_level, read_only, deferrable) as configured for the pool."""
+
+_POLLIN = select.POLLIN
+
+
+class Holder(Generic[ConnT]):
+    """One slot of the pool: holds a connection, or nothing (a free slot)."""
+
+    __slots__ = ("baseline", "conn", "created_at", "expires_at", "generation", "leak_timer",
+                 "returned_at")
+
+    def __init__(self) -> None:
+        self.conn: ConnT | None = None
+        self.baseline: Baseline = (None, None, None, None)
+        self.created_at = 0.0
+        self.expires_at = float("inf")
+        self.returned_at = 0.0
+        self.generation = 0
+        self.leak_timer: Any = None
+
+
+def socket_is_quiet(pgconn: Any) -> bool:
+    """True when an idle connection is open and nothing arrived on its socket.
+
+    A non-blocking readability test: an idle backend sends nothing unless it
+    is going away (or sends a notice/notification), so a readable socket
+    means the connection needs a real check before it is handed out.
+    """
+    if pgconn.status != OK or pgconn.transaction_status != IDLE:
+        return False
+    poller = select.poll()
+    poller.register(pgconn.socket, _POLLIN)
+    return not poller.poll(0)
+
+
+class Lifecycle(ABC, Generic[ConnT]):
+    """What the core needs to do to connections of one kind."""
+
+    has_check = False
+    has_reset = False
+
+    @abstractmethod
+    async def connect(self) -> tuple[ConnT, Baseline]:
+        """A new connection, configured, with the attributes to restore on return."""
+
+    @abstractmethod
+    def close(self, conn: ConnT) -> None:
+        """Close without blocking; never raises."""
+
+    @abstractmethod
+    def is_quiet(self, conn: ConnT) -> bool:
+        """Cheap, non-blocking: open, idle, nothing pending on the socket."""
+
+    @abstractmethod
+    def is_clean(self, conn: ConnT, baseline: Baseline) -> bool:
+        """Cheap, non-blocking: idle, and attributes as configured."""
+
+    @abstractmethod
+    def is_bad_return(self, conn: ConnT) -> bool:
+        """The borrower left it in a transaction, in error, mid-query or broken."""
+
+    @abstractmethod
+    async def clean(self, conn: ConnT, baseline: Baseline) -> bool:
+        """Roll back and restore attributes; False when it must be discarded."""
+
+    @abstractmethod
+    async def probe(self, conn: ConnT) -> None:
+        """A round trip to the server; raises if the connection is unusable."""
+
+    async def check(self, conn: ConnT) -> None:
+        """The user's ``check`` callable (only called when ``has_check``)."""
+
+    async def reset(self, conn: ConnT) -> bool:
+        """The user's ``reset`` callable; False when the connection must be discarded."""
+        return True
+
+
+async def check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A ready-made ``check=``: one round trip; raises if the connection is unusable."""
+    autocommit = conn.autocommit
+    if not autocommit:
+        await conn.set_autocommit(True)
+    try:
+        await conn.execute("")
+    finally:
+        if not autocommit and not conn.closed:
+            await conn.set_autocommit(False)
+
+
+AsyncCallback = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
+
+
+class AsyncLifecycle(Lifecycle[psycopg.AsyncConnection[Any]]):
+    """Lifecycle of psycopg ``AsyncConnection`` objects."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        kwargs: dict[str, Any],
+        connection_class: type[psycopg.AsyncConnection[Any]],
+        configure: AsyncCallback | None,
+        reset: AsyncCallback | None,
+        check: AsyncCallback | None,
+    ) -> None:
+        self._conninfo = conninfo
+        self._kwargs = kwargs
+        self._connection_class = connection_class
+        self._configure = configure
+        self._reset = reset
+        self._check = check
+        self.has_check = check is not None
+        self.has_reset = reset is not None
+
+    async def connect(self) -> tuple[psycopg.AsyncConnection[Any], Baseline]:
+        conn = await self._connection_class.connect(self._conninfo, **self._kwargs)
+        try:
+            if self._configure is not None:
+                await self._configure(conn)
+                if conn.pgconn.transaction_status != IDLE:
+                    raise psycopg.ProgrammingError(
+                        "configure left the connection in a transaction: "
+                        "commit or roll back inside configure"
+                    )
+        except BaseException:
+            await conn.close()
+            raise
+        return conn, (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)
+
+    def close(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # AsyncConnection.close() has no suspension point: pgconn.finish() is
+        # a non-blocking write of Terminate. Calling finish() directly keeps
+        # close synchronous, so a second cancellation cannot interrupt it.
+        try:
+            conn.pgconn.finish()
+        except Exception:
+            pass
+
+    def is_quiet(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        try:
+            return socket_is_quiet(conn.pgconn)
+        except Exception:
+            return False
+
+    def is_clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
+        return conn.pgconn.transaction_status == IDLE and (
+            conn.autocommit,
+            conn.isolation_level,
+            conn.read_only,
+            conn.deferrable,
+        ) == baseline
+
+    def is_bad_return(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        return conn.pgconn.status != OK or conn.pgconn.transaction_status != IDLE
+
+    async def clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
+        pgconn = conn.pgconn
+        if pgconn.status != OK:
+            return False
+        status = pgconn.transaction_status
+        if status == ACTIVE:
+            # Returned mid-query (its task was cancelled twice, or it was
+            # handed back with a query running): discard rather than drain.
+            return False
+        if status in (INTRANS, INERROR):
+            await conn.rollback()
+        autocommit, isolation_level, read_only, deferrable = baseline
+        if conn.autocommit != autocommit:
+            await conn.set_autocommit(autocommit)
+        if conn.isolation_level != isolation_level:
+            await conn.set_isolation_level(isolation_level)
+        if conn.read_only != read_only:
+            await conn.set_read_only(read_only)
+        if conn.deferrable != deferrable:
+            await conn.set_deferrable(deferrable)
+        return pgconn.transaction_status == IDLE
+
+    async def probe(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await check_connection(conn)
+
+    async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self._check is not None:
+            await self._check(conn)
+
+    async def reset(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        if self._reset is not None:
+            await self._reset(conn)
+        return conn.pgconn.status == OK and conn.pgconn.transaction_status == IDLE

@@ -1,0 +1,130 @@
+"""The waiting logic: a hand-off queue of slot holders, FIFO for waiters, LIFO for items.
+
+The pool puts one holder per slot in this queue, so the queue *is* the
+semaphore (asyncpg's design): taking a holder is taking a slot. It keeps
+:class:`asyncio.Queue`'s interface (``get``/``get_nowait``/``put``) but not its
+wake-up-then-retry protocol, which lets a newcomer take an item from under a
+woken waiter. Here ``put`` hands the item straight to the longest waiter, so
+waiters are served strictly first come, first served, and a waiter that is
+cancelled just as it is handed an item passes the item on to the next one.
+
+Items nobody waits for are kept in a deque: "ready" items (connected holders)
+on top, most recently returned first; others (empty slots) at the bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+__all__ = ["HandoffQueue", "WaitTimeout"]
+
+T = TypeVar("T")
+
+
+class WaitTimeout(Exception):
+    """Raised by :meth:`HandoffQueue.get` when its timeout expires."""
+
+
+def _expire(fut: asyncio.Future[T]) -> None:
+    if not fut.done():
+        fut.set_exception(WaitTimeout())
+
+
+class HandoffQueue(Generic[T]):
+    """FIFO waiters, LIFO ready items, direct hand-off; single event loop, no locks."""
+
+    __slots__ = ("_is_ready", "_items", "_waiters", "_waiting")
+
+    def __init__(self, is_ready: Callable[[T], bool]) -> None:
+        self._is_ready = is_ready
+        self._items: deque[T] = deque()
+        # Futures of waiting getters, oldest first. Entries whose future is
+        # already done (timed out, cancelled, failed) are skipped lazily.
+        self._waiters: deque[asyncio.Future[T]] = deque()
+        self._waiting = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
+
+    @property
+    def waiting(self) -> int:
+        """How many getters are waiting now."""
+        return self._waiting
+
+    def get_nowait(self) -> T | None:
+        """The top item, or None when there is none.
+
+        Items only pile up while nobody waits (``put`` hands them over
+        otherwise), so taking one here never jumps the queue.
+        """
+        items = self._items
+        return items.pop() if items else None
+
+    def put(self, item: T) -> None:
+        """Hand ``item`` to the longest waiter, or keep it (ready on top, others below)."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(item)
+                return
+        if self._is_ready(item):
+            self._items.append(item)
+        else:
+            self._items.appendleft(item)
+
+    def swap_top(self, item: T) -> T | None:
+        """Exchange ``item`` (not ready) for the top item if that one is ready."""
+        items = self._items
+        if items and self._is_ready(items[-1]):
+            top = items.pop()
+            items.appendleft(item)
+            return top
+        return None
+
+    def take(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Remove and return the kept items matching ``predicate`` (bottom first)."""
+        taken = [item for item in self._items if predicate(item)]
+        if taken:
+            ids = {id(item) for item in taken}
+            self._items = deque(item for item in self._items if id(item) not in ids)
+        return taken
+
+    def take_bottom(self) -> T | None:
+        """Remove and return the bottom item if it is not ready, else None."""
+        items = self._items
+        if items and not self._is_ready(items[0]):
+            return items.popleft()
+        return None
+
+    async def get(self, timeout: float | None) -> T:
+        """Wait in line for an item; :class:`WaitTimeout` after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._waiters.append(fut)
+        self._waiting += 1
+        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Handed an item in the same tick we were cancelled: pass it on.
+                self.put(fut.result())
+            raise
+        finally:
+            self._waiting -= 1
+            if timer is not None:
+                timer.cancel()
+
+    def fail_waiters(self, make_exc: Callable[[], BaseException]) -> None:
+        """Wake every waiter with an exception (used when the pool closes)."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(make_exc())
