@@ -7,19 +7,35 @@ configuration.
 
 from __future__ import annotations
 
+from .config import config_pool, get_pool
+from .dropins import (
+    AbstractConnectionPool,
+    PersistentConnectionPool,
+    SimpleConnectionPool,
+    ThreadedConnectionPool,
+)
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .lifecycle import check_connection
 from .pool import AsyncConnectionPool, AsyncNullConnectionPool
 from .stats import PoolStats
+from .sync_pool import ConnectionPool, NullConnectionPool
 
 __all__ = [
+    "AbstractConnectionPool",
     "AsyncConnectionPool",
     "AsyncNullConnectionPool",
+    "ConnectionPool",
+    "NullConnectionPool",
+    "PersistentConnectionPool",
     "PoolClosed",
     "PoolError",
     "PoolStats",
     "PoolTimeout",
+    "SimpleConnectionPool",
+    "ThreadedConnectionPool",
     "TooManyRequests",
     "check_connection",
+    "config_pool",
+    "get_pool",
 ]
 __version__ = "0.1.0"

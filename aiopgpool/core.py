@@ -29,10 +29,10 @@ from typing import Any, Generic, TypeVar
 
 from .backoff import Backoff
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
-from .lifecycle import Holder, Lifecycle
+from .lifecycle import Baseline, Holder, Lifecycle
 from .options import check_sizes, check_timeout
 from .stats import Counters, PoolStats
-from .waiting import HandoffQueue, WaitTimeout
+from .waiting import HandoffQueue, Waiter, WaitTimeout
 
 __all__ = ["PoolCore"]
 
@@ -157,8 +157,13 @@ class PoolCore(Generic[ConnT]):
             raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
         self._loop = asyncio.get_running_loop()
         self._state = _OPEN
-        logger.info("pool %r opening (min_size=%d max_size=%d) %s",
-                    self.name, self._min_size, self._max_size, self._target)
+        logger.info(
+            "pool %r opening (min_size=%d max_size=%d) %s",
+            self.name,
+            self._min_size,
+            self._max_size,
+            self._target,
+        )
         self._fill()
         self._schedule_maintenance()
         if wait:
@@ -225,6 +230,9 @@ class PoolCore(Generic[ConnT]):
             or holder.expires_at <= self._now()
         ):
             holder = await self._acquire(holder, timeout)
+        return self._checkout(holder, key)
+
+    def _checkout(self, holder: Holder[ConnT], key: Hashable | None) -> ConnT:
         conn = holder.conn
         assert conn is not None
         self._in_use += 1
@@ -236,24 +244,80 @@ class PoolCore(Generic[ConnT]):
             self._key_of[id(conn)] = key
         return conn
 
+    def try_getconn_nowait(self, key: Hashable | None = None) -> ConnT | None:
+        """The fast path of :meth:`getconn` as a plain call: a ready idle connection, or None.
+
+        It never suspends, never schedules a callback and never completes a
+        future, so it is safe to call whenever no other code of this pool's
+        event loop is running at the same time. None means "call getconn()".
+        """
+        if key is not None and self._keyed:
+            conn = self._keyed.get(key)
+            if conn is not None:
+                self._check_open()
+                return conn
+        if self._state != _OPEN:
+            raise self._closed_error()
+        if self._lifecycle.has_check or self.leak_timeout is not None:
+            return None
+        holder = self._queue.get_nowait()
+        if holder is None:
+            return None
+        conn = holder.conn
+        if conn is None or holder.expires_at <= self._now() or not self._lifecycle.is_quiet(conn):
+            # Items were kept, so nobody waits: put() just puts it back on top.
+            self._queue.put(holder)
+            return None
+        self._stats.requests += 1
+        return self._checkout(holder, key)
+
     async def _acquire(self, holder: Holder[ConnT] | None, timeout: float | None) -> Holder[ConnT]:
         """The slow path of getconn: wait for a slot, check or replace its connection."""
-        if timeout is None:
-            timeout = self.timeout
-        else:
-            timeout = check_timeout("timeout", timeout)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        timeout = self._effective_timeout(timeout)
+        start = asyncio.get_running_loop().time()
         if holder is None:
+            self._refuse_waiting(timeout)
+            self._stats.requests_waited += 1
             try:
-                holder = await self._wait_for_slot(timeout, start)
-            except PoolError:
+                holder = await self._queue.get(timeout)
+            except WaitTimeout:
                 self._stats.timeouts += 1
-                raise
-        # Setting up a connection on a slot had at once (timeout=0) still gets
-        # the pool's own timeout, as psycopg2 connects when a slot is free.
+                raise self._timeout_error(timeout) from self._failure_cause()
+            finally:
+                self._stats.wait_time_total += asyncio.get_running_loop().time() - start
+        return await self._prepare(holder, start, timeout)
+
+    def _effective_timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else check_timeout("timeout", timeout)
+
+    def _refuse_waiting(self, timeout: float | None) -> None:
+        """Raise instead of waiting in line, when ``timeout`` is 0 or the line is full."""
+        if timeout == 0:
+            self._stats.timeouts += 1
+            raise PoolTimeout("connection pool exhausted")
+        if self.max_waiting and self._queue.waiting >= self.max_waiting:
+            self._stats.timeouts += 1
+            raise TooManyRequests(
+                f"pool {self.name!r}: {self._queue.waiting} requests already waiting "
+                f"(max_waiting={self.max_waiting})"
+            )
+
+    def _timeout_error(self, timeout: float | None) -> PoolTimeout:
+        return PoolTimeout(f"pool {self.name!r}: no connection available after {timeout:g} s")
+
+    def _failure_cause(self) -> BaseException | None:
+        return self._last_error if self._failing_since is not None else None
+
+    async def _prepare(
+        self, holder: Holder[ConnT], start: float, timeout: float | None
+    ) -> Holder[ConnT]:
+        """Make a slot's connection usable: check it, or replace it, or open one."""
+        # A slot had at once (timeout=0) still gets connected within the pool's
+        # own timeout; when that is 0 too (psycopg2's "fail at once"), one
+        # attempt is made and its error raised, as psycopg2.pool does.
         budget = timeout or self.timeout
         deadline = None if budget is None else start + budget
+        retry = budget != 0
         try:
             while True:
                 if holder.conn is not None:
@@ -263,7 +327,7 @@ class PoolCore(Generic[ConnT]):
                     if swapped is not None:
                         holder = swapped
                     continue
-                await self._connect(holder, deadline)
+                await self._connect(holder, None if not retry else deadline, retry=retry)
                 self._notify_size()
                 return holder
         except PoolTimeout:
@@ -274,23 +338,80 @@ class PoolCore(Generic[ConnT]):
             self._release_slot(holder)
             raise
 
-    async def _wait_for_slot(self, timeout: float | None, start: float) -> Holder[ConnT]:
-        if timeout == 0:
-            raise PoolTimeout("connection pool exhausted")
-        if self.max_waiting and self._queue.waiting >= self.max_waiting:
-            raise TooManyRequests(
-                f"pool {self.name!r}: {self._queue.waiting} requests already waiting "
-                f"(max_waiting={self.max_waiting})"
-            )
+    # -- checkout by an outside waiter (the sync facade's threads) ---------------------
+
+    def request_nowait(
+        self, key: Hashable | None, waiter: Waiter[Holder[ConnT]], timeout: float | None
+    ) -> ConnT | Holder[ConnT] | None:
+        """Start a checkout without suspending, for a caller that waits on its own.
+
+        Returns a connection (done), a slot to finish with
+        :meth:`checkout_slot_nowait` or :meth:`checkout_slot`, or None when
+        ``waiter`` (a future-like object whose ``set_result`` is safe to call
+        from this pool's code) was put in line; it will be completed with a
+        slot, or with an exception when the pool closes. A caller that stops
+        waiting calls :meth:`abandon_wait`. Like the other ``*_nowait`` calls,
+        this never schedules anything on the event loop.
+        """
+        if key is not None and self._keyed:
+            conn = self._keyed.get(key)
+            if conn is not None:
+                self._check_open()
+                return conn
+        if self._state != _OPEN:
+            raise self._closed_error()
+        self._stats.requests += 1
+        holder = self._queue.get_nowait()
+        if holder is not None:
+            return self.checkout_slot_nowait(holder, key) or holder
+        self._refuse_waiting(self._effective_timeout(timeout))
         self._stats.requests_waited += 1
-        try:
-            return await self._queue.get(timeout)
-        except WaitTimeout:
-            raise PoolTimeout(
-                f"pool {self.name!r}: no connection available after {timeout:g} s"
-            ) from (self._last_error if self._failing_since is not None else None)
-        finally:
-            self._stats.wait_time_total += asyncio.get_running_loop().time() - start
+        self._queue.add_waiter(waiter)
+        return None
+
+    def abandon_wait(
+        self, waiter: Waiter[Holder[ConnT]], waited: float, timeout: float | None
+    ) -> Holder[ConnT]:
+        """Account for an outside wait that ended; return the slot it got, or raise.
+
+        Raises :class:`PoolTimeout` when the waiter got nothing (it is taken
+        out of the line), or the exception the pool completed it with.
+        """
+        self._stats.wait_time_total += waited
+        holder = self._queue.abandon(waiter)
+        if holder is None:
+            self._stats.timeouts += 1
+            raise self._timeout_error(self._effective_timeout(timeout)) from (self._failure_cause())
+        return holder
+
+    def checkout_slot_nowait(self, holder: Holder[ConnT], key: Hashable | None) -> ConnT | None:
+        """Hand out a slot's connection if it is ready as it is; None if it needs work."""
+        conn = holder.conn
+        if (
+            conn is None
+            or self._lifecycle.has_check
+            or self.leak_timeout is not None
+            or holder.expires_at <= self._now()
+            or not self._lifecycle.is_quiet(conn)
+        ):
+            return None
+        return self._checkout(holder, key)
+
+    async def checkout_slot(
+        self, holder: Holder[ConnT], key: Hashable | None, timeout: float | None, start: float
+    ) -> ConnT:
+        """Finish a checkout on the event loop: check, replace or connect the slot's connection.
+
+        ``start`` is the ``time.monotonic()`` at which the request began (the
+        clock of asyncio's default loops).
+        """
+        timeout = self._effective_timeout(timeout)
+        holder = await self._prepare(holder, start, timeout)
+        return self._checkout(holder, key)
+
+    def release_slot_nowait(self, holder: Holder[ConnT]) -> None:
+        """Give back a slot obtained by :meth:`request_nowait` but not used."""
+        self._release_slot(holder)
 
     async def _usable(self, holder: Holder[ConnT]) -> bool:
         """Whether a connected holder can be handed out; discards it if not."""
@@ -329,7 +450,9 @@ class PoolCore(Generic[ConnT]):
 
     # -- connecting ----------------------------------------------------------------
 
-    async def _connect(self, holder: Holder[ConnT], deadline: float | None) -> None:
+    async def _connect(
+        self, holder: Holder[ConnT], deadline: float | None, *, retry: bool = True
+    ) -> None:
         """Open a connection on an empty holder, retrying with backoff until ``deadline``."""
         loop = asyncio.get_running_loop()
         backoff = Backoff()
@@ -350,6 +473,8 @@ class PoolCore(Generic[ConnT]):
                 raise
             except Exception as exc:
                 self._connect_failed(exc)
+                if not retry:
+                    raise
             delay = backoff.next()
             if deadline is not None:
                 delay = min(delay, max(deadline - loop.time(), 0))
@@ -393,7 +518,8 @@ class PoolCore(Generic[ConnT]):
             self._failure_reported = True
             logger.error(
                 "pool %r: could not connect for %g s (reconnect_timeout)",
-                self.name, self.reconnect_timeout,
+                self.name,
+                self.reconnect_timeout,
             )
             if self._reconnect_failed is not None:
                 try:
@@ -451,16 +577,7 @@ class PoolCore(Generic[ConnT]):
         mid-query or broken is discarded, and changed attributes (autocommit,
         isolation level, read only, deferrable) are restored.
         """
-        holder = self._borrowed.pop(id(conn), None)
-        if holder is None or holder.conn is not conn:
-            if holder is not None:
-                self._borrowed[id(conn)] = holder
-            if self._state == _CLOSED:
-                raise PoolClosed(f"pool {self.name!r} is closed")
-            raise PoolError(
-                f"pool {self.name!r}: this connection is not borrowed from this pool "
-                "(a foreign connection, or returned twice)"
-            )
+        holder = self._take_borrowed(conn)
         if self._key_of:
             held_key = self._key_of.pop(id(conn), None)
             if held_key is not None:
@@ -482,6 +599,67 @@ class PoolCore(Generic[ConnT]):
             return
         holder.returned_at = self._now()
         self._queue.put(holder)
+
+    def _take_borrowed(self, conn: ConnT) -> Holder[ConnT]:
+        holder = self._borrowed.pop(id(conn), None)
+        if holder is None or holder.conn is not conn:
+            if holder is not None:
+                self._borrowed[id(conn)] = holder
+            if self._state == _CLOSED:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            raise PoolError(
+                f"pool {self.name!r}: this connection is not borrowed from this pool "
+                "(a foreign connection, or returned twice)"
+            )
+        return holder
+
+    def held_by_key(self, key: Hashable) -> ConnT | None:
+        """The connection checked out under ``key``, if any."""
+        return self._keyed.get(key)
+
+    def borrowed_baseline(self, conn: ConnT) -> Baseline:
+        """The attributes a borrowed connection had when configured (to restore them)."""
+        holder = self._borrowed.get(id(conn))
+        if holder is None or holder.conn is not conn:
+            raise PoolError(
+                f"pool {self.name!r}: this connection is not borrowed from this pool "
+                "(a foreign connection, or returned twice)"
+            )
+        return holder.baseline
+
+    def try_putconn_nowait(self, conn: ConnT, handoff: bool = False) -> bool:
+        """The fast path of :meth:`putconn` as a plain call; False means "call putconn()".
+
+        It succeeds only when the return needs no work (the connection is
+        idle and unchanged, not keyed, nothing to reset or expire) and nobody
+        waits, so that, like :meth:`try_getconn_nowait`, it never suspends,
+        schedules a callback or completes a future. With ``handoff=True`` it
+        may complete a waiter's future: only for callers whose waiters are all
+        outside waiters (see :meth:`request_nowait`). A foreign connection or
+        a second return raises :class:`PoolError` here too.
+        """
+        holder = self._borrowed.get(id(conn))
+        if holder is None or holder.conn is not conn:
+            self._take_borrowed(conn)  # raises the right error
+        assert holder is not None
+        if (
+            (self._queue.waiting and not handoff)
+            or self._key_of
+            or holder.leak_timer is not None
+            or self._state != _OPEN
+            or self._excess
+            or not self._keep_idle
+            or self._lifecycle.has_reset
+            or holder.generation != self._generation
+            or holder.expires_at <= self._now()
+            or not self._lifecycle.is_clean(conn, holder.baseline)
+        ):
+            return False
+        del self._borrowed[id(conn)]
+        self._in_use -= 1
+        holder.returned_at = self._now()
+        self._queue.put(holder)
+        return True
 
     async def _return_slow(self, holder: Holder[ConnT], close: bool) -> None:
         conn = holder.conn
@@ -539,7 +717,9 @@ class PoolCore(Generic[ConnT]):
         logger.warning(
             "pool %r: a connection has been held for more than %g s (leak_timeout); "
             "borrowed at:\n%s",
-            self.name, self.leak_timeout, stack,
+            self.name,
+            self.leak_timeout,
+            stack,
         )
 
     # -- maintenance ---------------------------------------------------------------
@@ -672,7 +852,9 @@ class PoolCore(Generic[ConnT]):
             except asyncio.TimeoutError:
                 logger.warning(
                     "pool %r: %d connections still borrowed after %g s: closing them",
-                    self.name, self._in_use, timeout,
+                    self.name,
+                    self._in_use,
+                    timeout,
                 )
         self._close_now()
 

@@ -8,6 +8,7 @@ connections, so waiting, fairness, timeouts and stats stay the core's.
 
 from __future__ import annotations
 
+import contextlib
 import select
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ __all__ = [
     "Baseline",
     "Holder",
     "Lifecycle",
+    "PsycopgLifecycle",
     "check_connection",
     "socket_is_quiet",
 ]
@@ -42,8 +44,15 @@ _POLLIN = select.POLLIN
 class Holder(Generic[ConnT]):
     """One slot of the pool: holds a connection, or nothing (a free slot)."""
 
-    __slots__ = ("baseline", "conn", "created_at", "expires_at", "generation", "leak_timer",
-                 "returned_at")
+    __slots__ = (
+        "baseline",
+        "conn",
+        "created_at",
+        "expires_at",
+        "generation",
+        "leak_timer",
+        "returned_at",
+    )
 
     def __init__(self) -> None:
         self.conn: ConnT | None = None
@@ -123,10 +132,58 @@ async def check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.set_autocommit(False)
 
 
+def baseline_of(conn: psycopg.BaseConnection[Any]) -> Baseline:
+    """The attributes of a freshly configured psycopg 3 connection, to restore on return."""
+    return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)
+
+
+def configure_left_transaction() -> psycopg.ProgrammingError:
+    """The error for a ``configure`` callable that left a transaction open."""
+    return psycopg.ProgrammingError(
+        "configure left the connection in a transaction: commit or roll back inside configure"
+    )
+
+
 AsyncCallback = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
 
 
-class AsyncLifecycle(Lifecycle[psycopg.AsyncConnection[Any]]):
+PgConnT = TypeVar("PgConnT", bound="psycopg.BaseConnection[Any]")
+
+
+class PsycopgLifecycle(Lifecycle[PgConnT]):
+    """The inspection shared by psycopg 3 connections, sync or async: none of it blocks."""
+
+    def close(self, conn: PgConnT) -> None:
+        # close() has no suspension point for AsyncConnection either:
+        # pgconn.finish() is a non-blocking write of Terminate. Calling it
+        # directly keeps close synchronous, so a second cancellation cannot
+        # interrupt it.
+        with contextlib.suppress(Exception):
+            conn.pgconn.finish()
+
+    def is_quiet(self, conn: PgConnT) -> bool:
+        try:
+            return socket_is_quiet(conn.pgconn)
+        except Exception:
+            return False
+
+    def is_clean(self, conn: PgConnT, baseline: Baseline) -> bool:
+        return (
+            conn.pgconn.transaction_status == IDLE
+            and (
+                conn.autocommit,
+                conn.isolation_level,
+                conn.read_only,
+                conn.deferrable,
+            )
+            == baseline
+        )
+
+    def is_bad_return(self, conn: PgConnT) -> bool:
+        return conn.pgconn.status != OK or conn.pgconn.transaction_status != IDLE
+
+
+class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
     """Lifecycle of psycopg ``AsyncConnection`` objects."""
 
     def __init__(
@@ -153,40 +210,11 @@ class AsyncLifecycle(Lifecycle[psycopg.AsyncConnection[Any]]):
             if self._configure is not None:
                 await self._configure(conn)
                 if conn.pgconn.transaction_status != IDLE:
-                    raise psycopg.ProgrammingError(
-                        "configure left the connection in a transaction: "
-                        "commit or roll back inside configure"
-                    )
+                    raise configure_left_transaction()
         except BaseException:
             await conn.close()
             raise
-        return conn, (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)
-
-    def close(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # AsyncConnection.close() has no suspension point: pgconn.finish() is
-        # a non-blocking write of Terminate. Calling finish() directly keeps
-        # close synchronous, so a second cancellation cannot interrupt it.
-        try:
-            conn.pgconn.finish()
-        except Exception:
-            pass
-
-    def is_quiet(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        try:
-            return socket_is_quiet(conn.pgconn)
-        except Exception:
-            return False
-
-    def is_clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
-        return conn.pgconn.transaction_status == IDLE and (
-            conn.autocommit,
-            conn.isolation_level,
-            conn.read_only,
-            conn.deferrable,
-        ) == baseline
-
-    def is_bad_return(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        return conn.pgconn.status != OK or conn.pgconn.transaction_status != IDLE
+        return conn, baseline_of(conn)
 
     async def clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn

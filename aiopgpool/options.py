@@ -59,9 +59,7 @@ def _parse(conninfo: str) -> dict[str, Any]:
         return conninfo_to_dict(conninfo)
     except Exception:
         # libpq's message may quote the string, password included: do not chain it.
-        raise ValueError(
-            "conninfo is not a valid libpq connection string or URL"
-        ) from None
+        raise ValueError("conninfo is not a valid libpq connection string or URL") from None
 
 
 def prepare_connect_kwargs(

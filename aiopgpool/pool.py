@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -125,10 +126,9 @@ class _ConnectionContext:
                 await conn.commit()
             # On error, putconn rolls back (or discards a connection left mid-query).
         finally:
-            try:
+            # Closed under us: closeall() already closed the connection.
+            with contextlib.suppress(PoolClosed):
                 await self._pool.putconn(conn)
-            except PoolClosed:
-                pass  # closed under us: closeall() already closed the connection
 
 
 class AsyncNullConnectionPool(AsyncConnectionPool):

@@ -17,11 +17,25 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["HandoffQueue", "WaitTimeout"]
+__all__ = ["HandoffQueue", "WaitTimeout", "Waiter"]
 
 T = TypeVar("T")
+
+
+class Waiter(Protocol[T]):
+    """What the queue needs of a waiter: an asyncio or a concurrent.futures Future."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> T: ...
+
+    def set_result(self, result: T, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+    def cancel(self) -> bool: ...
 
 
 class WaitTimeout(Exception):
@@ -41,9 +55,11 @@ class HandoffQueue(Generic[T]):
     def __init__(self, is_ready: Callable[[T], bool]) -> None:
         self._is_ready = is_ready
         self._items: deque[T] = deque()
-        # Futures of waiting getters, oldest first. Entries whose future is
-        # already done (timed out, cancelled, failed) are skipped lazily.
-        self._waiters: deque[asyncio.Future[T]] = deque()
+        # (future, outside) of waiting getters, oldest first. Entries whose
+        # future is already done (timed out, cancelled, failed) are skipped
+        # lazily. Outside waiters (add_waiter) are counted out here, the
+        # others by get() itself.
+        self._waiters: deque[tuple[Any, bool]] = deque()
         self._waiting = 0
 
     def __len__(self) -> int:
@@ -70,9 +86,11 @@ class HandoffQueue(Generic[T]):
         """Hand ``item`` to the longest waiter, or keep it (ready on top, others below)."""
         waiters = self._waiters
         while waiters:
-            fut = waiters.popleft()
+            fut, outside = waiters.popleft()
             if not fut.done():
                 fut.set_result(item)
+                if outside:
+                    self._waiting -= 1
                 return
         if self._is_ready(item):
             self._items.append(item)
@@ -107,7 +125,7 @@ class HandoffQueue(Generic[T]):
         """Wait in line for an item; :class:`WaitTimeout` after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._waiters.append(fut)
+        self._waiters.append((fut, False))
         self._waiting += 1
         timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
         try:
@@ -122,9 +140,30 @@ class HandoffQueue(Generic[T]):
             if timer is not None:
                 timer.cancel()
 
+    def add_waiter(self, waiter: Waiter[T]) -> None:
+        """Put an outside waiter in line; it waits on its own (see :meth:`abandon`).
+
+        Only while no item is kept: a caller takes an item with
+        :meth:`get_nowait` first.
+        """
+        self._waiters.append((waiter, True))
+        self._waiting += 1
+
+    def abandon(self, waiter: Waiter[T]) -> T | None:
+        """An outside waiter stops waiting: None if it got nothing, else the item it got.
+
+        Raises the exception it was completed with (see :meth:`fail_waiters`).
+        """
+        if waiter.cancel():
+            self._waiting -= 1
+            return None
+        return waiter.result()
+
     def fail_waiters(self, make_exc: Callable[[], BaseException]) -> None:
         """Wake every waiter with an exception (used when the pool closes)."""
         while self._waiters:
-            fut = self._waiters.popleft()
+            fut, outside = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(make_exc())
+                if outside:
+                    self._waiting -= 1

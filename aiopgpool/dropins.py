@@ -1,0 +1,209 @@
+"""psycopg2.pool's classes on the sync facade: drop-ins for legacy threaded code.
+
+``SimpleConnectionPool``, ``ThreadedConnectionPool`` and
+``PersistentConnectionPool`` keep psycopg2's signature
+``(minconn, maxconn, *args, **kwargs)`` and its errors: ``minconn``
+connections at construction, :class:`PoolError` "connection pool exhausted"
+at once when ``maxconn`` are out, errors on an unkeyed put, on use after
+``closeall()`` and on a second ``closeall()``.
+
+Differences from psycopg2.pool, all on the safe side: every class is
+thread-safe; a connection returned in a transaction is rolled back and its
+attributes restored; connections beyond ``minconn`` are kept until idle for
+``max_idle`` seconds (pg_simple's ``expiration``, default 600) instead of
+being closed as soon as they come back.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import abstractmethod
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
+
+from .errors import PoolError
+from .options import check_timeout
+from .sync_pool import ConnectionPool, NullConnectionPool, SyncPoolFacade
+
+__all__ = [
+    "AbstractConnectionPool",
+    "PersistentConnectionPool",
+    "SimpleConnectionPool",
+    "ThreadedConnectionPool",
+]
+
+C = TypeVar("C")
+
+# How long construction waits for ``minconn`` connections (psycopg2 connects
+# synchronously and raises at once; a server that is down raises here after
+# this many seconds, with the connection error chained).
+OPEN_TIMEOUT = 10.0
+
+
+def connect_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """psycopg2.connect-style ``(dsn, **params)`` to a conninfo and keyword parameters."""
+    if len(args) > 1:
+        raise TypeError(
+            f"expected at most one positional connection argument (the dsn), got {len(args)}"
+        )
+    dsn = args[0] if args else kwargs.pop("dsn", "")
+    if dsn is None:
+        dsn = ""
+    if "database" in kwargs:
+        if "dbname" in kwargs:
+            raise TypeError("give either database= or dbname=, not both")
+        kwargs["dbname"] = kwargs.pop("database")
+    return dsn, kwargs
+
+
+class DropInBase(Generic[C]):
+    """The psycopg2.pool contract over a :class:`~aiopgpool.sync_pool.SyncPoolFacade`."""
+
+    def __init__(
+        self,
+        minconn: int,
+        maxconn: int,
+        *args: Any,
+        expiration: float | None = None,
+        disable_pooling: bool = False,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        dsn, params = connect_arguments(args, dict(kwargs))
+        max_idle = check_timeout("expiration", expiration)
+        self.minconn = minconn
+        self.maxconn = maxconn
+        self._pool: SyncPoolFacade[C] = self._make_facade(
+            dsn,
+            params,
+            min_size=0 if disable_pooling else minconn,
+            max_size=maxconn,
+            max_idle=600.0 if max_idle is None else max_idle,
+            null=disable_pooling,
+            name=name,
+        )
+        self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    @abstractmethod
+    def _make_facade(
+        self,
+        dsn: str,
+        params: dict[str, Any],
+        *,
+        min_size: int,
+        max_size: int,
+        max_idle: float,
+        null: bool,
+        name: str | None,
+    ) -> SyncPoolFacade[C]:
+        """The facade serving this pool's connections."""
+
+    @property
+    def closed(self) -> bool:
+        """True after ``closeall()``."""
+        return self._pool.closed
+
+    @property
+    def name(self) -> str:
+        """The pool's name (logs, stats, application_name)."""
+        return self._pool.name
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} minconn={self.minconn} maxconn={self.maxconn} {self._pool!r}>"
+        )
+
+    def getconn(self, key: Hashable | None = None) -> C:
+        """A connection (the same one for the same ``key``); PoolError when exhausted."""
+        return self._pool.getconn(key, timeout=0)
+
+    def putconn(
+        self, conn: C | None = None, key: Hashable | None = None, close: bool = False
+    ) -> None:
+        """Give a connection back (by ``conn`` or by ``key``); ``close=True`` discards it."""
+        if conn is None:
+            if key is None:
+                raise PoolError("trying to put unkeyed connection")
+            conn = self._pool.held_by_key(key)
+            if conn is None:
+                raise PoolError(f"no connection is checked out under key {key!r}")
+        self._pool.putconn(conn, key, close)
+
+    def closeall(self) -> None:
+        """Close every connection, borrowed ones included; PoolError if already closed."""
+        self._pool.closeall()
+
+    @contextmanager
+    def connection(self) -> Iterator[C]:
+        """``with pool.connection() as conn``: getconn, commit or roll back, putconn."""
+        with self._pool.connection(timeout=0) as conn:
+            yield conn
+
+    def purge_expired_connections(self) -> int:
+        """Close connections idle longer than ``expiration`` now (pg_simple); how many."""
+        return self._pool.purge_expired()
+
+    def stats(self) -> Any:
+        """The underlying pool's :class:`~aiopgpool.PoolStats`."""
+        return self._pool.stats()
+
+
+class AbstractConnectionPool(DropInBase[Any]):
+    """psycopg2.pool.AbstractConnectionPool's contract, serving psycopg 3 connections."""
+
+    def _make_facade(
+        self,
+        dsn: str,
+        params: dict[str, Any],
+        *,
+        min_size: int,
+        max_size: int,
+        max_idle: float,
+        null: bool,
+        name: str | None,
+    ) -> SyncPoolFacade[Any]:
+        if null:
+            return NullConnectionPool(
+                dsn, kwargs=params, max_size=max_size, timeout=0, max_idle=max_idle, name=name
+            )
+        return ConnectionPool(
+            dsn,
+            kwargs=params,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=0,
+            max_idle=max_idle,
+            name=name,
+        )
+
+
+class SimpleConnectionPool(AbstractConnectionPool):
+    """psycopg2.pool.SimpleConnectionPool (thread-safe here too)."""
+
+
+class ThreadedConnectionPool(AbstractConnectionPool):
+    """psycopg2.pool.ThreadedConnectionPool."""
+
+
+class PersistentMixin(DropInBase[C]):
+    """Keys connections by thread: a thread gets the same one until it puts it back."""
+
+    def getconn(self, key: Hashable | None = None) -> C:
+        """This thread's connection (``key`` is ignored, as in psycopg2)."""
+        return self._pool.getconn(("thread", threading.get_ident()), timeout=0)
+
+    def putconn(
+        self, conn: C | None = None, key: Hashable | None = None, close: bool = False
+    ) -> None:
+        """Give back this thread's connection; ``conn`` may be omitted."""
+        thread_key = ("thread", threading.get_ident())
+        if conn is None:
+            conn = self._pool.held_by_key(thread_key)
+            if conn is None:
+                raise PoolError("this thread holds no connection from this pool")
+        self._pool.putconn(conn, thread_key, close)
+
+
+class PersistentConnectionPool(PersistentMixin[Any], AbstractConnectionPool):
+    """psycopg2.pool.PersistentConnectionPool."""

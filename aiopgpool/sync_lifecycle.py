@@ -1,0 +1,200 @@
+"""Lifecycles of blocking connections (psycopg 3 sync, psycopg2) for the sync facade.
+
+The core awaits a lifecycle's coroutines on its event loop; a blocking
+connection's work (connect, round trips) must not run there, so these
+coroutines hand it to a worker thread (``anyio.to_thread``). The caller-side
+work of the sync facade (its rollback, its reset) calls the ``*_blocking``
+methods directly, in the caller's own thread.
+
+Because the facade resets connections in the caller's thread, these
+lifecycles tell the core ``has_reset = False``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import anyio.to_thread
+import psycopg
+
+from .lifecycle import (
+    ACTIVE,
+    IDLE,
+    INERROR,
+    INTRANS,
+    OK,
+    Baseline,
+    Lifecycle,
+    PsycopgLifecycle,
+    baseline_of,
+    configure_left_transaction,
+)
+
+__all__ = ["BlockingLifecycle", "SyncLifecycle", "check_connection_blocking"]
+
+C = TypeVar("C")
+R = TypeVar("R")
+SyncCallback = Callable[[Any], None]
+
+
+class BlockingLifecycle(Lifecycle[C], Generic[C]):
+    """A lifecycle whose connections block: async methods run in worker threads."""
+
+    def __init__(
+        self,
+        configure: SyncCallback | None,
+        reset: SyncCallback | None,
+        check: SyncCallback | None,
+    ) -> None:
+        self._configure = configure
+        self._reset = reset
+        self._check = check
+        self.has_check = check is not None
+        # Resetting happens in the caller's thread (SyncPoolFacade.putconn).
+        self.has_reset = False
+        self.resets = reset is not None
+
+    # -- blocking work, callable from any thread ----------------------------------
+
+    @abstractmethod
+    def connect_blocking(self) -> tuple[C, Baseline]:
+        """Connect and configure; the attributes to restore on return."""
+
+    @abstractmethod
+    def clean_blocking(self, conn: C, baseline: Baseline) -> bool:
+        """Roll back and restore attributes; False when it must be discarded."""
+
+    @abstractmethod
+    def probe_blocking(self, conn: C) -> None:
+        """One round trip; raises if the connection is unusable."""
+
+    @abstractmethod
+    def in_transaction(self, conn: C) -> bool:
+        """True when a transaction is open and could be committed."""
+
+    @abstractmethod
+    def transaction_idle(self, conn: C) -> bool:
+        """True when the connection is open and idle, outside any transaction."""
+
+    def reset_blocking(self, conn: C) -> bool:
+        """The user's ``reset``; False when it must be discarded."""
+        if self._reset is not None:
+            self._reset(conn)
+        return self.transaction_idle(conn)
+
+    # -- the core's coroutines -----------------------------------------------------
+
+    async def connect(self) -> tuple[C, Baseline]:
+        return await _abandonable(self.connect_blocking, lambda result: self.close(result[0]))
+
+    async def clean(self, conn: C, baseline: Baseline) -> bool:
+        return await anyio.to_thread.run_sync(self.clean_blocking, conn, baseline)
+
+    async def probe(self, conn: C) -> None:
+        await anyio.to_thread.run_sync(self.probe_blocking, conn)
+
+    async def check(self, conn: C) -> None:
+        if self._check is not None:
+            await anyio.to_thread.run_sync(self._check, conn)
+
+
+async def _abandonable(func: Callable[[], R], dispose: Callable[[R], None]) -> R:
+    """Run ``func`` in a worker thread; if the caller gives up, dispose of its late result.
+
+    A connect can block for a long time (a black-holed network): the caller's
+    deadline must not wait for it, and the connection it makes after the
+    caller left must not leak.
+    """
+    lock = threading.Lock()
+    state: dict[str, Any] = {"abandoned": False}
+
+    def run() -> R:
+        result = func()
+        with lock:
+            if state["abandoned"]:
+                dispose(result)
+            else:
+                state["result"] = result
+        return result
+
+    try:
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except BaseException:
+        with lock:
+            state["abandoned"] = True
+            if "result" in state:
+                dispose(state["result"])
+        raise
+
+
+def check_connection_blocking(conn: psycopg.Connection[Any]) -> None:
+    """A ready-made sync ``check=``: one round trip; raises if the connection is unusable."""
+    autocommit = conn.autocommit
+    if not autocommit:
+        conn.autocommit = True
+    try:
+        conn.execute("")
+    finally:
+        if not autocommit and not conn.closed:
+            conn.autocommit = False
+
+
+class SyncLifecycle(
+    PsycopgLifecycle[psycopg.Connection[Any]], BlockingLifecycle[psycopg.Connection[Any]]
+):
+    """Lifecycle of psycopg 3 sync ``Connection`` objects."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        kwargs: dict[str, Any],
+        connection_class: type[psycopg.Connection[Any]],
+        configure: SyncCallback | None,
+        reset: SyncCallback | None,
+        check: SyncCallback | None,
+    ) -> None:
+        BlockingLifecycle.__init__(self, configure, reset, check)
+        self._conninfo = conninfo
+        self._kwargs = kwargs
+        self._connection_class = connection_class
+
+    def connect_blocking(self) -> tuple[psycopg.Connection[Any], Baseline]:
+        conn = self._connection_class.connect(self._conninfo, **self._kwargs)
+        try:
+            if self._configure is not None:
+                self._configure(conn)
+                if conn.pgconn.transaction_status != IDLE:
+                    raise configure_left_transaction()
+        except BaseException:
+            conn.close()
+            raise
+        return conn, baseline_of(conn)
+
+    def clean_blocking(self, conn: psycopg.Connection[Any], baseline: Baseline) -> bool:
+        pgconn = conn.pgconn
+        if pgconn.status != OK or pgconn.transaction_status == ACTIVE:
+            return False
+        if pgconn.transaction_status in (INTRANS, INERROR):
+            conn.rollback()
+        autocommit, isolation_level, read_only, deferrable = baseline
+        if conn.autocommit != autocommit:
+            conn.autocommit = autocommit
+        if conn.isolation_level != isolation_level:
+            conn.isolation_level = isolation_level
+        if conn.read_only != read_only:
+            conn.read_only = read_only
+        if conn.deferrable != deferrable:
+            conn.deferrable = deferrable
+        return pgconn.transaction_status == IDLE
+
+    def probe_blocking(self, conn: psycopg.Connection[Any]) -> None:
+        check_connection_blocking(conn)
+
+    def in_transaction(self, conn: psycopg.Connection[Any]) -> bool:
+        return conn.pgconn.transaction_status == INTRANS
+
+    def transaction_idle(self, conn: psycopg.Connection[Any]) -> bool:
+        return conn.pgconn.status == OK and conn.pgconn.transaction_status == IDLE
