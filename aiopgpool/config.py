@@ -4,7 +4,10 @@
 it; ``get_pool()`` returns that default. As in pg_simple, ``expiration``
 closes connections idle longer than that many seconds, and
 ``disable_pooling=True`` gives a pool that connects for each checkout and
-closes on each return.
+closes on each return. The pool opens one connection at once but spares
+none from expiration, so that no connection stays idle longer than
+``expiration``. Connection keywords combine
+with a DSN from the environment.
 """
 
 from __future__ import annotations
@@ -42,21 +45,24 @@ def config_pool(
     if dsn is not None and db_url is not None:
         raise ValueError("give either dsn or db_url, not both")
     target = dsn if dsn is not None else db_url
-    if target is None and not connect_kwargs:
+    if target is None:
         target = os.environ.get("DATABASE_DSN") or os.environ.get("DATABASE_URL")
-        if target is None:
+        if target is None and not connect_kwargs:
             raise ValueError(
                 "no database given: pass dsn=, db_url= or connection keywords, "
                 "or set DATABASE_DSN or DATABASE_URL"
             )
     if not (isinstance(pool_manager, type) and issubclass(pool_manager, DropInBase)):
         raise ValueError("pool_manager must be one of aiopgpool's psycopg2.pool-style classes")
+    # One connection at once, as pg_simple; none spared: ``expiration``
+    # closes *any* connection idle longer than that.
     pool = pool_manager(
         0 if disable_pooling else 1,
         max_conn,
         target or "",
         expiration=expiration,
         disable_pooling=disable_pooling,
+        min_kept=0,
         **connect_kwargs,
     )
     with _lock:

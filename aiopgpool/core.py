@@ -25,7 +25,10 @@ import logging
 import random
 import traceback
 from collections.abc import Callable, Hashable
+from time import monotonic
 from typing import Any, Generic, TypeVar
+
+import anyio
 
 from .backoff import Backoff
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
@@ -47,6 +50,15 @@ MAX_CONCURRENT_CONNECTS = 16
 # A connection's max_lifetime is shortened by up to this fraction, so that
 # connections made together do not all expire together.
 LIFETIME_JITTER = 0.05
+# An idle connection's socket is tested at checkout unless it was tested this
+# recently: a test that old is as good as one made now, since the server can
+# close a connection just after any test. Under load this makes the test (a
+# system call) rare; a connection idle for longer is always tested.
+SOCKET_TEST_INTERVAL = 0.001
+# With timeout=0 a request fails at once only when every slot is borrowed (or
+# being set up for a borrower); a slot merely in transit (refilled, returned)
+# is waited for, this long at most.
+IN_TRANSIT_WAIT = 10.0
 
 
 def _is_connected(holder: Holder[Any]) -> bool:
@@ -106,6 +118,7 @@ class PoolCore(Generic[ConnT]):
         self._key_of: dict[int, Hashable] = {}
         self._generation = 0
         self._filling = 0
+        self._preparing = 0  # slots being checked or connected for a borrower
         self._connect_slots = asyncio.Semaphore(min(max_size, MAX_CONCURRENT_CONNECTS) or 1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._size_watchers: list[asyncio.Future[None]] = []
@@ -116,6 +129,7 @@ class PoolCore(Generic[ConnT]):
         self._failing_since: float | None = None
         self._failure_reported = False
         self._stats = Counters()
+        self._plain = False
 
     # -- attributes --------------------------------------------------------------
 
@@ -157,6 +171,7 @@ class PoolCore(Generic[ConnT]):
             raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
         self._loop = asyncio.get_running_loop()
         self._state = _OPEN
+        self._update_plain()
         logger.info(
             "pool %r opening (min_size=%d max_size=%d) %s",
             self.name,
@@ -177,8 +192,9 @@ class PoolCore(Generic[ConnT]):
         self._size_watchers.append(fut)
         self._notify_size()
         try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+            with anyio.fail_after(timeout):
+                await fut
+        except TimeoutError:
             raise PoolTimeout(
                 f"pool {self.name!r}: {self._size} of min_size {self._min_size} "
                 f"connections after {timeout:g} s"
@@ -222,23 +238,49 @@ class PoolCore(Generic[ConnT]):
             raise self._closed_error()
         self._stats.requests += 1
         holder = self._queue.get_nowait()
-        if (
-            holder is None
-            or holder.conn is None
-            or self._lifecycle.has_check
-            or not self._lifecycle.is_quiet(holder.conn)
-            or holder.expires_at <= self._now()
-        ):
-            holder = await self._acquire(holder, timeout)
+        if holder is not None and self._plain and key is None:
+            conn = holder.conn
+            if conn is not None and self._ready(holder, conn):
+                self._in_use += 1
+                self._borrowed[id(conn)] = holder
+                return conn
+        holder = await self._acquire(holder, timeout)
         return self._checkout(holder, key)
 
-    def _checkout(self, holder: Holder[ConnT], key: Hashable | None) -> ConnT:
+    def _ready(self, holder: Holder[ConnT], conn: ConnT) -> bool:
+        """An idle connection can be handed out as it is: not expired, socket quiet."""
+        now = monotonic()
+        if holder.expires_at <= now:
+            return False
+        if now - holder.tested_at < SOCKET_TEST_INTERVAL:
+            return True
+        if self._lifecycle.is_quiet(conn):
+            holder.tested_at = now
+            return True
+        return False
+
+    def _update_plain(self) -> None:
+        # True when checkouts and returns need none of the rarer features, so
+        # the hot paths test one flag instead of six conditions.
+        lifecycle = self._lifecycle
+        self._plain = (
+            self._state == _OPEN
+            and self._keep_idle
+            and not self._excess
+            and not lifecycle.has_check
+            and not lifecycle.has_reset
+            and self.leak_timeout is None
+        )
+
+    def _checkout(
+        self, holder: Holder[ConnT], key: Hashable | None, stack: str | None = None
+    ) -> ConnT:
         conn = holder.conn
         assert conn is not None
         self._in_use += 1
         self._borrowed[id(conn)] = holder
         if self.leak_timeout is not None:
-            self._watch_leak(holder)
+            self._watch_leak(holder, stack)
         if key is not None:
             self._keyed[key] = conn
             self._key_of[id(conn)] = key
@@ -258,13 +300,13 @@ class PoolCore(Generic[ConnT]):
                 return conn
         if self._state != _OPEN:
             raise self._closed_error()
-        if self._lifecycle.has_check or self.leak_timeout is not None:
+        if not self._plain:
             return None
         holder = self._queue.get_nowait()
         if holder is None:
             return None
         conn = holder.conn
-        if conn is None or holder.expires_at <= self._now() or not self._lifecycle.is_quiet(conn):
+        if conn is None or not self._ready(holder, conn):
             # Items were kept, so nobody waits: put() just puts it back on top.
             self._queue.put(holder)
             return None
@@ -273,34 +315,51 @@ class PoolCore(Generic[ConnT]):
 
     async def _acquire(self, holder: Holder[ConnT] | None, timeout: float | None) -> Holder[ConnT]:
         """The slow path of getconn: wait for a slot, check or replace its connection."""
-        timeout = self._effective_timeout(timeout)
-        start = asyncio.get_running_loop().time()
+        try:
+            timeout = self._effective_timeout(timeout)
+        except ValueError:
+            if holder is not None:
+                self._release_slot(holder)
+            raise
+        start = monotonic()
         if holder is None:
-            self._refuse_waiting(timeout)
-            self._stats.requests_waited += 1
+            wait = self._wait_timeout(timeout)
+            stats = self._stats
+            stats.requests_waited += 1
             try:
-                holder = await self._queue.get(timeout)
+                holder = await self._queue.get(wait)
             except WaitTimeout:
-                self._stats.timeouts += 1
+                stats.timeouts += 1
                 raise self._timeout_error(timeout) from self._failure_cause()
             finally:
-                self._stats.wait_time_total += asyncio.get_running_loop().time() - start
+                stats.wait_time_total += monotonic() - start
+            conn = holder.conn
+            if self._plain and conn is not None and self._ready(holder, conn):
+                return holder
+        self._preparing += 1
         return await self._prepare(holder, start, timeout)
 
     def _effective_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else check_timeout("timeout", timeout)
 
-    def _refuse_waiting(self, timeout: float | None) -> None:
-        """Raise instead of waiting in line, when ``timeout`` is 0 or the line is full."""
+    def _wait_timeout(self, timeout: float | None) -> float | None:
+        """How long to wait in line; raises instead when ``timeout`` is 0 or the line is full."""
         if timeout == 0:
-            self._stats.timeouts += 1
-            raise PoolTimeout("connection pool exhausted")
+            # Slots neither borrowed nor being set up for a borrower are in
+            # transit (refilling, being returned) and will come back; those
+            # already promised to the waiters ahead of us do not count.
+            in_transit = self._max_size - self._in_use - self._preparing - self._excess
+            if in_transit <= self._queue.waiting:
+                self._stats.timeouts += 1
+                raise PoolTimeout("connection pool exhausted")
+            timeout = IN_TRANSIT_WAIT
         if self.max_waiting and self._queue.waiting >= self.max_waiting:
             self._stats.timeouts += 1
             raise TooManyRequests(
                 f"pool {self.name!r}: {self._queue.waiting} requests already waiting "
                 f"(max_waiting={self.max_waiting})"
             )
+        return timeout
 
     def _timeout_error(self, timeout: float | None) -> PoolTimeout:
         return PoolTimeout(f"pool {self.name!r}: no connection available after {timeout:g} s")
@@ -311,7 +370,10 @@ class PoolCore(Generic[ConnT]):
     async def _prepare(
         self, holder: Holder[ConnT], start: float, timeout: float | None
     ) -> Holder[ConnT]:
-        """Make a slot's connection usable: check it, or replace it, or open one."""
+        """Make a slot's connection usable: check it, or replace it, or open one.
+
+        The caller counted the slot in ``_preparing``; this counts it out.
+        """
         # A slot had at once (timeout=0) still gets connected within the pool's
         # own timeout; when that is 0 too (psycopg2's "fail at once"), one
         # attempt is made and its error raised, as psycopg2.pool does.
@@ -322,6 +384,8 @@ class PoolCore(Generic[ConnT]):
             while True:
                 if holder.conn is not None:
                     if await self._usable(holder):
+                        if self._state == _CLOSED:  # closed while we checked it
+                            raise self._closed_error()
                         return holder
                     swapped = self._queue.swap_top(holder)
                     if swapped is not None:
@@ -337,6 +401,8 @@ class PoolCore(Generic[ConnT]):
         except BaseException:
             self._release_slot(holder)
             raise
+        finally:
+            self._preparing -= 1
 
     # -- checkout by an outside waiter (the sync facade's threads) ---------------------
 
@@ -345,8 +411,8 @@ class PoolCore(Generic[ConnT]):
     ) -> ConnT | Holder[ConnT] | None:
         """Start a checkout without suspending, for a caller that waits on its own.
 
-        Returns a connection (done), a slot to finish with
-        :meth:`checkout_slot_nowait` or :meth:`checkout_slot`, or None when
+        Returns a connection (a keyed one held already), a slot to finish
+        with :meth:`checkout_slot_nowait` (then :meth:`checkout_slot`), or None when
         ``waiter`` (a future-like object whose ``set_result`` is safe to call
         from this pool's code) was put in line; it will be completed with a
         slot, or with an exception when the pool closes. A caller that stops
@@ -363,11 +429,16 @@ class PoolCore(Generic[ConnT]):
         self._stats.requests += 1
         holder = self._queue.get_nowait()
         if holder is not None:
-            return self.checkout_slot_nowait(holder, key) or holder
-        self._refuse_waiting(self._effective_timeout(timeout))
+            return holder
+        self._wait_timeout(self._effective_timeout(timeout))
         self._stats.requests_waited += 1
         self._queue.add_waiter(waiter)
         return None
+
+    def wait_timeout(self, timeout: float | None) -> float | None:
+        """How long an outside waiter put in line by :meth:`request_nowait` waits."""
+        timeout = self._effective_timeout(timeout)
+        return IN_TRANSIT_WAIT if timeout == 0 else timeout
 
     def abandon_wait(
         self, waiter: Waiter[Holder[ConnT]], waited: float, timeout: float | None
@@ -385,29 +456,39 @@ class PoolCore(Generic[ConnT]):
         return holder
 
     def checkout_slot_nowait(self, holder: Holder[ConnT], key: Hashable | None) -> ConnT | None:
-        """Hand out a slot's connection if it is ready as it is; None if it needs work."""
+        """Hand out a slot's connection if it is ready as it is.
+
+        None means it needs work: the caller must then finish with
+        :meth:`checkout_slot` (the slot now counts as being set up).
+        """
         conn = holder.conn
-        if (
-            conn is None
-            or self._lifecycle.has_check
-            or self.leak_timeout is not None
-            or holder.expires_at <= self._now()
-            or not self._lifecycle.is_quiet(conn)
-        ):
+        if conn is None or not self._plain or not self._ready(holder, conn):
+            self._preparing += 1
             return None
         return self._checkout(holder, key)
 
     async def checkout_slot(
-        self, holder: Holder[ConnT], key: Hashable | None, timeout: float | None, start: float
+        self,
+        holder: Holder[ConnT],
+        key: Hashable | None,
+        timeout: float | None,
+        start: float,
+        stack: str | None = None,
     ) -> ConnT:
         """Finish a checkout on the event loop: check, replace or connect the slot's connection.
 
         ``start`` is the ``time.monotonic()`` at which the request began (the
-        clock of asyncio's default loops).
+        clock of asyncio's default loops); ``stack`` the borrower's stack, for
+        leak reports when the borrower is in another thread.
         """
-        timeout = self._effective_timeout(timeout)
+        try:
+            timeout = self._effective_timeout(timeout)
+        except ValueError:
+            self._preparing -= 1
+            self._release_slot(holder)
+            raise
         holder = await self._prepare(holder, start, timeout)
-        return self._checkout(holder, key)
+        return self._checkout(holder, key, stack)
 
     def release_slot_nowait(self, holder: Holder[ConnT]) -> None:
         """Give back a slot obtained by :meth:`request_nowait` but not used."""
@@ -433,6 +514,7 @@ class PoolCore(Generic[ConnT]):
             except Exception as exc:
                 self._discard(holder, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
                 return False
+        holder.tested_at = monotonic()
         return True
 
     def _release_slot(self, holder: Holder[ConnT]) -> None:
@@ -443,6 +525,7 @@ class PoolCore(Generic[ConnT]):
             return
         if self._excess:
             self._excess -= 1
+            self._update_plain()
             if holder.conn is not None:
                 self._discard(holder, "pool resized")
             return
@@ -454,21 +537,35 @@ class PoolCore(Generic[ConnT]):
         self, holder: Holder[ConnT], deadline: float | None, *, retry: bool = True
     ) -> None:
         """Open a connection on an empty holder, retrying with backoff until ``deadline``."""
-        loop = asyncio.get_running_loop()
         backoff = Backoff()
+        # One attempt never outlasts the pool's timeout: a connect stuck that
+        # long (a startup packet lost in a partition, no connect_timeout) is
+        # of no use to any waiter, and would hold its slot for good.
+        attempt_limit = self.timeout or None
         while True:
-            remaining = None if deadline is None else deadline - loop.time()
             if self._state == _CLOSED:
                 raise self._closed_error()
+            remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise PoolTimeout(
                     f"pool {self.name!r}: could not connect before the deadline"
                 ) from self._last_error
+            limit = remaining
+            if attempt_limit is not None and (limit is None or attempt_limit < limit):
+                limit = attempt_limit
             try:
-                await asyncio.wait_for(self._connect_once(holder), remaining)
-                return
-            except asyncio.TimeoutError:
-                continue
+                # A cancel scope acts in this task: unlike asyncio.wait_for on
+                # Python < 3.12, it never swallows a cancellation of the caller
+                # that lands just as the connect completes.
+                with anyio.move_on_after(limit) as scope:
+                    await self._connect_once(holder)
+                if not scope.cancelled_caught:
+                    return
+                if limit is remaining:
+                    continue  # the deadline: raised above
+                self._connect_failed(
+                    PoolTimeout(f"connection attempt took longer than {limit:g} s")
+                )
             except PoolClosed:
                 raise
             except Exception as exc:
@@ -477,7 +574,7 @@ class PoolCore(Generic[ConnT]):
                     raise
             delay = backoff.next()
             if deadline is not None:
-                delay = min(delay, max(deadline - loop.time(), 0))
+                delay = min(delay, max(deadline - monotonic(), 0))
             await asyncio.sleep(delay)
 
     async def _connect_once(self, holder: Holder[ConnT]) -> None:
@@ -489,7 +586,7 @@ class PoolCore(Generic[ConnT]):
         now = self._now()
         holder.conn = conn
         holder.baseline = baseline
-        holder.created_at = holder.returned_at = now
+        holder.created_at = holder.returned_at = holder.tested_at = now
         holder.generation = self._generation
         holder.expires_at = (
             float("inf")
@@ -511,21 +608,26 @@ class PoolCore(Generic[ConnT]):
             self._failing_since = now
         logger.warning("pool %r: connection attempt failed: %s", self.name, exc)
         if (
-            not self._failure_reported
-            and self.reconnect_timeout is not None
+            self.reconnect_timeout is not None
             and now - self._failing_since >= self.reconnect_timeout
         ):
-            self._failure_reported = True
-            logger.error(
-                "pool %r: could not connect for %g s (reconnect_timeout)",
-                self.name,
-                self.reconnect_timeout,
-            )
-            if self._reconnect_failed is not None:
-                try:
-                    self._reconnect_failed(self._owner)
-                except Exception:
-                    logger.exception("pool %r: reconnect_failed callback raised", self.name)
+            self._reconnect_gave_up()
+
+    def _reconnect_gave_up(self) -> None:
+        """Report, once per streak of failures, that reconnect_timeout ran out."""
+        if self._failure_reported or self._failing_since is None:
+            return
+        self._failure_reported = True
+        logger.error(
+            "pool %r: could not connect for %g s (reconnect_timeout)",
+            self.name,
+            self.reconnect_timeout,
+        )
+        if self._reconnect_failed is not None:
+            try:
+                self._reconnect_failed(self._owner)
+            except Exception:
+                logger.exception("pool %r: reconnect_failed callback raised", self.name)
 
     def _fill(self) -> None:
         """Start background connects until ``min_size`` connections exist or are coming."""
@@ -542,7 +644,9 @@ class PoolCore(Generic[ConnT]):
             deadline = asyncio.get_running_loop().time() + self.reconnect_timeout
         try:
             await self._connect(holder, deadline)
-        except (PoolTimeout, PoolClosed):
+        except PoolTimeout:
+            self._reconnect_gave_up()
+        except PoolClosed:
             pass
         finally:
             self._filling -= 1
@@ -577,7 +681,27 @@ class PoolCore(Generic[ConnT]):
         mid-query or broken is discarded, and changed attributes (autocommit,
         isolation level, read only, deferrable) are restored.
         """
-        holder = self._take_borrowed(conn)
+        holder = self._borrowed.pop(id(conn), None)
+        if holder is None or holder.conn is not conn:
+            raise self._not_borrowed(conn, holder)
+        if (
+            self._plain
+            and not close
+            and not self._key_of
+            and holder.generation == self._generation
+            and self._lifecycle.is_clean(conn, holder.baseline)
+        ):
+            now = monotonic()
+            if holder.expires_at > now:
+                self._in_use -= 1
+                holder.returned_at = now
+                self._queue.put(holder)
+                return
+        self._unborrow(conn, holder)
+        await self._return_slow(holder, close)
+
+    def _unborrow(self, conn: ConnT, holder: Holder[ConnT]) -> None:
+        """Bookkeeping of a return, other than the hot path's."""
         if self._key_of:
             held_key = self._key_of.pop(id(conn), None)
             if held_key is not None:
@@ -586,32 +710,16 @@ class PoolCore(Generic[ConnT]):
             holder.leak_timer.cancel()
             holder.leak_timer = None
         self._in_use -= 1
-        if (
-            close
-            or self._state != _OPEN
-            or self._excess
-            or not self._keep_idle
-            or self._lifecycle.has_reset
-            or holder.generation != self._generation
-            or not self._lifecycle.is_clean(conn, holder.baseline)
-        ):
-            await self._return_slow(holder, close)
-            return
-        holder.returned_at = self._now()
-        self._queue.put(holder)
 
-    def _take_borrowed(self, conn: ConnT) -> Holder[ConnT]:
-        holder = self._borrowed.pop(id(conn), None)
-        if holder is None or holder.conn is not conn:
-            if holder is not None:
-                self._borrowed[id(conn)] = holder
-            if self._state == _CLOSED:
-                raise PoolClosed(f"pool {self.name!r} is closed")
-            raise PoolError(
-                f"pool {self.name!r}: this connection is not borrowed from this pool "
-                "(a foreign connection, or returned twice)"
-            )
-        return holder
+    def _not_borrowed(self, conn: ConnT, holder: Holder[ConnT] | None) -> PoolError:
+        if holder is not None:  # another connection under a reused id(): put it back
+            self._borrowed[id(conn)] = holder
+        if self._state == _CLOSED:
+            return PoolClosed(f"pool {self.name!r} is closed")
+        return PoolError(
+            f"pool {self.name!r}: this connection is not borrowed from this pool "
+            "(a foreign connection, or returned twice)"
+        )
 
     def held_by_key(self, key: Hashable) -> ConnT | None:
         """The connection checked out under ``key``, if any."""
@@ -621,13 +729,10 @@ class PoolCore(Generic[ConnT]):
         """The attributes a borrowed connection had when configured (to restore them)."""
         holder = self._borrowed.get(id(conn))
         if holder is None or holder.conn is not conn:
-            raise PoolError(
-                f"pool {self.name!r}: this connection is not borrowed from this pool "
-                "(a foreign connection, or returned twice)"
-            )
+            raise self._not_borrowed(conn, None)
         return holder.baseline
 
-    def try_putconn_nowait(self, conn: ConnT, handoff: bool = False) -> bool:
+    def try_putconn_nowait(self, conn: ConnT, handoff: bool = False, bad: bool = False) -> bool:
         """The fast path of :meth:`putconn` as a plain call; False means "call putconn()".
 
         It succeeds only when the return needs no work (the connection is
@@ -636,30 +741,49 @@ class PoolCore(Generic[ConnT]):
         schedules a callback or completes a future. With ``handoff=True`` it
         may complete a waiter's future: only for callers whose waiters are all
         outside waiters (see :meth:`request_nowait`). A foreign connection or
-        a second return raises :class:`PoolError` here too.
+        a second return raises :class:`PoolError` here too. ``bad=True``: the
+        caller already cleaned a connection returned in a bad state (counted).
         """
         holder = self._borrowed.get(id(conn))
         if holder is None or holder.conn is not conn:
-            self._take_borrowed(conn)  # raises the right error
-        assert holder is not None
+            raise self._not_borrowed(conn, None)
         if (
-            (self._queue.waiting and not handoff)
+            not self._plain
+            or (self._queue.waiting and not handoff)
             or self._key_of
-            or holder.leak_timer is not None
-            or self._state != _OPEN
-            or self._excess
-            or not self._keep_idle
-            or self._lifecycle.has_reset
             or holder.generation != self._generation
-            or holder.expires_at <= self._now()
             or not self._lifecycle.is_clean(conn, holder.baseline)
         ):
             return False
+        now = monotonic()
+        if holder.expires_at <= now:
+            return False
         del self._borrowed[id(conn)]
         self._in_use -= 1
-        holder.returned_at = self._now()
+        if bad:
+            self._stats.returns_bad += 1
+        holder.returned_at = now
         self._queue.put(holder)
         return True
+
+    def take_return_nowait(self, conn: ConnT, bad: bool = False) -> Holder[ConnT]:
+        """The bookkeeping of a return, done now; finish it with :meth:`finish_return`.
+
+        For a caller in another thread: once this returns, the connection is
+        no longer borrowed (a second return raises :class:`PoolError`, its
+        key is free), while the work left may run later on the loop.
+        """
+        holder = self._borrowed.pop(id(conn), None)
+        if holder is None or holder.conn is not conn:
+            raise self._not_borrowed(conn, holder)
+        self._unborrow(conn, holder)
+        if bad:
+            self._stats.returns_bad += 1
+        return holder
+
+    async def finish_return(self, holder: Holder[ConnT], close: bool = False) -> None:
+        """The rest of a return begun with :meth:`take_return_nowait`."""
+        await self._return_slow(holder, close)
 
     async def _return_slow(self, holder: Holder[ConnT], close: bool) -> None:
         conn = holder.conn
@@ -704,9 +828,10 @@ class PoolCore(Generic[ConnT]):
 
     # -- leaks -------------------------------------------------------------------
 
-    def _watch_leak(self, holder: Holder[ConnT]) -> None:
+    def _watch_leak(self, holder: Holder[ConnT], stack: str | None) -> None:
         assert self._loop is not None and self.leak_timeout is not None
-        stack = "".join(traceback.format_stack()[:-2])
+        if stack is None:
+            stack = "".join(traceback.format_stack()[:-2])
         holder.leak_timer = self._loop.call_later(
             self.leak_timeout, self._report_leak, holder, stack
         )
@@ -785,7 +910,8 @@ class PoolCore(Generic[ConnT]):
                     await self._lifecycle.probe(conn)
                 except Exception as exc:
                     self._discard(holder, f"check() failed ({exc.__class__.__name__})", lost=True)
-                self._release_slot(holder)
+                finally:
+                    self._release_slot(holder)
         finally:
             for holder in taken:
                 self._release_slot(holder)
@@ -826,6 +952,7 @@ class PoolCore(Generic[ConnT]):
                     self._queue.put(holder)
                 shrink -= min(shrink, len(taken))
             self._excess += shrink
+        self._update_plain()
         self._fill()
 
     # -- closing -------------------------------------------------------------------
@@ -844,12 +971,13 @@ class PoolCore(Generic[ConnT]):
             self._close_now()
             return
         self._state = _CLOSING
+        self._plain = False
         self._queue.fail_waiters(self._closed_error)
         if self._in_use:
             self._all_returned = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._all_returned), timeout)
-            except asyncio.TimeoutError:
+            with anyio.move_on_after(timeout) as scope:
+                await asyncio.shield(self._all_returned)
+            if scope.cancelled_caught:
                 logger.warning(
                     "pool %r: %d connections still borrowed after %g s: closing them",
                     self.name,
@@ -860,6 +988,9 @@ class PoolCore(Generic[ConnT]):
 
     def _close_now(self) -> None:
         self._state = _CLOSED
+        self._plain = False
+        if self._all_returned is not None and not self._all_returned.done():
+            self._all_returned.set_result(None)  # a close() waiting for returns: stop waiting
         if self._maintenance is not None:
             self._maintenance.cancel()
         self._queue.fail_waiters(self._closed_error)
@@ -907,5 +1038,5 @@ class PoolCore(Generic[ConnT]):
         )
 
     def _now(self) -> float:
-        loop = self._loop
-        return loop.time() if loop is not None else 0.0
+        # asyncio's default loops keep time with time.monotonic() too.
+        return monotonic()

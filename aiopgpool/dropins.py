@@ -58,7 +58,13 @@ def connect_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[st
 
 
 class DropInBase(Generic[C]):
-    """The psycopg2.pool contract over a :class:`~aiopgpool.sync_pool.SyncPoolFacade`."""
+    """The psycopg2.pool contract over a :class:`~aiopgpool.sync_pool.SyncPoolFacade`.
+
+    Beyond psycopg2's arguments: ``expiration`` (pg_simple: close connections
+    idle longer than that; default 600 s), ``disable_pooling`` (connect for
+    each checkout), ``min_kept`` (how many connections expiration spares;
+    default ``minconn``) and ``name``.
+    """
 
     def __init__(
         self,
@@ -67,6 +73,7 @@ class DropInBase(Generic[C]):
         *args: Any,
         expiration: float | None = None,
         disable_pooling: bool = False,
+        min_kept: int | None = None,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -84,6 +91,10 @@ class DropInBase(Generic[C]):
             name=name,
         )
         self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+        if min_kept is not None and not disable_pooling and min_kept != minconn:
+            # ``minconn`` are made now, but only ``min_kept`` are kept open
+            # through ``expiration`` (pg_simple closes any expired connection).
+            self._pool.resize(min_kept, maxconn)
 
     @abstractmethod
     def _make_facade(

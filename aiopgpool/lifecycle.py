@@ -18,6 +18,7 @@ import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
 __all__ = [
+    "CANCEL_TIMEOUT",
     "AsyncLifecycle",
     "Baseline",
     "Holder",
@@ -39,6 +40,9 @@ Baseline = tuple[Any, Any, Any, Any]
 """(autocommit, isolation_level, read_only, deferrable) as configured for the pool."""
 
 _POLLIN = select.POLLIN
+# Seconds to wait for the server to take a cancel request for a query left
+# running on a returned connection.
+CANCEL_TIMEOUT = 5.0
 
 
 class Holder(Generic[ConnT]):
@@ -52,6 +56,7 @@ class Holder(Generic[ConnT]):
         "generation",
         "leak_timer",
         "returned_at",
+        "tested_at",
     )
 
     def __init__(self) -> None:
@@ -60,6 +65,7 @@ class Holder(Generic[ConnT]):
         self.created_at = 0.0
         self.expires_at = float("inf")
         self.returned_at = 0.0
+        self.tested_at = 0.0
         self.generation = 0
         self.leak_timer: Any = None
 
@@ -223,7 +229,9 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         status = pgconn.transaction_status
         if status == ACTIVE:
             # Returned mid-query (its task was cancelled twice, or it was
-            # handed back with a query running): discard rather than drain.
+            # handed back with a query running): stop the query on the server,
+            # then discard the connection rather than drain it.
+            await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
             return False
         if status in (INTRANS, INERROR):
             await conn.rollback()

@@ -109,7 +109,10 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         return bool(conn.closed) or conn.info.transaction_status != _IDLE
 
     def clean_blocking(self, conn: Connection, baseline: Baseline) -> bool:
-        if conn.closed or conn.info.transaction_status == _ACTIVE:
+        if conn.closed:
+            return False
+        if conn.info.transaction_status == _ACTIVE:
+            conn.cancel()  # a query still runs (another thread uses it): stop it, then discard
             return False
         if conn.info.transaction_status in (_INTRANS, _INERROR):
             conn.rollback()

@@ -22,6 +22,7 @@ import psycopg
 
 from .lifecycle import (
     ACTIVE,
+    CANCEL_TIMEOUT,
     IDLE,
     INERROR,
     INTRANS,
@@ -175,7 +176,11 @@ class SyncLifecycle(
 
     def clean_blocking(self, conn: psycopg.Connection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn
-        if pgconn.status != OK or pgconn.transaction_status == ACTIVE:
+        if pgconn.status != OK:
+            return False
+        if pgconn.transaction_status == ACTIVE:
+            # A query still runs (another thread uses it): stop it, then discard.
+            conn.cancel_safe(timeout=CANCEL_TIMEOUT)
             return False
         if pgconn.transaction_status in (INTRANS, INERROR):
             conn.rollback()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from types import TracebackType
@@ -182,16 +183,17 @@ class SyncPoolFacade(Generic[C]):
         with bridge.lock:
             conn = core.checkout_slot_nowait(got, key)
         if conn is None:
-            conn = bridge.call(core.checkout_slot, got, key, timeout, start)
+            # Leak reports show the borrower's stack: take it here, not on the loop.
+            stack = None if core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
+            conn = bridge.call(core.checkout_slot, got, key, timeout, start, stack)
         return conn
 
     def _wait(
         self, waiter: concurrent.futures.Future[Holder[C]], timeout: float | None, start: float
     ) -> Holder[C]:
         bridge, core = self._bridge, self._core
-        wait_for = core.timeout if timeout is None else timeout
         try:
-            waiter.result(wait_for)
+            waiter.result(core.wait_timeout(timeout))
         except concurrent.futures.TimeoutError:
             pass
         except BaseException:
@@ -204,35 +206,44 @@ class SyncPoolFacade(Generic[C]):
             return core.abandon_wait(waiter, time.monotonic() - start, timeout)
 
     def putconn(self, conn: C, key: Hashable | None = None, close: bool = False) -> None:
-        """Give a connection back (rolled back and restored first); ``close=True`` discards it."""
+        """Give a connection back (rolled back and restored first); ``close=True`` discards it.
+
+        Once this returns the connection is no longer borrowed (its key is
+        free, a second return raises :class:`PoolError`), even when closing
+        it is left to the loop.
+        """
         bridge = self._running_bridge()
         core = self._core
-        if key is not None or close:
-            bridge.call(core.putconn, conn, key, close)
-            return
         lifecycle = self._lifecycle
         with bridge.lock:
             # Waiters are this facade's threads: handing over to them is safe here.
-            if not lifecycle.resets and core.try_putconn_nowait(conn, handoff=True):
+            if (
+                key is None
+                and not close
+                and not lifecycle.resets
+                and core.try_putconn_nowait(conn, handoff=True)
+            ):
                 return
             baseline = core.borrowed_baseline(conn)  # PoolError: foreign, or returned twice
-        discard = False
-        try:
-            if not lifecycle.is_clean(conn, baseline):
-                discard = not lifecycle.clean_blocking(conn, baseline)
-            if lifecycle.resets and not discard:
-                discard = not lifecycle.reset_blocking(conn)
-        except Exception:
-            discard = True
-        if discard:
-            bridge.call(core.putconn, conn, None, True)
-            return
+        bad = False
+        if not close:
+            try:
+                if not lifecycle.is_clean(conn, baseline):
+                    bad = lifecycle.is_bad_return(conn)
+                    close = not lifecycle.clean_blocking(conn, baseline)
+                if lifecycle.resets and not close:
+                    close = not lifecycle.reset_blocking(conn)
+            except Exception:
+                close = True
+        if close:
+            lifecycle.close(conn)  # now, as psycopg2 does; the caller still owns it
         with bridge.lock:
-            if core.try_putconn_nowait(conn, handoff=True):
+            if not close and core.try_putconn_nowait(conn, handoff=True, bad=bad):
                 return
-        # The return needs the core's attention (keyed, expired, ...): it
-        # happens on the loop; no need to wait for it here.
-        bridge.call_soon(core.putconn, conn)
+            holder = core.take_return_nowait(conn, bad=bad)
+        # The rest (closing it, expiry, refilling) happens on the loop; the
+        # bookkeeping above already made the return final.
+        bridge.call_soon(core.finish_return, holder, close)
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[C]:

@@ -10,6 +10,11 @@ cancelled just as it is handed an item passes the item on to the next one.
 
 Items nobody waits for are kept in a deque: "ready" items (connected holders)
 on top, most recently returned first; others (empty slots) at the bottom.
+
+Deadlines do not cost a timer per waiter: one timer, armed for the earliest
+deadline, sweeps the line when it fires and re-arms itself for the next one
+(at most every ``SWEEP_INTERVAL``). With the usual equal timeouts a new
+waiter's deadline is never the earliest, so waiting costs a comparison.
 """
 
 from __future__ import annotations
@@ -42,25 +47,28 @@ class WaitTimeout(Exception):
     """Raised by :meth:`HandoffQueue.get` when its timeout expires."""
 
 
-def _expire(fut: asyncio.Future[T]) -> None:
-    if not fut.done():
-        fut.set_exception(WaitTimeout())
+# The sweeping timer re-arms itself no sooner than this after it fired: a
+# waiter may time out this much late, at most.
+SWEEP_INTERVAL = 0.005
+_NEVER = float("inf")
 
 
 class HandoffQueue(Generic[T]):
     """FIFO waiters, LIFO ready items, direct hand-off; single event loop, no locks."""
 
-    __slots__ = ("_is_ready", "_items", "_waiters", "_waiting")
+    __slots__ = ("_is_ready", "_items", "_sweep_at", "_sweeper", "_waiters", "_waiting")
 
     def __init__(self, is_ready: Callable[[T], bool]) -> None:
         self._is_ready = is_ready
         self._items: deque[T] = deque()
-        # (future, outside) of waiting getters, oldest first. Entries whose
-        # future is already done (timed out, cancelled, failed) are skipped
-        # lazily. Outside waiters (add_waiter) are counted out here, the
-        # others by get() itself.
-        self._waiters: deque[tuple[Any, bool]] = deque()
+        # (future, outside, deadline) of waiting getters, oldest first.
+        # Entries whose future is already done (timed out, cancelled, failed)
+        # are skipped lazily. Outside waiters (add_waiter) keep their own
+        # deadline and are counted out here; the others by get() itself.
+        self._waiters: deque[tuple[Any, bool, float]] = deque()
         self._waiting = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at = _NEVER
 
     def __len__(self) -> int:
         return len(self._items)
@@ -86,7 +94,7 @@ class HandoffQueue(Generic[T]):
         """Hand ``item`` to the longest waiter, or keep it (ready on top, others below)."""
         waiters = self._waiters
         while waiters:
-            fut, outside = waiters.popleft()
+            fut, outside, _ = waiters.popleft()
             if not fut.done():
                 fut.set_result(item)
                 if outside:
@@ -125,9 +133,14 @@ class HandoffQueue(Generic[T]):
         """Wait in line for an item; :class:`WaitTimeout` after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._waiters.append((fut, False))
+        if timeout is None:
+            deadline = _NEVER
+        else:
+            deadline = loop.time() + timeout
+            if deadline < self._sweep_at:
+                self._arm(loop, deadline)
+        self._waiters.append((fut, False, deadline))
         self._waiting += 1
-        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
         try:
             return await fut
         except BaseException:
@@ -137,8 +150,28 @@ class HandoffQueue(Generic[T]):
             raise
         finally:
             self._waiting -= 1
-            if timer is not None:
-                timer.cancel()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweep_at = when
+        self._sweeper = loop.call_at(when, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time out every waiter whose deadline passed; re-arm for the next deadline."""
+        self._sweeper = None
+        self._sweep_at = _NEVER
+        now = loop.time()
+        earliest = _NEVER
+        for fut, _, deadline in self._waiters:
+            if fut.done():
+                continue
+            if deadline <= now:
+                fut.set_exception(WaitTimeout())
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest != _NEVER:
+            self._arm(loop, max(earliest, now + SWEEP_INTERVAL))
 
     def add_waiter(self, waiter: Waiter[T]) -> None:
         """Put an outside waiter in line; it waits on its own (see :meth:`abandon`).
@@ -146,7 +179,7 @@ class HandoffQueue(Generic[T]):
         Only while no item is kept: a caller takes an item with
         :meth:`get_nowait` first.
         """
-        self._waiters.append((waiter, True))
+        self._waiters.append((waiter, True, _NEVER))
         self._waiting += 1
 
     def abandon(self, waiter: Waiter[T]) -> T | None:
@@ -162,8 +195,12 @@ class HandoffQueue(Generic[T]):
     def fail_waiters(self, make_exc: Callable[[], BaseException]) -> None:
         """Wake every waiter with an exception (used when the pool closes)."""
         while self._waiters:
-            fut, outside = self._waiters.popleft()
+            fut, outside, _ = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(make_exc())
                 if outside:
                     self._waiting -= 1
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+            self._sweep_at = _NEVER

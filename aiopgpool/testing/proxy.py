@@ -402,7 +402,8 @@ class TcpProxy:
                 asyncio.open_connection(self.target_host, self.target_port), _CONNECT_TIMEOUT
             )
         except (OSError, asyncio.TimeoutError):
-            self._close_link(link, rst=False)
+            # The target refused (or is not there): the nearest thing to that is an RST.
+            self._close_link(link, rst=True)
             return False
         if link.closed:  # reset or shut down while connecting
             _abort_with_rst(up_w)

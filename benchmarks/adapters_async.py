@@ -1,0 +1,275 @@
+"""Async pool adapters: each pool behind the same small interface.
+
+Every adapter opens its pool pre-filled to ``min_size`` (``open``), lends and takes
+back a connection (``acquire``/``release``), runs ``SELECT 1`` and fetches the row
+(``select1``) and closes (``close``). psycopg connections are made with
+``autocommit=True`` everywhere (asyncpg is autocommit by nature), so ``select1``
+is one round trip and no pool has a transaction to end on return.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from typing import Any, ClassVar
+
+from benchmarks.floors import AsyncFloorPool
+
+#: Connection options given to every psycopg connection the benchmark makes.
+PSYCOPG_KWARGS: dict[str, Any] = {"autocommit": True}
+
+#: Seconds a pool may take to open (pre-fill) before it counts as broken.
+OPEN_TIMEOUT = 60.0
+
+
+class AdapterUnavailable(Exception):
+    """The pool cannot run here (its package is missing or does not import)."""
+
+
+def unavailable(what: str, exc: BaseException) -> AdapterUnavailable:
+    """The error for "``what`` does not import", with the import error's gist."""
+    return AdapterUnavailable(f"cannot import {what} ({type(exc).__name__}: {exc})")
+
+
+class AsyncAdapter(abc.ABC):
+    """One async pool under test."""
+
+    name: ClassVar[str]
+    driver: ClassVar[str] = "psycopg"
+    is_floor: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Create the pool and wait until ``min_size`` connections exist."""
+
+    @abc.abstractmethod
+    async def acquire(self) -> Any:
+        """Borrow a connection, waiting as long as it takes."""
+
+    @abc.abstractmethod
+    async def release(self, conn: Any) -> None:
+        """Give back a borrowed connection."""
+
+    async def select1(self, conn: Any) -> None:
+        """Run ``SELECT 1`` on a borrowed connection and fetch the row."""
+        cur = await conn.execute("SELECT 1")
+        await cur.fetchone()
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the pool and its connections."""
+
+
+class AiopgpoolAsync(AsyncAdapter):
+    """aiopgpool.AsyncConnectionPool, through getconn()/putconn()."""
+
+    name = "aiopgpool"
+    description = "aiopgpool.AsyncConnectionPool"
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Create the pool and ``await open(wait=True)``."""
+        try:
+            from aiopgpool import AsyncConnectionPool
+        except Exception as exc:
+            raise unavailable("aiopgpool.AsyncConnectionPool", exc) from exc
+        self._pool = AsyncConnectionPool(
+            dsn,
+            kwargs=dict(PSYCOPG_KWARGS),
+            min_size=min_size,
+            max_size=max_size,
+            name="bench-aiopgpool",
+        )
+        await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    async def acquire(self) -> Any:
+        """``await pool.getconn()``."""
+        return await self._pool.getconn()
+
+    async def release(self, conn: Any) -> None:
+        """``await pool.putconn(conn)``."""
+        await self._pool.putconn(conn)
+
+    async def close(self) -> None:
+        """``await pool.close()``."""
+        if self._pool is not None:
+            await self._pool.close()
+
+
+class PsycopgPoolAsync(AsyncAdapter):
+    """psycopg_pool.AsyncConnectionPool, through getconn()/putconn()."""
+
+    name = "psycopg_pool"
+    description = "psycopg_pool.AsyncConnectionPool"
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Create the pool with ``open=False``, then ``await open(wait=True)``."""
+        try:
+            from psycopg_pool import AsyncConnectionPool
+        except Exception as exc:
+            raise unavailable("psycopg_pool", exc) from exc
+        self._pool = AsyncConnectionPool(
+            dsn,
+            kwargs=dict(PSYCOPG_KWARGS),
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            name="bench-psycopg_pool",
+        )
+        await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    async def acquire(self) -> Any:
+        """``await pool.getconn()``."""
+        return await self._pool.getconn()
+
+    async def release(self, conn: Any) -> None:
+        """``await pool.putconn(conn)``."""
+        await self._pool.putconn(conn)
+
+    async def close(self) -> None:
+        """``await pool.close()``."""
+        if self._pool is not None:
+            await self._pool.close()
+
+
+def asyncpg_connect_kwargs(dsn: str) -> dict[str, Any]:
+    """Translate a libpq conninfo string or URL into asyncpg.connect() keywords."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(dsn)
+    out: dict[str, Any] = {}
+    for libpq_key, asyncpg_key in (
+        ("host", "host"),
+        ("port", "port"),
+        ("user", "user"),
+        ("password", "password"),
+        ("dbname", "database"),
+        ("sslmode", "ssl"),
+    ):
+        if params.get(libpq_key) is not None:
+            out[asyncpg_key] = params[libpq_key]
+    if "port" in out:
+        out["port"] = int(out["port"])
+    return out
+
+
+class AsyncpgDefault(AsyncAdapter):
+    """asyncpg.create_pool() as shipped: every release runs asyncpg's reset query."""
+
+    name = "asyncpg"
+    driver = "asyncpg"
+    description = "asyncpg.create_pool() (default reset on release)"
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    def _pool_options(self) -> dict[str, Any]:
+        return {}
+
+    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """``await asyncpg.create_pool(...)`` (it connects min_size before returning)."""
+        try:
+            import asyncpg
+        except Exception as exc:
+            raise unavailable("asyncpg", exc) from exc
+        self._pool = await asyncpg.create_pool(
+            min_size=min_size,
+            max_size=max_size,
+            server_settings={"application_name": f"bench-{self.name}"},
+            **self._pool_options(),
+            **asyncpg_connect_kwargs(dsn),
+        )
+
+    async def acquire(self) -> Any:
+        """``await pool.acquire()``."""
+        return await self._pool.acquire()
+
+    async def release(self, conn: Any) -> None:
+        """``await pool.release(conn)``."""
+        await self._pool.release(conn)
+
+    async def select1(self, conn: Any) -> None:
+        """``await conn.fetchval("SELECT 1")``."""
+        await conn.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        """``await pool.close()``; terminate() if that takes more than 10 s."""
+        if self._pool is None:
+            return
+        try:
+            await asyncio.wait_for(self._pool.close(), 10.0)
+        except asyncio.TimeoutError:
+            self._pool.terminate()
+
+
+def _no_reset_connection_class() -> type[Any]:
+    """An asyncpg Connection whose reset query is empty (asyncpg >= 0.30).
+
+    asyncpg's pool calls ``Connection.reset()`` on release, which ends any open
+    transaction and then runs ``get_reset_query()`` (advisory unlock, CLOSE ALL,
+    UNLISTEN *, RESET ALL) only if that query is non-empty.
+    """
+    import asyncpg
+
+    class NoResetConnection(asyncpg.Connection):  # type: ignore[misc]
+        def get_reset_query(self) -> str:
+            return ""
+
+    return NoResetConnection
+
+
+class AsyncpgNoReset(AsyncpgDefault):
+    """asyncpg.create_pool() with the per-release reset query turned off."""
+
+    name = "asyncpg-noreset"
+    description = "asyncpg.create_pool(connection_class=<get_reset_query() returns ''>)"
+
+    def _pool_options(self) -> dict[str, Any]:
+        return {"connection_class": _no_reset_connection_class()}
+
+
+class AsyncFloor(AsyncAdapter):
+    """The async floor (benchmarks.floors.AsyncFloorPool)."""
+
+    name = "floor"
+    is_floor = True
+    description = "minimal fair queue of psycopg AsyncConnections (no pool logic)"
+
+    def __init__(self) -> None:
+        self._pool: AsyncFloorPool | None = None
+
+    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Connect ``min_size`` connections; more connect lazily up to ``max_size``."""
+        self._pool = AsyncFloorPool(dsn, max_size, dict(PSYCOPG_KWARGS))
+        await self._pool.fill(min_size)
+
+    async def acquire(self) -> Any:
+        """``await floor.getconn()``."""
+        assert self._pool is not None
+        return await self._pool.getconn()
+
+    async def release(self, conn: Any) -> None:
+        """``floor.putconn(conn)``."""
+        assert self._pool is not None
+        self._pool.putconn(conn)
+
+    async def close(self) -> None:
+        """Close the idle connections."""
+        if self._pool is not None:
+            await self._pool.close()
+
+
+#: The async pools, in table order (the floor last).
+ASYNC_ADAPTERS: tuple[type[AsyncAdapter], ...] = (
+    AiopgpoolAsync,
+    PsycopgPoolAsync,
+    AsyncpgDefault,
+    AsyncpgNoReset,
+    AsyncFloor,
+)

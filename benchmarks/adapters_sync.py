@@ -1,0 +1,220 @@
+"""Sync (thread) pool adapters: each pool behind the same small blocking interface.
+
+The same contract as :mod:`benchmarks.adapters_async`, with plain blocking calls
+that any number of threads may make at once.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Any, ClassVar
+
+from benchmarks.adapters_async import OPEN_TIMEOUT, PSYCOPG_KWARGS, unavailable
+from benchmarks.floors import SyncFloorPool
+
+
+class SyncAdapter(abc.ABC):
+    """One thread-safe pool under test."""
+
+    name: ClassVar[str]
+    driver: ClassVar[str] = "psycopg"
+    is_floor: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Create the pool and wait until ``min_size`` connections exist."""
+
+    @abc.abstractmethod
+    def acquire(self) -> Any:
+        """Borrow a connection, blocking as long as it takes."""
+
+    @abc.abstractmethod
+    def release(self, conn: Any) -> None:
+        """Give back a borrowed connection."""
+
+    def select1(self, conn: Any) -> None:
+        """Run ``SELECT 1`` on a borrowed connection and fetch the row."""
+        conn.execute("SELECT 1").fetchone()
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the pool and its connections."""
+
+
+class AiopgpoolSync(SyncAdapter):
+    """aiopgpool.ConnectionPool (the thread-safe facade), through getconn()/putconn()."""
+
+    name = "aiopgpool"
+    description = "aiopgpool.ConnectionPool (sync facade)"
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Create the pool and ``open(wait=True)``."""
+        try:
+            from aiopgpool import ConnectionPool
+        except Exception as exc:
+            raise unavailable("aiopgpool.ConnectionPool", exc) from exc
+        self._pool = ConnectionPool(
+            dsn,
+            kwargs=dict(PSYCOPG_KWARGS),
+            min_size=min_size,
+            max_size=max_size,
+            name="bench-aiopgpool-sync",
+        )
+        self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    def acquire(self) -> Any:
+        """``pool.getconn()``."""
+        return self._pool.getconn()
+
+    def release(self, conn: Any) -> None:
+        """``pool.putconn(conn)``."""
+        self._pool.putconn(conn)
+
+    def close(self) -> None:
+        """``pool.close()``."""
+        if self._pool is not None:
+            self._pool.close()
+
+
+class PsycopgPoolSync(SyncAdapter):
+    """psycopg_pool.ConnectionPool, through getconn()/putconn()."""
+
+    name = "psycopg_pool"
+    description = "psycopg_pool.ConnectionPool"
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Create the pool with ``open=False``, then ``open(wait=True)``."""
+        try:
+            from psycopg_pool import ConnectionPool
+        except Exception as exc:
+            raise unavailable("psycopg_pool", exc) from exc
+        self._pool = ConnectionPool(
+            dsn,
+            kwargs=dict(PSYCOPG_KWARGS),
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            name="bench-psycopg_pool-sync",
+        )
+        self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+
+    def acquire(self) -> Any:
+        """``pool.getconn()``."""
+        return self._pool.getconn()
+
+    def release(self, conn: Any) -> None:
+        """``pool.putconn(conn)``."""
+        self._pool.putconn(conn)
+
+    def close(self) -> None:
+        """``pool.close()``."""
+        if self._pool is not None:
+            self._pool.close()
+
+
+class Psycopg2Threaded(SyncAdapter):
+    """psycopg2.pool.ThreadedConnectionPool, made to wait instead of raising.
+
+    psycopg2's pool raises "connection pool exhausted" when all ``maxconn`` are
+    out; a ``threading.Semaphore(maxconn)`` around getconn()/putconn() turns
+    that into waiting, which is how it is used under load.
+    """
+
+    name = "psycopg2"
+    driver = "psycopg2"
+    description = "psycopg2.pool.ThreadedConnectionPool + Semaphore(maxconn)"
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+        self._slots = threading.Semaphore(1)
+
+    def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Construct the pool (it connects ``minconn`` at once); set autocommit on them."""
+        try:
+            from psycopg2.pool import ThreadedConnectionPool
+        except Exception as exc:
+            raise unavailable("psycopg2.pool", exc) from exc
+        self._pool = ThreadedConnectionPool(
+            min_size, max_size, dsn, application_name="bench-psycopg2"
+        )
+        self._slots = threading.Semaphore(max_size)
+        conns = [self._pool.getconn() for _ in range(min_size)]
+        for conn in conns:
+            conn.autocommit = True
+        for conn in conns:
+            self._pool.putconn(conn)
+
+    def acquire(self) -> Any:
+        """Take a semaphore slot, then ``pool.getconn()``."""
+        self._slots.acquire()
+        try:
+            return self._pool.getconn()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: Any) -> None:
+        """``pool.putconn(conn)``, then free the slot."""
+        try:
+            self._pool.putconn(conn)
+        finally:
+            self._slots.release()
+
+    def select1(self, conn: Any) -> None:
+        """A cursor, ``execute("SELECT 1")``, ``fetchone()``."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+
+    def close(self) -> None:
+        """``pool.closeall()``."""
+        if self._pool is not None and not self._pool.closed:
+            self._pool.closeall()
+
+
+class SyncFloor(SyncAdapter):
+    """The sync floor (benchmarks.floors.SyncFloorPool)."""
+
+    name = "floor"
+    is_floor = True
+    description = "minimal fair queue of psycopg Connections (no pool logic)"
+
+    def __init__(self) -> None:
+        self._pool: SyncFloorPool | None = None
+
+    def open(self, dsn: str, min_size: int, max_size: int) -> None:
+        """Connect ``min_size`` connections; more connect lazily up to ``max_size``."""
+        self._pool = SyncFloorPool(dsn, max_size, dict(PSYCOPG_KWARGS))
+        self._pool.fill(min_size)
+
+    def acquire(self) -> Any:
+        """``floor.getconn()``."""
+        assert self._pool is not None
+        return self._pool.getconn()
+
+    def release(self, conn: Any) -> None:
+        """``floor.putconn(conn)``."""
+        assert self._pool is not None
+        self._pool.putconn(conn)
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        if self._pool is not None:
+            self._pool.close()
+
+
+#: The sync pools, in table order (the floor last).
+SYNC_ADAPTERS: tuple[type[SyncAdapter], ...] = (
+    AiopgpoolSync,
+    PsycopgPoolSync,
+    Psycopg2Threaded,
+    SyncFloor,
+)

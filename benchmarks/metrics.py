@@ -1,0 +1,81 @@
+"""Numbers from one measurement: throughput, latency percentiles, evenness; medians."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a workload observed: ops per worker, every op's latency, the wall time."""
+
+    per_worker: list[int]
+    latencies: list[float]
+    elapsed: float
+    #: CPU seconds this process spent (all threads) during ``elapsed``.
+    cpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One pool's result for one case in one round."""
+
+    round: int
+    ops: int
+    elapsed_s: float
+    ops_s: float
+    p50_us: float
+    p99_us: float
+    #: min/mean ops completed per worker (1.0: perfectly even; 0: someone starved).
+    evenness: float | None
+    worker_min: int
+    worker_max: int
+    #: this process's CPU time per op (all threads; the server's is not included).
+    cpu_us_per_op: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0..1) of already sorted values (NaN if none)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+def summarize(m: Measurement, round_no: int, *, with_evenness: bool = True) -> Sample:
+    """Reduce a :class:`Measurement` to a :class:`Sample`."""
+    ops = sum(m.per_worker)
+    lat = sorted(m.latencies)
+    mean = ops / len(m.per_worker) if m.per_worker else 0.0
+    evenness = (min(m.per_worker) / mean if mean else 0.0) if with_evenness else None
+    return Sample(
+        round=round_no,
+        ops=ops,
+        elapsed_s=m.elapsed,
+        ops_s=ops / m.elapsed if m.elapsed > 0 else 0.0,
+        p50_us=percentile(lat, 0.50) * 1e6,
+        p99_us=percentile(lat, 0.99) * 1e6,
+        evenness=evenness,
+        worker_min=min(m.per_worker, default=0),
+        worker_max=max(m.per_worker, default=0),
+        cpu_us_per_op=m.cpu / ops * 1e6 if ops else None,
+    )
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values that are not None (None if there are none)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def paired_ratios(samples: Sequence[Sample], baseline: Sequence[Sample]) -> dict[int, float]:
+    """Per round: this pool's ops/s over the baseline's ops/s in the same round."""
+    base = {s.round: s.ops_s for s in baseline}
+    return {s.round: s.ops_s / base[s.round] for s in samples if base.get(s.round, 0.0) > 0.0}

@@ -1,0 +1,87 @@
+"""Helpers shared by the core tests: pool names, opened pools, bounded polling (no fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psycopg
+
+from aiopgpool import AsyncConnectionPool
+
+_seq = itertools.count(1)
+
+
+def unique_name(label: str) -> str:
+    """A pool name (so an application_name) unique in this run and under 64 bytes."""
+    return f"{label[:40]}-{os.getpid()}-{next(_seq)}"
+
+
+async def call(func: Callable[..., Any], *args: Any) -> Any:
+    """Call a fixture helper that may be sync or async."""
+    result = func(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def eventually(
+    func: Callable[..., Any], *args: Any, expect: Any, timeout: float = 5.0
+) -> Any:
+    """Poll ``func(*args)`` until it returns ``expect`` or ``timeout`` passes; the last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await call(func, *args)
+        if value == expect or loop.time() >= deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def opened(dsn: str, name: str, **options: Any) -> AsyncIterator[AsyncConnectionPool]:
+    """An open pool with ``min_size`` connections ready; closed (not waited on) at the end."""
+    options.setdefault("timeout", 5.0)
+    pool = AsyncConnectionPool(dsn, name=name, **options)
+    await pool.open(wait=True, timeout=5.0)
+    try:
+        yield pool
+    finally:
+        if not pool.closed:
+            await pool.closeall()
+
+
+async def monitor(dsn: str) -> psycopg.AsyncConnection[Any]:
+    """A separate autocommit connection, outside any pool, to look at the server."""
+    return await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, application_name="core-tests-monitor"
+    )
+
+
+async def activity(dsn: str, name: str) -> list[tuple[Any, ...]]:
+    """(pid, state, query) of the backends whose application_name is ``name``."""
+    async with await monitor(dsn) as mon:
+        cur = await mon.execute(
+            "SELECT pid, state, query FROM pg_stat_activity WHERE application_name = %s",
+            (name,),
+        )
+        return await cur.fetchall()
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (connections to it are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def finish(task: asyncio.Task[Any], timeout: float = 5.0) -> None:
+    """Wait (bounded) for a task to end, whatever its outcome."""
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    assert task in done, "task did not finish in time"
