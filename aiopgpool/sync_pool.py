@@ -13,7 +13,7 @@ the caller's own thread so that 16 threads do not queue behind one loop:
 
 from __future__ import annotations
 
-import concurrent.futures
+import threading
 import time
 import traceback
 from collections.abc import Callable, Hashable, Iterator
@@ -25,7 +25,7 @@ import psycopg
 
 from .bridge import LoopThread
 from .core import PoolCore
-from .errors import PoolClosed
+from .errors import PoolClosed, PoolError
 from .lifecycle import Holder
 from .options import describe_target, make_name, prepare_connect_kwargs
 from .stats import PoolStats
@@ -34,7 +34,57 @@ from .sync_lifecycle import BlockingLifecycle, SyncCallback, SyncLifecycle
 __all__ = ["ConnectionPool", "NullConnectionPool", "SyncPoolFacade"]
 
 C = TypeVar("C")
+T = TypeVar("T")
 Self = TypeVar("Self", bound="SyncPoolFacade[Any]")
+
+
+_PENDING, _DONE, _CANCELLED = 0, 1, 2
+
+
+class _ThreadWaiter(Generic[T]):
+    """A waiter for a thread, in the core's line: the lightest future that will do.
+
+    Every transition happens under the bridge's lock (in a caller thread, or
+    on the loop, which holds it while it runs), so the state needs no lock of
+    its own; the waiting thread sleeps on a lock that completing releases.
+    """
+
+    __slots__ = ("_exception", "_result", "_state", "_wake")
+
+    def __init__(self) -> None:
+        self._state = _PENDING
+        self._result: T | None = None
+        self._exception: BaseException | None = None
+        self._wake = threading.Lock()
+        self._wake.acquire()
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def result(self) -> T:
+        if self._exception is not None:
+            raise self._exception
+        return self._result  # type: ignore[return-value]
+
+    def set_result(self, result: T, /) -> None:
+        self._result = result
+        self._state = _DONE
+        self._wake.release()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._exception = exception
+        self._state = _DONE
+        self._wake.release()
+
+    def cancel(self) -> bool:
+        if self._state != _PENDING:
+            return False
+        self._state = _CANCELLED
+        return True
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until completed or ``timeout`` seconds passed; True if completed."""
+        return self._wake.acquire(timeout=-1 if timeout is None else timeout)
 
 
 class SyncPoolFacade(Generic[C]):
@@ -174,14 +224,14 @@ class SyncPoolFacade(Generic[C]):
             if conn is not None:
                 return conn
             start = time.monotonic()
-            waiter: concurrent.futures.Future[Holder[C]] = concurrent.futures.Future()
+            waiter: _ThreadWaiter[Holder[C]] = _ThreadWaiter()
             got = core.request_nowait(key, waiter, timeout)
+            if isinstance(got, Holder):
+                conn = core.checkout_slot_nowait(got, key)
+            elif got is not None:
+                return got  # a keyed connection already held
         if got is None:
-            got = self._wait(waiter, timeout, start)
-        if not isinstance(got, Holder):
-            return got
-        with bridge.lock:
-            conn = core.checkout_slot_nowait(got, key)
+            got, conn = self._wait(waiter, key, timeout, start)
         if conn is None:
             # Leak reports show the borrower's stack: take it here, not on the loop.
             stack = None if core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
@@ -189,21 +239,28 @@ class SyncPoolFacade(Generic[C]):
         return conn
 
     def _wait(
-        self, waiter: concurrent.futures.Future[Holder[C]], timeout: float | None, start: float
-    ) -> Holder[C]:
+        self,
+        waiter: _ThreadWaiter[Holder[C]],
+        key: Hashable | None,
+        timeout: float | None,
+        start: float,
+    ) -> tuple[Holder[C], C | None]:
+        """Wait in the core's line; the slot got, and its connection if ready as it is."""
         bridge, core = self._bridge, self._core
         try:
-            waiter.result(core.wait_timeout(timeout))
-        except concurrent.futures.TimeoutError:
-            pass
-        except BaseException:
-            if not waiter.done():  # interrupted (KeyboardInterrupt): leave the line
-                with bridge.lock:
+            waiter.wait(core.wait_timeout(timeout))
+        except BaseException:  # interrupted (KeyboardInterrupt): leave the line
+            with bridge.lock:
+                try:
                     holder = core.abandon_wait(waiter, time.monotonic() - start, timeout)
+                except PoolError:
+                    pass
+                else:
                     core.release_slot_nowait(holder)
             raise
         with bridge.lock:
-            return core.abandon_wait(waiter, time.monotonic() - start, timeout)
+            holder = core.abandon_wait(waiter, time.monotonic() - start, timeout)
+            return holder, core.checkout_slot_nowait(holder, key)
 
     def putconn(self, conn: C, key: Hashable | None = None, close: bool = False) -> None:
         """Give a connection back (rolled back and restored first); ``close=True`` discards it.

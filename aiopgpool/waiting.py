@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterator
+from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["HandoffQueue", "WaitTimeout", "Waiter"]
@@ -56,7 +57,15 @@ _NEVER = float("inf")
 class HandoffQueue(Generic[T]):
     """FIFO waiters, LIFO ready items, direct hand-off; single event loop, no locks."""
 
-    __slots__ = ("_is_ready", "_items", "_sweep_at", "_sweeper", "_waiters", "_waiting")
+    __slots__ = (
+        "_is_ready",
+        "_items",
+        "_loop",
+        "_sweep_at",
+        "_sweeper",
+        "_waiters",
+        "_waiting",
+    )
 
     def __init__(self, is_ready: Callable[[T], bool]) -> None:
         self._is_ready = is_ready
@@ -67,6 +76,7 @@ class HandoffQueue(Generic[T]):
         # deadline and are counted out here; the others by get() itself.
         self._waiters: deque[tuple[Any, bool, float]] = deque()
         self._waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound at the first wait
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at = _NEVER
 
@@ -131,12 +141,14 @@ class HandoffQueue(Generic[T]):
 
     async def get(self, timeout: float | None) -> T:
         """Wait in line for an item; :class:`WaitTimeout` after ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         if timeout is None:
             deadline = _NEVER
         else:
-            deadline = loop.time() + timeout
+            deadline = monotonic() + timeout  # asyncio's default loops keep this clock
             if deadline < self._sweep_at:
                 self._arm(loop, deadline)
         self._waiters.append((fut, False, deadline))
@@ -161,7 +173,7 @@ class HandoffQueue(Generic[T]):
         """Time out every waiter whose deadline passed; re-arm for the next deadline."""
         self._sweeper = None
         self._sweep_at = _NEVER
-        now = loop.time()
+        now = monotonic()
         earliest = _NEVER
         for fut, _, deadline in self._waiters:
             if fut.done():
