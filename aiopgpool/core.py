@@ -229,35 +229,45 @@ class PoolCore(Generic[ConnT]):
         The same ``key`` while its connection is held returns that connection
         again, without taking another slot.
         """
+        self._stats.requests += 1
+        if key is None and self._plain:  # the hot path (_plain implies open)
+            holder = self._queue.get_nowait()
+            if holder is not None:
+                conn = holder.conn
+                if conn is not None:
+                    now = monotonic()
+                    if holder.expires_at > now and (
+                        now - holder.tested_at < SOCKET_TEST_INTERVAL
+                        or self._quiet(holder, conn, now)
+                    ):
+                        self._in_use += 1
+                        self._borrowed[id(conn)] = holder
+                        return conn
+            return self._checkout(await self._acquire(holder, timeout), None)
         if key is not None and self._keyed:
             conn = self._keyed.get(key)
             if conn is not None:
+                self._stats.requests -= 1  # not a request: the key's connection again
                 self._check_open()
                 return conn
         if self._state != _OPEN:
+            self._stats.requests -= 1
             raise self._closed_error()
-        self._stats.requests += 1
         holder = self._queue.get_nowait()
-        if holder is not None and self._plain and key is None:
-            conn = holder.conn
-            if conn is not None and self._ready(holder, conn):
-                self._in_use += 1
-                self._borrowed[id(conn)] = holder
-                return conn
-        holder = await self._acquire(holder, timeout)
-        return self._checkout(holder, key)
+        return self._checkout(await self._acquire(holder, timeout), key)
+
+    def _quiet(self, holder: Holder[ConnT], conn: ConnT, now: float) -> bool:
+        if self._lifecycle.is_quiet(conn):
+            holder.tested_at = now
+            return True
+        return False
 
     def _ready(self, holder: Holder[ConnT], conn: ConnT) -> bool:
         """An idle connection can be handed out as it is: not expired, socket quiet."""
         now = monotonic()
         if holder.expires_at <= now:
             return False
-        if now - holder.tested_at < SOCKET_TEST_INTERVAL:
-            return True
-        if self._lifecycle.is_quiet(conn):
-            holder.tested_at = now
-            return True
-        return False
+        return now - holder.tested_at < SOCKET_TEST_INTERVAL or self._quiet(holder, conn, now)
 
     def _update_plain(self) -> None:
         # True when checkouts and returns need none of the rarer features, so
