@@ -229,8 +229,8 @@ class PoolCore(Generic[ConnT]):
         The same ``key`` while its connection is held returns that connection
         again, without taking another slot.
         """
-        self._stats.requests += 1
         if key is None and self._plain:  # the hot path (_plain implies open)
+            self._stats.requests += 1
             holder = self._queue.get_nowait()
             if holder is not None:
                 conn = holder.conn
@@ -244,17 +244,18 @@ class PoolCore(Generic[ConnT]):
                         self._borrowed[id(conn)] = holder
                         return conn
             return self._checkout(await self._acquire(holder, timeout), None)
-        if key is not None and self._keyed:
-            conn = self._keyed.get(key)
-            if conn is not None:
-                self._stats.requests -= 1  # not a request: the key's connection again
-                self._check_open()
-                return conn
-        if self._state != _OPEN:
-            self._stats.requests -= 1
-            raise self._closed_error()
+        conn = self._keyed_or_closed(key)
+        if conn is not None:
+            return conn  # the key's connection again: not a new request
+        self._stats.requests += 1
         holder = self._queue.get_nowait()
         return self._checkout(await self._acquire(holder, timeout), key)
+
+    def _keyed_or_closed(self, key: Hashable | None) -> ConnT | None:
+        """The connection already held under ``key``; raises if the pool is not open."""
+        if self._state != _OPEN:
+            raise self._closed_error()
+        return self._keyed.get(key) if key is not None and self._keyed else None
 
     def _quiet(self, holder: Holder[ConnT], conn: ConnT, now: float) -> bool:
         if self._lifecycle.is_quiet(conn):
@@ -303,13 +304,9 @@ class PoolCore(Generic[ConnT]):
         future, so it is safe to call whenever no other code of this pool's
         event loop is running at the same time. None means "call getconn()".
         """
-        if key is not None and self._keyed:
-            conn = self._keyed.get(key)
-            if conn is not None:
-                self._check_open()
-                return conn
-        if self._state != _OPEN:
-            raise self._closed_error()
+        conn = self._keyed_or_closed(key)
+        if conn is not None:
+            return conn
         if not self._plain:
             return None
         holder = self._queue.get_nowait()
@@ -429,13 +426,9 @@ class PoolCore(Generic[ConnT]):
         waiting calls :meth:`abandon_wait`. Like the other ``*_nowait`` calls,
         this never schedules anything on the event loop.
         """
-        if key is not None and self._keyed:
-            conn = self._keyed.get(key)
-            if conn is not None:
-                self._check_open()
-                return conn
-        if self._state != _OPEN:
-            raise self._closed_error()
+        conn = self._keyed_or_closed(key)
+        if conn is not None:
+            return conn
         self._stats.requests += 1
         holder = self._queue.get_nowait()
         if holder is not None:
