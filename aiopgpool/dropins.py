@@ -90,7 +90,11 @@ class DropInBase(Generic[C]):
             null=disable_pooling,
             name=name,
         )
-        self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+        try:
+            self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+        except BaseException:
+            self._pool.close(0)  # nothing leaks: no loop thread left retrying
+            raise
         if min_kept is not None and not disable_pooling and min_kept != minconn:
             # ``minconn`` are made now, but only ``min_kept`` are kept open
             # through ``expiration`` (pg_simple closes any expired connection).

@@ -741,3 +741,31 @@ def test_psycopg2_process_exits_cleanly_without_closeall(dsn: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [aiopgpool.ThreadedConnectionPool, aio2.ThreadedConnectionPool],
+    ids=["psycopg", "psycopg2"],
+)
+def test_construction_against_a_down_server_leaks_nothing(
+    cls: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop-in that cannot open raises (the connection error chained, no password) and
+    leaves no loop thread behind retrying."""
+    from helpers import closed_port
+
+    monkeypatch.setattr(aiopgpool.dropins, "OPEN_TIMEOUT", 0.5)
+    before = {t.ident for t in threading.enumerate()}
+    dsn = f"host=127.0.0.1 port={closed_port()} user=x password=sekrit-down"
+    with pytest.raises(aiopgpool.PoolTimeout) as info:
+        cls(1, 2, dsn)
+    assert isinstance(info.value.__cause__, (psycopg.OperationalError, psycopg2.OperationalError))
+    assert "sekrit-down" not in str(info.value)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if not [t for t in left if t.name.startswith("aiopgpool-")]:
+            break
+        time.sleep(0.05)
+    assert not [t for t in left if t.name.startswith("aiopgpool-")]
