@@ -1417,3 +1417,34 @@ def test_no_password_in_repr_errors_or_logs(dsn: str, caplog: pytest.LogCaptureF
     assert any("connection attempt failed" in s or "127.0.0.1" in s for s in seen)
     leaks = [s for s in seen if SECRET in s]
     assert leaks == []
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_wait_leaves_the_line_and_loses_no_slot(dsn: str) -> None:
+    """A getconn interrupted while waiting (a signal, as Ctrl-C would) raises that
+    interrupt, leaves the line, and loses no slot."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    with ConnectionPool(dsn, min_size=1, max_size=1, name=uname("interrupted")) as pool:
+        held = pool.getconn()
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(_Interrupted):
+                pool.getconn(timeout=5.0)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        stats = pool.stats()
+        assert stats.waiting == 0
+        pool.putconn(held)
+        again = pool.getconn(timeout=1.0)
+        assert again.execute("SELECT 1").fetchone() == (1,)
+        pool.putconn(again)
+        assert pool.stats().in_use == 0
