@@ -234,15 +234,10 @@ class PoolCore(Generic[ConnT]):
             holder = self._queue.get_nowait()
             if holder is not None:
                 conn = holder.conn
-                if conn is not None:
-                    now = monotonic()
-                    if holder.expires_at > now and (
-                        now - holder.tested_at < SOCKET_TEST_INTERVAL
-                        or self._quiet(holder, conn, now)
-                    ):
-                        self._in_use += 1
-                        self._borrowed[id(conn)] = holder
-                        return conn
+                if conn is not None and self._ready(holder, conn):
+                    self._in_use += 1
+                    self._borrowed[id(conn)] = holder
+                    return conn
             return self._checkout(await self._acquire(holder, timeout), None)
         conn = self._keyed_or_closed(key)
         if conn is not None:
@@ -644,7 +639,7 @@ class PoolCore(Generic[ConnT]):
     async def _fill_one(self, holder: Holder[ConnT]) -> None:
         deadline = None
         if self.reconnect_timeout is not None:
-            deadline = asyncio.get_running_loop().time() + self.reconnect_timeout
+            deadline = monotonic() + self.reconnect_timeout
         try:
             await self._connect(holder, deadline)
         except PoolTimeout:
@@ -687,21 +682,31 @@ class PoolCore(Generic[ConnT]):
         holder = self._borrowed.pop(id(conn), None)
         if holder is None or holder.conn is not conn:
             raise self._not_borrowed(conn, holder)
-        if (
-            self._plain
-            and not close
-            and not self._key_of
-            and holder.generation == self._generation
-            and self._lifecycle.is_clean(conn, holder.baseline)
-        ):
-            now = monotonic()
-            if holder.expires_at > now:
-                self._in_use -= 1
-                holder.returned_at = now
-                self._queue.put(holder)
-                return
+        if not close and self._put_back_now(conn, holder):
+            return
         self._unborrow(conn, holder)
         await self._return_slow(holder, close)
+
+    def _put_back_now(self, conn: ConnT, holder: Holder[ConnT]) -> bool:
+        """The return's hot path: back in the queue at once if it needs no work.
+
+        The caller took it out of ``_borrowed``; False leaves everything as it
+        was for the slow path.
+        """
+        if (
+            not self._plain
+            or self._key_of
+            or holder.generation != self._generation
+            or not self._lifecycle.is_clean(conn, holder.baseline)
+        ):
+            return False
+        now = monotonic()
+        if holder.expires_at <= now:
+            return False
+        self._in_use -= 1
+        holder.returned_at = now
+        self._queue.put(holder)
+        return True
 
     def _unborrow(self, conn: ConnT, holder: Holder[ConnT]) -> None:
         """Bookkeeping of a return, other than the hot path's."""
@@ -747,26 +752,14 @@ class PoolCore(Generic[ConnT]):
         a second return raises :class:`PoolError` here too. ``bad=True``: the
         caller already cleaned a connection returned in a bad state (counted).
         """
-        holder = self._borrowed.get(id(conn))
+        holder = self._borrowed.pop(id(conn), None)
         if holder is None or holder.conn is not conn:
-            raise self._not_borrowed(conn, None)
-        if (
-            not self._plain
-            or (self._queue.waiting and not handoff)
-            or self._key_of
-            or holder.generation != self._generation
-            or not self._lifecycle.is_clean(conn, holder.baseline)
-        ):
+            raise self._not_borrowed(conn, holder)
+        if (self._queue.waiting and not handoff) or not self._put_back_now(conn, holder):
+            self._borrowed[id(conn)] = holder
             return False
-        now = monotonic()
-        if holder.expires_at <= now:
-            return False
-        del self._borrowed[id(conn)]
-        self._in_use -= 1
         if bad:
             self._stats.returns_bad += 1
-        holder.returned_at = now
-        self._queue.put(holder)
         return True
 
     def take_return_nowait(self, conn: ConnT, bad: bool = False) -> Holder[ConnT]:
