@@ -61,6 +61,11 @@ SOCKET_TEST_INTERVAL = 0.001
 IN_TRANSIT_WAIT = 10.0
 
 
+def _tested(holder: Holder[Any], now: float) -> None:
+    """Record that ``holder``'s connection was found alive at ``now``."""
+    holder.fresh_until = min(holder.expires_at, now + SOCKET_TEST_INTERVAL)
+
+
 def _is_connected(holder: Holder[Any]) -> bool:
     return holder.conn is not None
 
@@ -94,6 +99,7 @@ class PoolCore(Generic[ConnT]):
         self.name = name
         self._target = target
         self._lifecycle = lifecycle
+        self._state_of = lifecycle.state_of  # read on every return: one lookup saved
         self._min_size = min_size
         self._max_size = max_size
         self.timeout = check_timeout("timeout", timeout)
@@ -110,12 +116,15 @@ class PoolCore(Generic[ConnT]):
         self._queue: HandoffQueue[Holder[ConnT]] = HandoffQueue(_is_connected)
         for _ in range(max_size):
             self._queue.put(Holder())
+        # The queue's own deques, for the two hottest paths (see HandoffQueue.items).
+        self._idle = self._queue.items
+        self._line = self._queue.line
         self._excess = 0  # holders to drop as they come back, after a shrinking resize
         self._size = 0  # open connections: idle, borrowed, or being checked
-        self._in_use = 0
-        self._borrowed: dict[int, Holder[ConnT]] = {}
+        # Borrowed connections and their holders (its size: how many are in use).
+        self._borrowed: dict[ConnT, Holder[ConnT]] = {}
         self._keyed: dict[Hashable, ConnT] = {}
-        self._key_of: dict[int, Hashable] = {}
+        self._key_of: dict[ConnT, Hashable] = {}
         self._generation = 0
         self._filling = 0
         self._preparing = 0  # slots being checked or connected for a borrower
@@ -151,7 +160,7 @@ class PoolCore(Generic[ConnT]):
     def __repr__(self) -> str:
         return (
             f"<{type(self._owner).__name__} {self.name!r} {self._state} "
-            f"size={self._size}/{self._max_size} in_use={self._in_use} "
+            f"size={self._size}/{self._max_size} in_use={len(self._borrowed)} "
             f"waiting={self._queue.waiting} {self._target}>"
         )
 
@@ -229,22 +238,60 @@ class PoolCore(Generic[ConnT]):
         The same ``key`` while its connection is held returns that connection
         again, without taking another slot.
         """
-        if key is None and self._plain:  # the hot path (_plain implies open)
+        # The helpers are inlined here: this is the hottest path, and under
+        # load every request waits, so each coroutine frame more in the chain
+        # would cost again at every suspension and resumption.
+        if key is None and self._plain:  # _plain implies open
             self._stats.requests += 1
-            holder = self._queue.get_nowait()
-            if holder is not None:
+            idle = self._idle
+            if idle:
+                holder = idle.pop()  # self._queue.get_nowait()
                 conn = holder.conn
-                if conn is not None and self._ready(holder, conn):
-                    self._in_use += 1
-                    self._borrowed[id(conn)] = holder
+                now = monotonic()
+                if conn is not None and (  # _ready()
+                    now < holder.fresh_until or self._still_ready(holder, conn, now)
+                ):
+                    self._borrowed[conn] = holder  # _checkout(holder, None)
                     return conn
-            return self._checkout(await self._acquire(holder, timeout), None)
-        conn = self._keyed_or_closed(key)
-        if conn is not None:
-            return conn  # the key's connection again: not a new request
-        self._stats.requests += 1
-        holder = self._queue.get_nowait()
-        return self._checkout(await self._acquire(holder, timeout), key)
+                self._preparing += 1
+                return self._checkout(await self._prepare(holder, now, timeout), None)
+        else:
+            conn = self._keyed_or_closed(key)
+            if conn is not None:
+                return conn  # the key's connection again: not a new request
+            self._stats.requests += 1
+            kept = self._queue.get_nowait()
+            if kept is not None:
+                self._preparing += 1
+                return self._checkout(await self._prepare(kept, None, timeout), key)
+        # Nothing kept: wait in line.
+        stats = self._stats
+        start = monotonic()
+        wait = self._wait_timeout(timeout)
+        stats.requests_waited += 1
+        fut = self._queue.join(wait, start)
+        try:
+            holder = await fut
+        except BaseException as exc:
+            stats.wait_time_total += monotonic() - start
+            if not isinstance(exc, WaitTimeout):
+                self._queue.withdraw(fut)
+                raise
+            stats.timeouts += 1
+            raise self._timeout_error(timeout) from self._failure_cause()
+        now = monotonic()
+        stats.wait_time_total += now - start
+        conn = holder.conn
+        if (
+            conn is not None
+            and key is None
+            and self._plain
+            and (now < holder.fresh_until or self._still_ready(holder, conn, now))
+        ):
+            self._borrowed[conn] = holder
+            return conn
+        self._preparing += 1
+        return self._checkout(await self._prepare(holder, start, timeout), key)
 
     def _keyed_or_closed(self, key: Hashable | None) -> ConnT | None:
         """The connection already held under ``key``; raises if the pool is not open."""
@@ -254,16 +301,18 @@ class PoolCore(Generic[ConnT]):
 
     def _quiet(self, holder: Holder[ConnT], conn: ConnT, now: float) -> bool:
         if self._lifecycle.is_quiet(conn):
-            holder.tested_at = now
+            _tested(holder, now)
             return True
         return False
 
     def _ready(self, holder: Holder[ConnT], conn: ConnT) -> bool:
         """An idle connection can be handed out as it is: not expired, socket quiet."""
         now = monotonic()
-        if holder.expires_at <= now:
-            return False
-        return now - holder.tested_at < SOCKET_TEST_INTERVAL or self._quiet(holder, conn, now)
+        return now < holder.fresh_until or self._still_ready(holder, conn, now)
+
+    def _still_ready(self, holder: Holder[ConnT], conn: ConnT, now: float) -> bool:
+        """:meth:`_ready` once ``now`` is past ``fresh_until``: not expired, socket quiet."""
+        return holder.expires_at > now and self._quiet(holder, conn, now)
 
     def _update_plain(self) -> None:
         # True when checkouts and returns need none of the rarer features, so
@@ -283,13 +332,12 @@ class PoolCore(Generic[ConnT]):
     ) -> ConnT:
         conn = holder.conn
         assert conn is not None
-        self._in_use += 1
-        self._borrowed[id(conn)] = holder
+        self._borrowed[conn] = holder
         if self.leak_timeout is not None:
             self._watch_leak(holder, stack)
         if key is not None:
             self._keyed[key] = conn
-            self._key_of[id(conn)] = key
+            self._key_of[conn] = key
         return conn
 
     def try_getconn_nowait(self, key: Hashable | None = None) -> ConnT | None:
@@ -315,42 +363,20 @@ class PoolCore(Generic[ConnT]):
         self._stats.requests += 1
         return self._checkout(holder, key)
 
-    async def _acquire(self, holder: Holder[ConnT] | None, timeout: float | None) -> Holder[ConnT]:
-        """The slow path of getconn: wait for a slot, check or replace its connection."""
-        try:
-            timeout = self._effective_timeout(timeout)
-        except ValueError:
-            if holder is not None:
-                self._release_slot(holder)
-            raise
-        start = monotonic()
-        if holder is None:
-            wait = self._wait_timeout(timeout)
-            stats = self._stats
-            stats.requests_waited += 1
-            try:
-                holder = await self._queue.get(wait)
-            except WaitTimeout:
-                stats.timeouts += 1
-                raise self._timeout_error(timeout) from self._failure_cause()
-            finally:
-                stats.wait_time_total += monotonic() - start
-            conn = holder.conn
-            if self._plain and conn is not None and self._ready(holder, conn):
-                return holder
-        self._preparing += 1
-        return await self._prepare(holder, start, timeout)
-
     def _effective_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else check_timeout("timeout", timeout)
 
     def _wait_timeout(self, timeout: float | None) -> float | None:
-        """How long to wait in line; raises instead when ``timeout`` is 0 or the line is full."""
+        """How long to wait in line; raises instead when ``timeout`` is 0 or the line is full.
+
+        ``timeout`` as given to getconn (None: the pool's).
+        """
+        timeout = self._effective_timeout(timeout)
         if timeout == 0:
             # Slots neither borrowed nor being set up for a borrower are in
             # transit (refilling, being returned) and will come back; those
             # already promised to the waiters ahead of us do not count.
-            in_transit = self._max_size - self._in_use - self._preparing - self._excess
+            in_transit = self._max_size - len(self._borrowed) - self._preparing - self._excess
             if in_transit <= self._queue.waiting:
                 self._stats.timeouts += 1
                 raise PoolTimeout("connection pool exhausted")
@@ -364,25 +390,31 @@ class PoolCore(Generic[ConnT]):
         return timeout
 
     def _timeout_error(self, timeout: float | None) -> PoolTimeout:
+        timeout = self._effective_timeout(timeout)
         return PoolTimeout(f"pool {self.name!r}: no connection available after {timeout:g} s")
 
     def _failure_cause(self) -> BaseException | None:
         return self._last_error if self._failing_since is not None else None
 
     async def _prepare(
-        self, holder: Holder[ConnT], start: float, timeout: float | None
+        self, holder: Holder[ConnT], start: float | None, timeout: float | None
     ) -> Holder[ConnT]:
         """Make a slot's connection usable: check it, or replace it, or open one.
 
-        The caller counted the slot in ``_preparing``; this counts it out.
+        ``start``: when the request began (None: now). The caller counted the
+        slot in ``_preparing``; this counts it out.
         """
-        # A slot had at once (timeout=0) still gets connected within the pool's
-        # own timeout; when that is 0 too (psycopg2's "fail at once"), one
-        # attempt is made and its error raised, as psycopg2.pool does.
-        budget = timeout or self.timeout
-        deadline = None if budget is None else start + budget
-        retry = budget != 0
         try:
+            if start is None:
+                start = monotonic()
+            timeout = self._effective_timeout(timeout)
+            # A slot had at once (timeout=0) still gets connected within the
+            # pool's own timeout; when that is 0 too (psycopg2's "fail at
+            # once"), one attempt is made and its error raised, as
+            # psycopg2.pool does.
+            budget = timeout or self.timeout
+            deadline = None if budget is None else start + budget
+            retry = budget != 0
             while True:
                 if holder.conn is not None:
                     if await self._usable(holder):
@@ -450,7 +482,7 @@ class PoolCore(Generic[ConnT]):
         holder = self._queue.abandon(waiter)
         if holder is None:
             self._stats.timeouts += 1
-            raise self._timeout_error(self._effective_timeout(timeout)) from (self._failure_cause())
+            raise self._timeout_error(timeout) from self._failure_cause()
         return holder
 
     def checkout_slot_nowait(self, holder: Holder[ConnT], key: Hashable | None) -> ConnT | None:
@@ -479,12 +511,6 @@ class PoolCore(Generic[ConnT]):
         clock of asyncio's default loops); ``stack`` the borrower's stack, for
         leak reports when the borrower is in another thread.
         """
-        try:
-            timeout = self._effective_timeout(timeout)
-        except ValueError:
-            self._preparing -= 1
-            self._release_slot(holder)
-            raise
         holder = await self._prepare(holder, start, timeout)
         return self._checkout(holder, key, stack)
 
@@ -512,7 +538,10 @@ class PoolCore(Generic[ConnT]):
             except Exception as exc:
                 self._discard(holder, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
                 return False
-        holder.tested_at = monotonic()
+        if holder.generation != self._generation:  # drained while we checked it
+            self._discard(holder, "drained")
+            return False
+        _tested(holder, monotonic())
         return True
 
     def _release_slot(self, holder: Holder[ConnT]) -> None:
@@ -584,13 +613,14 @@ class PoolCore(Generic[ConnT]):
         now = self._now()
         holder.conn = conn
         holder.baseline = baseline
-        holder.created_at = holder.returned_at = holder.tested_at = now
+        holder.created_at = holder.returned_at = now
         holder.generation = self._generation
         holder.expires_at = (
             float("inf")
             if self.max_lifetime is None
             else now + self.max_lifetime * (1 - LIFETIME_JITTER * random.random())
         )
+        _tested(holder, now)
         self._size += 1
         self._stats.connections_created += 1
         if self._failing_since is not None:
@@ -679,11 +709,24 @@ class PoolCore(Generic[ConnT]):
         mid-query or broken is discarded, and changed attributes (autocommit,
         isolation level, read only, deferrable) are restored.
         """
-        holder = self._borrowed.pop(id(conn), None)
-        if holder is None or holder.conn is not conn:
+        # _take_borrowed() and _put_back_now(), inlined: this is the hottest path
+        try:
+            holder = self._borrowed.pop(conn)
+        except (KeyError, TypeError):
+            raise self._not_borrowed(conn, None) from None
+        if holder.conn is not conn:
             raise self._not_borrowed(conn, holder)
-        if not close and self._put_back_now(conn, holder):
-            return
+        if not (
+            close or not self._plain or self._key_of or self._state_of(conn) != holder.baseline
+        ):
+            now = monotonic()
+            if holder.expires_at > now:
+                holder.returned_at = now
+                if self._line:
+                    self._queue.put(holder, True)
+                else:
+                    self._idle.append(holder)  # self._queue.put(holder, True)
+                return
         self._unborrow(conn, holder)
         await self._return_slow(holder, close)
 
@@ -693,35 +736,39 @@ class PoolCore(Generic[ConnT]):
         The caller took it out of ``_borrowed``; False leaves everything as it
         was for the slow path.
         """
-        if (
-            not self._plain
-            or self._key_of
-            or holder.generation != self._generation
-            or not self._lifecycle.is_clean(conn, holder.baseline)
-        ):
+        if not self._plain or self._key_of or self._state_of(conn) != holder.baseline:
             return False
         now = monotonic()
         if holder.expires_at <= now:
             return False
-        self._in_use -= 1
         holder.returned_at = now
-        self._queue.put(holder)
+        self._queue.put(holder, True)
         return True
 
     def _unborrow(self, conn: ConnT, holder: Holder[ConnT]) -> None:
         """Bookkeeping of a return, other than the hot path's."""
         if self._key_of:
-            held_key = self._key_of.pop(id(conn), None)
+            held_key = self._key_of.pop(conn, None)
             if held_key is not None:
                 del self._keyed[held_key]
         if holder.leak_timer is not None:
             holder.leak_timer.cancel()
             holder.leak_timer = None
-        self._in_use -= 1
+
+    def _take_borrowed(self, conn: ConnT) -> Holder[ConnT]:
+        """Take ``conn`` out of the borrowed; PoolError if it was not borrowed here."""
+        try:
+            holder = self._borrowed.pop(conn)
+        except (KeyError, TypeError):  # TypeError: unhashable, so certainly not ours
+            raise self._not_borrowed(conn, None) from None
+        if holder.conn is not conn:
+            raise self._not_borrowed(conn, holder)
+        return holder
 
     def _not_borrowed(self, conn: ConnT, holder: Holder[ConnT] | None) -> PoolError:
-        if holder is not None:  # another connection under a reused id(): put it back
-            self._borrowed[id(conn)] = holder
+        if holder is not None and holder.conn is not None:
+            # another connection that compares equal to it: put that one back
+            self._borrowed[holder.conn] = holder
         if self._state == _CLOSED:
             return PoolClosed(f"pool {self.name!r} is closed")
         return PoolError(
@@ -735,7 +782,10 @@ class PoolCore(Generic[ConnT]):
 
     def borrowed_baseline(self, conn: ConnT) -> Baseline:
         """The attributes a borrowed connection had when configured (to restore them)."""
-        holder = self._borrowed.get(id(conn))
+        try:
+            holder = self._borrowed.get(conn)
+        except TypeError:
+            holder = None
         if holder is None or holder.conn is not conn:
             raise self._not_borrowed(conn, None)
         return holder.baseline
@@ -752,11 +802,9 @@ class PoolCore(Generic[ConnT]):
         a second return raises :class:`PoolError` here too. ``bad=True``: the
         caller already cleaned a connection returned in a bad state (counted).
         """
-        holder = self._borrowed.pop(id(conn), None)
-        if holder is None or holder.conn is not conn:
-            raise self._not_borrowed(conn, holder)
+        holder = self._take_borrowed(conn)
         if (self._queue.waiting and not handoff) or not self._put_back_now(conn, holder):
-            self._borrowed[id(conn)] = holder
+            self._borrowed[conn] = holder
             return False
         if bad:
             self._stats.returns_bad += 1
@@ -769,9 +817,7 @@ class PoolCore(Generic[ConnT]):
         no longer borrowed (a second return raises :class:`PoolError`, its
         key is free), while the work left may run later on the loop.
         """
-        holder = self._borrowed.pop(id(conn), None)
-        if holder is None or holder.conn is not conn:
-            raise self._not_borrowed(conn, holder)
+        holder = self._take_borrowed(conn)
         self._unborrow(conn, holder)
         if bad:
             self._stats.returns_bad += 1
@@ -816,7 +862,7 @@ class PoolCore(Generic[ConnT]):
 
     def _after_return(self, holder: Holder[ConnT]) -> None:
         self._release_slot(holder)
-        if self._state == _CLOSING and self._in_use == 0 and self._all_returned is not None:
+        if self._state == _CLOSING and not self._borrowed and self._all_returned is not None:
             if not self._all_returned.done():
                 self._all_returned.set_result(None)
         elif self._state == _OPEN and holder.conn is None:
@@ -917,6 +963,9 @@ class PoolCore(Generic[ConnT]):
         """Replace every connection: idle ones now, borrowed ones when returned."""
         self._check_open()
         self._generation += 1
+        for holder in self._borrowed.values():
+            # Expired, so that a return takes the slow path, which discards it.
+            holder.expires_at = 0.0
         for holder in self._queue.take(_is_connected):
             self._discard(holder, "drained")
             self._release_slot(holder)
@@ -969,7 +1018,7 @@ class PoolCore(Generic[ConnT]):
         self._state = _CLOSING
         self._plain = False
         self._queue.fail_waiters(self._closed_error)
-        if self._in_use:
+        if self._borrowed:
             self._all_returned = asyncio.get_running_loop().create_future()
             with anyio.move_on_after(timeout) as scope:
                 await asyncio.shield(self._all_returned)
@@ -977,7 +1026,7 @@ class PoolCore(Generic[ConnT]):
                 logger.warning(
                     "pool %r: %d connections still borrowed after %g s: closing them",
                     self.name,
-                    self._in_use,
+                    len(self._borrowed),
                     timeout,
                 )
         self._close_now()
@@ -1005,7 +1054,6 @@ class PoolCore(Generic[ConnT]):
         self._borrowed.clear()
         self._keyed.clear()
         self._key_of.clear()
-        self._in_use = 0
         logger.info("pool %r closed", self.name)
 
     # -- stats -----------------------------------------------------------------------
@@ -1017,7 +1065,7 @@ class PoolCore(Generic[ConnT]):
             name=self.name,
             size=self._size,
             idle=sum(1 for h in self._queue if h.conn is not None),
-            in_use=self._in_use,
+            in_use=len(self._borrowed),
             waiting=self._queue.waiting,
             min_size=self._min_size,
             max_size=self._max_size,

@@ -12,6 +12,7 @@ import contextlib
 import select
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -36,8 +37,10 @@ INERROR = TransactionStatus.INERROR
 ACTIVE = TransactionStatus.ACTIVE
 OK = ConnStatus.OK
 
-Baseline = tuple[Any, Any, Any, Any]
-"""(autocommit, isolation_level, read_only, deferrable) as configured for the pool."""
+Baseline = tuple[Any, ...]
+"""A connection's state as a return must find it: for psycopg 3,
+(transaction status, autocommit, isolation_level, read_only, deferrable),
+as configured for the pool (the status idle)."""
 
 _POLLIN = select.POLLIN
 # Seconds to wait for the server to take a cancel request for a query left
@@ -53,10 +56,10 @@ class Holder(Generic[ConnT]):
         "conn",
         "created_at",
         "expires_at",
+        "fresh_until",
         "generation",
         "leak_timer",
         "returned_at",
-        "tested_at",
     )
 
     def __init__(self) -> None:
@@ -65,7 +68,9 @@ class Holder(Generic[ConnT]):
         self.created_at = 0.0
         self.expires_at = float("inf")
         self.returned_at = 0.0
-        self.tested_at = 0.0
+        # Until when it may be handed out untested: the earlier of its expiry
+        # and a short while after its last test (see core.SOCKET_TEST_INTERVAL).
+        self.fresh_until = 0.0
         self.generation = 0
         self.leak_timer: Any = None
 
@@ -102,9 +107,14 @@ class Lifecycle(ABC, Generic[ConnT]):
     def is_quiet(self, conn: ConnT) -> bool:
         """Cheap, non-blocking: open, idle, nothing pending on the socket."""
 
-    @abstractmethod
+    #: Reads a connection's state, to compare with its baseline. The core
+    #: calls it on every return: it must be cheap, never block and never
+    #: raise (a C-level callable such as an attrgetter, where possible).
+    state_of: Callable[[ConnT], Baseline]
+
     def is_clean(self, conn: ConnT, baseline: Baseline) -> bool:
-        """Cheap, non-blocking: idle, and attributes as configured."""
+        """Idle, and attributes as configured: the state is the baseline."""
+        return self.state_of(conn) == baseline
 
     @abstractmethod
     def is_bad_return(self, conn: ConnT) -> bool:
@@ -138,9 +148,37 @@ async def check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.set_autocommit(False)
 
 
+_ATTRIBUTES = ("autocommit", "isolation_level", "read_only", "deferrable")
+_read_state_public = attrgetter("pgconn.transaction_status", *_ATTRIBUTES)
+
+
 def baseline_of(conn: psycopg.BaseConnection[Any]) -> Baseline:
-    """The attributes of a freshly configured psycopg 3 connection, to restore on return."""
-    return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)
+    """The clean state of a freshly configured psycopg 3 connection, to restore on return."""
+    baseline: Baseline = _read_state_public(conn)
+    return baseline
+
+
+def state_reader(
+    connection_class: type[psycopg.BaseConnection[Any]],
+) -> Callable[[Any], Baseline]:
+    """A function reading a psycopg 3 connection's state (see :data:`Baseline`).
+
+    Every return compares it, and psycopg's properties cost a Python call
+    each. When ``connection_class`` keeps psycopg's own properties and each of
+    them only returns the attribute of the same name with a leading
+    underscore (checked on their code, so a psycopg that changes them is
+    read through the properties), it reads those attributes in one C call.
+    """
+    for name in _ATTRIBUTES:
+        prop = getattr(connection_class, name, None)
+        fget = getattr(prop, "fget", None)
+        if (
+            prop is not getattr(psycopg.BaseConnection, name)
+            or fget is None
+            or fget.__code__.co_names != ("_" + name,)
+        ):
+            return _read_state_public
+    return attrgetter("pgconn.transaction_status", *("_" + name for name in _ATTRIBUTES))
 
 
 def configure_left_transaction() -> psycopg.ProgrammingError:
@@ -173,17 +211,7 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
         except Exception:
             return False
 
-    def is_clean(self, conn: PgConnT, baseline: Baseline) -> bool:
-        return (
-            conn.pgconn.transaction_status == IDLE
-            and (
-                conn.autocommit,
-                conn.isolation_level,
-                conn.read_only,
-                conn.deferrable,
-            )
-            == baseline
-        )
+    state_of: Callable[[Any], Baseline] = _read_state_public
 
     def is_bad_return(self, conn: PgConnT) -> bool:
         return conn.pgconn.status != OK or conn.pgconn.transaction_status != IDLE
@@ -204,6 +232,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         self._conninfo = conninfo
         self._kwargs = kwargs
         self._connection_class = connection_class
+        self.state_of = state_reader(connection_class)
         self._configure = configure
         self._reset = reset
         self._check = check
@@ -235,7 +264,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
             return False
         if status in (INTRANS, INERROR):
             await conn.rollback()
-        autocommit, isolation_level, read_only, deferrable = baseline
+        _, autocommit, isolation_level, read_only, deferrable = baseline
         if conn.autocommit != autocommit:
             await conn.set_autocommit(autocommit)
         if conn.isolation_level != isolation_level:

@@ -78,11 +78,19 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         except BaseException:
             conn.close()
             raise
-        return conn, self._attributes(conn)
+        return conn, self.state_of(conn)
 
     @staticmethod
-    def _attributes(conn: Connection) -> Baseline:
-        return (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
+    def state_of(conn: Connection) -> Baseline:
+        if conn.closed:
+            return ()  # equal to no baseline
+        return (
+            conn.info.transaction_status,
+            conn.autocommit,
+            conn.isolation_level,
+            conn.readonly,
+            conn.deferrable,
+        )
 
     def close(self, conn: Connection) -> None:
         with contextlib.suppress(Exception):
@@ -98,13 +106,6 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         except Exception:
             return False
 
-    def is_clean(self, conn: Connection, baseline: Baseline) -> bool:
-        return (
-            not conn.closed
-            and conn.info.transaction_status == _IDLE
-            and self._attributes(conn) == baseline
-        )
-
     def is_bad_return(self, conn: Connection) -> bool:
         return bool(conn.closed) or conn.info.transaction_status != _IDLE
 
@@ -116,7 +117,7 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
             return False
         if conn.info.transaction_status in (_INTRANS, _INERROR):
             conn.rollback()
-        autocommit, isolation_level, readonly, deferrable = baseline
+        _, autocommit, isolation_level, readonly, deferrable = baseline
         if conn.autocommit != autocommit:
             conn.autocommit = autocommit
         if conn.isolation_level != isolation_level:

@@ -32,6 +32,7 @@ from .lifecycle import (
     PsycopgLifecycle,
     baseline_of,
     configure_left_transaction,
+    state_reader,
 )
 
 __all__ = ["BlockingLifecycle", "SyncLifecycle", "check_connection_blocking"]
@@ -161,6 +162,7 @@ class SyncLifecycle(
         self._conninfo = conninfo
         self._kwargs = kwargs
         self._connection_class = connection_class
+        self.state_of = state_reader(connection_class)
 
     def connect_blocking(self) -> tuple[psycopg.Connection[Any], Baseline]:
         conn = self._connection_class.connect(self._conninfo, **self._kwargs)
@@ -184,7 +186,7 @@ class SyncLifecycle(
             return False
         if pgconn.transaction_status in (INTRANS, INERROR):
             conn.rollback()
-        autocommit, isolation_level, read_only, deferrable = baseline
+        _, autocommit, isolation_level, read_only, deferrable = baseline
         if conn.autocommit != autocommit:
             conn.autocommit = autocommit
         if conn.isolation_level != isolation_level:

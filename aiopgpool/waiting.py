@@ -1,12 +1,13 @@
 """The waiting logic: a hand-off queue of slot holders, FIFO for waiters, LIFO for items.
 
 The pool puts one holder per slot in this queue, so the queue *is* the
-semaphore (asyncpg's design): taking a holder is taking a slot. It keeps
-:class:`asyncio.Queue`'s interface (``get``/``get_nowait``/``put``) but not its
-wake-up-then-retry protocol, which lets a newcomer take an item from under a
-woken waiter. Here ``put`` hands the item straight to the longest waiter, so
-waiters are served strictly first come, first served, and a waiter that is
-cancelled just as it is handed an item passes the item on to the next one.
+semaphore (asyncpg's design): taking a holder is taking a slot. Unlike
+:class:`asyncio.Queue`, whose wake-up-then-retry protocol lets a newcomer take
+an item from under a woken waiter, ``put`` hands the item straight to the
+longest waiter, so waiters are served strictly first come, first served, and a
+waiter that is cancelled just as it is handed an item passes the item on to
+the next one. A getter takes an item with ``get_nowait``, or joins the line
+(``join``) and awaits the future it gets.
 
 Items nobody waits for are kept in a deque: "ready" items (connected holders)
 on top, most recently returned first; others (empty slots) at the bottom.
@@ -70,11 +71,11 @@ class HandoffQueue(Generic[T]):
     def __init__(self, is_ready: Callable[[T], bool]) -> None:
         self._is_ready = is_ready
         self._items: deque[T] = deque()
-        # (future, outside, deadline) of waiting getters, oldest first.
-        # Entries whose future is already done (timed out, cancelled, failed)
-        # are skipped lazily. Outside waiters (add_waiter) keep their own
-        # deadline and are counted out here; the others by get() itself.
-        self._waiters: deque[tuple[Any, bool, float]] = deque()
+        # (future, deadline) of waiting getters, oldest first. Entries whose
+        # future is already done (timed out, cancelled, failed) are skipped
+        # lazily. Outside waiters (add_waiter) keep their own deadline.
+        self._waiters: deque[tuple[Any, float]] = deque()
+        # Futures in line not done yet: whoever completes one counts it out.
         self._waiting = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # bound at the first wait
         self._sweeper: asyncio.TimerHandle | None = None
@@ -85,6 +86,21 @@ class HandoffQueue(Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         return iter(self._items)
+
+    @property
+    def items(self) -> deque[T]:
+        """The kept items, top last (the same deque for the queue's lifetime).
+
+        For a caller's hot paths: ``pop()`` from it is :meth:`get_nowait`
+        when it is not empty, and ``append()`` to it is :meth:`put` of a
+        ready item while :attr:`line` is empty.
+        """
+        return self._items
+
+    @property
+    def line(self) -> deque[tuple[Any, float]]:
+        """The waiters' line (it may hold waiters already done): see :attr:`items`."""
+        return self._waiters
 
     @property
     def waiting(self) -> int:
@@ -100,17 +116,19 @@ class HandoffQueue(Generic[T]):
         items = self._items
         return items.pop() if items else None
 
-    def put(self, item: T) -> None:
-        """Hand ``item`` to the longest waiter, or keep it (ready on top, others below)."""
+    def put(self, item: T, ready: bool | None = None) -> None:
+        """Hand ``item`` to the longest waiter, or keep it (ready on top, others below).
+
+        ``ready``: whether ``item`` is ready, when the caller knows.
+        """
         waiters = self._waiters
         while waiters:
-            fut, outside, _ = waiters.popleft()
+            fut, _ = waiters.popleft()
             if not fut.done():
                 fut.set_result(item)
-                if outside:
-                    self._waiting -= 1
+                self._waiting -= 1
                 return
-        if self._is_ready(item):
+        if ready or (ready is None and self._is_ready(item)):
             self._items.append(item)
         else:
             self._items.appendleft(item)
@@ -129,7 +147,9 @@ class HandoffQueue(Generic[T]):
         taken = [item for item in self._items if predicate(item)]
         if taken:
             ids = {id(item) for item in taken}
-            self._items = deque(item for item in self._items if id(item) not in ids)
+            kept = [item for item in self._items if id(item) not in ids]
+            self._items.clear()  # in place: see items
+            self._items.extend(kept)
         return taken
 
     def take_bottom(self) -> T | None:
@@ -139,8 +159,15 @@ class HandoffQueue(Generic[T]):
             return items.popleft()
         return None
 
-    async def get(self, timeout: float | None) -> T:
-        """Wait in line for an item; :class:`WaitTimeout` after ``timeout`` seconds."""
+    def join(self, timeout: float | None, now: float) -> asyncio.Future[T]:
+        """Join the line: a future completed with an item, or with :class:`WaitTimeout`.
+
+        ``now`` is the caller's ``time.monotonic()`` (the clock of asyncio's
+        default loops), taken just before. The caller awaits the future and,
+        if that raises anything else, calls :meth:`withdraw`. (A future and
+        not a coroutine: under load every request waits, and a coroutine
+        frame more in the chain costs at each suspension and resumption.)
+        """
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -148,20 +175,26 @@ class HandoffQueue(Generic[T]):
         if timeout is None:
             deadline = _NEVER
         else:
-            deadline = monotonic() + timeout  # asyncio's default loops keep this clock
+            deadline = now + timeout
             if deadline < self._sweep_at:
                 self._arm(loop, deadline)
-        self._waiters.append((fut, False, deadline))
+        self._waiters.append((fut, deadline))
         self._waiting += 1
-        try:
-            return await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # Handed an item in the same tick we were cancelled: pass it on.
-                self.put(fut.result())
-            raise
-        finally:
+        return fut
+
+    def withdraw(self, fut: asyncio.Future[T]) -> None:
+        """A waiter stops awaiting ``fut`` (cancelled): leave the line, pass on its item.
+
+        An item handed over in the same tick as the cancellation goes to the
+        next waiter.
+        """
+        if fut.cancelled():
             self._waiting -= 1
+        elif not fut.done():
+            fut.cancel()
+            self._waiting -= 1
+        elif fut.exception() is None:
+            self.put(fut.result())
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweeper is not None:
@@ -175,11 +208,12 @@ class HandoffQueue(Generic[T]):
         self._sweep_at = _NEVER
         now = monotonic()
         earliest = _NEVER
-        for fut, _, deadline in self._waiters:
+        for fut, deadline in self._waiters:
             if fut.done():
                 continue
             if deadline <= now:
                 fut.set_exception(WaitTimeout())
+                self._waiting -= 1
             elif deadline < earliest:
                 earliest = deadline
         if earliest != _NEVER:
@@ -191,7 +225,7 @@ class HandoffQueue(Generic[T]):
         Only while no item is kept: a caller takes an item with
         :meth:`get_nowait` first.
         """
-        self._waiters.append((waiter, True, _NEVER))
+        self._waiters.append((waiter, _NEVER))
         self._waiting += 1
 
     def abandon(self, waiter: Waiter[T]) -> T | None:
@@ -207,11 +241,10 @@ class HandoffQueue(Generic[T]):
     def fail_waiters(self, make_exc: Callable[[], BaseException]) -> None:
         """Wake every waiter with an exception (used when the pool closes)."""
         while self._waiters:
-            fut, outside, _ = self._waiters.popleft()
+            fut, _ = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(make_exc())
-                if outside:
-                    self._waiting -= 1
+                self._waiting -= 1
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

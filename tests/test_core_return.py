@@ -148,12 +148,40 @@ async def _configure_read_only(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.set_read_only(True)
 
 
+class SubclassedConnection(psycopg.AsyncConnection[Any]):
+    """A connection class that keeps psycopg's properties (read the fast way)."""
+
+
+class OverridingConnection(psycopg.AsyncConnection[Any]):
+    """A connection class with its own ``read_only`` property (read through the properties)."""
+
+    @property
+    def read_only(self) -> bool | None:
+        return super().read_only
+
+    @read_only.setter
+    def read_only(self, value: bool | None) -> None:
+        self._set_read_only(value)
+
+
 CHANGES = [_set_autocommit, _set_isolation, _set_read_only, _set_deferrable, _set_all]
 SETUPS: dict[str, dict[str, Any]] = {
     "default": {},
     "kwargs-autocommit": {"kwargs": {"autocommit": True}},
     "configure-read-only": {"configure": _configure_read_only},
+    "subclass": {"connection_class": SubclassedConnection},
+    "overriding-subclass": {"connection_class": OverridingConnection},
 }
+
+
+def test_state_reader_reads_private_attributes_only_behind_psycopg_properties() -> None:
+    """The one-call state reader is used only where the properties are psycopg's own."""
+    from aiopgpool.lifecycle import _read_state_public, state_reader
+
+    assert state_reader(psycopg.AsyncConnection) is not _read_state_public
+    assert state_reader(SubclassedConnection) is not _read_state_public
+    assert state_reader(psycopg.Connection) is not _read_state_public
+    assert state_reader(OverridingConnection) is _read_state_public
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
@@ -201,6 +229,19 @@ async def test_putconn_foreign_connection_raises(dsn: str) -> None:
             with pytest.raises(PoolError):
                 await pool.putconn(foreign)
             assert not foreign.closed
+        stats = pool.stats()
+        assert (stats.size, stats.idle, stats.in_use) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("thing", [None, "conn", [1], {"a": 1}], ids=repr)
+async def test_putconn_of_something_else_raises(dsn: str, thing: Any) -> None:
+    """putconn of anything but a borrowed connection, hashable or not, raises PoolError."""
+    name = unique_name("not-a-conn")
+    async with opened(dsn, name, min_size=1, max_size=1) as pool:
+        with pytest.raises(PoolError, match="not borrowed"):
+            await pool.putconn(thing)
+        conn = await pool.getconn(timeout=2)
+        await pool.putconn(conn)
         stats = pool.stats()
         assert (stats.size, stats.idle, stats.in_use) == (1, 1, 0)
 
