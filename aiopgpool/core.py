@@ -249,7 +249,7 @@ class PoolCore(Generic[ConnT]):
                 conn = holder.conn
                 now = monotonic()
                 if conn is not None and (  # _ready()
-                    now < holder.fresh_until or self._still_ready(holder, conn, now)
+                    now < holder.fresh_until or self._still_ready(holder, now)
                 ):
                     self._borrowed[conn] = holder  # _checkout(holder, None)
                     return conn
@@ -267,7 +267,11 @@ class PoolCore(Generic[ConnT]):
         # Nothing kept: wait in line.
         stats = self._stats
         start = monotonic()
-        wait = self._wait_timeout(timeout)
+        wait: float | None
+        if timeout is None and self.timeout and not self.max_waiting:
+            wait = self.timeout  # the usual case of _wait_timeout(), inlined
+        else:
+            wait = self._wait_timeout(timeout)
         stats.requests_waited += 1
         fut = self._queue.join(wait, start)
         try:
@@ -286,7 +290,7 @@ class PoolCore(Generic[ConnT]):
             conn is not None
             and key is None
             and self._plain
-            and (now < holder.fresh_until or self._still_ready(holder, conn, now))
+            and (now < holder.fresh_until or self._still_ready(holder, now))
         ):
             self._borrowed[conn] = holder
             return conn
@@ -299,20 +303,18 @@ class PoolCore(Generic[ConnT]):
             raise self._closed_error()
         return self._keyed.get(key) if key is not None and self._keyed else None
 
-    def _quiet(self, holder: Holder[ConnT], conn: ConnT, now: float) -> bool:
-        if self._lifecycle.is_quiet(conn):
-            _tested(holder, now)
-            return True
-        return False
-
     def _ready(self, holder: Holder[ConnT], conn: ConnT) -> bool:
         """An idle connection can be handed out as it is: not expired, socket quiet."""
         now = monotonic()
-        return now < holder.fresh_until or self._still_ready(holder, conn, now)
+        return now < holder.fresh_until or self._still_ready(holder, now)
 
-    def _still_ready(self, holder: Holder[ConnT], conn: ConnT, now: float) -> bool:
+    @staticmethod
+    def _still_ready(holder: Holder[ConnT], now: float) -> bool:
         """:meth:`_ready` once ``now`` is past ``fresh_until``: not expired, socket quiet."""
-        return holder.expires_at > now and self._quiet(holder, conn, now)
+        if holder.expires_at > now and holder.quiet():
+            _tested(holder, now)
+            return True
+        return False
 
     def _update_plain(self) -> None:
         # True when checkouts and returns need none of the rarer features, so
@@ -526,7 +528,7 @@ class PoolCore(Generic[ConnT]):
             self._discard(holder, "max_lifetime reached")
             return False
         lifecycle = self._lifecycle
-        if not lifecycle.is_quiet(conn):
+        if not holder.quiet():
             try:
                 await lifecycle.probe(conn)
             except Exception as exc:
@@ -613,6 +615,7 @@ class PoolCore(Generic[ConnT]):
         now = self._now()
         holder.conn = conn
         holder.baseline = baseline
+        holder.quiet = self._lifecycle.quiet_test(conn)
         holder.created_at = holder.returned_at = now
         holder.generation = self._generation
         holder.expires_at = (
@@ -691,7 +694,7 @@ class PoolCore(Generic[ConnT]):
         conn = holder.conn
         if conn is None:
             return
-        holder.conn = None
+        holder.clear()
         self._size -= 1
         if lost:
             self._stats.connections_lost += 1

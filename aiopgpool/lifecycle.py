@@ -26,7 +26,7 @@ __all__ = [
     "Lifecycle",
     "PsycopgLifecycle",
     "check_connection",
-    "socket_is_quiet",
+    "socket_test",
 ]
 
 ConnT = TypeVar("ConnT")
@@ -59,34 +59,53 @@ class Holder(Generic[ConnT]):
         "fresh_until",
         "generation",
         "leak_timer",
+        "quiet",
         "returned_at",
     )
 
     def __init__(self) -> None:
         self.conn: ConnT | None = None
-        self.baseline: Baseline = (None, None, None, None)
+        self.baseline: Baseline = ()
         self.created_at = 0.0
         self.expires_at = float("inf")
         self.returned_at = 0.0
         # Until when it may be handed out untested: the earlier of its expiry
         # and a short while after its last test (see core.SOCKET_TEST_INTERVAL).
         self.fresh_until = 0.0
+        # The lifecycle's quiet_test() of the connection.
+        self.quiet: Callable[[], bool] = _never_quiet
         self.generation = 0
         self.leak_timer: Any = None
 
+    def clear(self) -> None:
+        """Forget the connection: an empty slot."""
+        self.conn = None
+        self.quiet = _never_quiet
 
-def socket_is_quiet(pgconn: Any) -> bool:
-    """True when an idle connection is open and nothing arrived on its socket.
+
+def socket_test(fd: int) -> Callable[[], bool] | None:
+    """A test "did anything arrive on socket ``fd``?", made once per connection.
 
     A non-blocking readability test: an idle backend sends nothing unless it
     is going away (or sends a notice/notification), so a readable socket
-    means the connection needs a real check before it is handed out.
+    means the connection needs a real check before it is handed out. The
+    poll object is registered once, so each test is a single system call.
+    None if ``fd`` cannot be polled.
     """
-    if pgconn.status != OK or pgconn.transaction_status != IDLE:
-        return False
     poller = select.poll()
-    poller.register(pgconn.socket, _POLLIN)
-    return not poller.poll(0)
+    try:
+        poller.register(fd, _POLLIN)
+    except (OSError, ValueError, TypeError):
+        return None
+
+    def readable() -> bool:
+        return bool(poller.poll(0))
+
+    return readable
+
+
+def _never_quiet() -> bool:
+    return False
 
 
 class Lifecycle(ABC, Generic[ConnT]):
@@ -104,8 +123,12 @@ class Lifecycle(ABC, Generic[ConnT]):
         """Close without blocking; never raises."""
 
     @abstractmethod
-    def is_quiet(self, conn: ConnT) -> bool:
-        """Cheap, non-blocking: open, idle, nothing pending on the socket."""
+    def quiet_test(self, conn: ConnT) -> Callable[[], bool]:
+        """A test of ``conn``, made once when it connects: open, idle, nothing pending.
+
+        The core calls it before handing out a connection idle for a while:
+        it must be cheap, never block and never raise.
+        """
 
     #: Reads a connection's state, to compare with its baseline. The core
     #: calls it on every return: it must be cheap, never block and never
@@ -205,11 +228,24 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
         with contextlib.suppress(Exception):
             conn.pgconn.finish()
 
-    def is_quiet(self, conn: PgConnT) -> bool:
+    def quiet_test(self, conn: PgConnT) -> Callable[[], bool]:
+        pgconn = conn.pgconn
         try:
-            return socket_is_quiet(conn.pgconn)
-        except Exception:
-            return False
+            readable = socket_test(pgconn.socket)
+        except Exception:  # the connection is already closed
+            readable = None
+        if readable is None:
+            return _never_quiet
+
+        def is_quiet() -> bool:
+            # The status comes first: once closed, the socket's number may
+            # belong to another file.
+            try:
+                return pgconn.status == OK and pgconn.transaction_status == IDLE and not readable()
+            except Exception:
+                return False
+
+        return is_quiet
 
     state_of: Callable[[Any], Baseline] = _read_state_public
 

@@ -8,6 +8,7 @@ through psycopg2's own API.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -21,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import contextlib
 
 from .dropins import DropInBase, PersistentMixin
-from .lifecycle import Baseline
+from .lifecycle import Baseline, socket_test
 from .options import describe_target, make_name, prepare_connect_kwargs
 from .sync_lifecycle import BlockingLifecycle, SyncCallback
 from .sync_pool import SyncPoolFacade
@@ -40,14 +41,6 @@ _IDLE = ext.TRANSACTION_STATUS_IDLE
 _INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _INERROR = ext.TRANSACTION_STATUS_INERROR
 _ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
-
-
-def _readable(fd: int) -> bool:
-    import select
-
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
@@ -96,15 +89,22 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         with contextlib.suppress(Exception):
             conn.close()
 
-    def is_quiet(self, conn: Connection) -> bool:
+    def quiet_test(self, conn: Connection) -> Callable[[], bool]:
         try:
-            return (
-                not conn.closed
-                and conn.info.transaction_status == _IDLE
-                and not _readable(conn.fileno())
-            )
-        except Exception:
-            return False
+            readable = socket_test(conn.fileno())
+        except Exception:  # the connection is already closed
+            readable = None
+        if readable is None:
+            return lambda: False
+
+        def is_quiet() -> bool:
+            # closed first: once closed, the socket's number may belong to another file
+            try:
+                return not conn.closed and conn.info.transaction_status == _IDLE and not readable()
+            except Exception:
+                return False
+
+        return is_quiet
 
     def is_bad_return(self, conn: Connection) -> bool:
         return bool(conn.closed) or conn.info.transaction_status != _IDLE
