@@ -51,10 +51,12 @@ MAX_CONCURRENT_CONNECTS = 16
 # connections made together do not all expire together.
 LIFETIME_JITTER = 0.05
 # An idle connection's socket is tested at checkout unless it was tested this
-# recently: a test that old is as good as one made now, since the server can
-# close a connection just after any test. Under load this makes the test (a
-# system call) rare; a connection idle for longer is always tested.
-SOCKET_TEST_INTERVAL = 0.001
+# recently: a test that old is nearly as good as one made now, since the server
+# can close a connection just after any test. Under load this makes the test
+# rare, and it matters: it is a system call, which costs several microseconds
+# more than it seems on a busy machine (the SELECT 1 benchmark at 100 tasks
+# loses about 5 % with 1 ms here). A connection idle for longer is always tested.
+SOCKET_TEST_INTERVAL = 0.01
 # With timeout=0 a request fails at once only when every slot is borrowed (or
 # being set up for a borrower); a slot merely in transit (refilled, returned)
 # is waited for, this long at most.
