@@ -39,6 +39,9 @@ OPEN_LIMIT = 90.0
 CLOSE_LIMIT = 20.0
 #: Seconds the cold burst may take.
 BURST_LIMIT = 90.0
+#: Seconds to wait after a cold burst's pool closed, so that the next pool's
+#: burst does not share the server with the backends still exiting.
+BURST_SETTLE = 0.2
 
 T = TypeVar("T")
 
@@ -258,6 +261,7 @@ class Runner:
             return
         finally:
             await self._close_async(pool, adapter)
+            await asyncio.sleep(BURST_SETTLE)
         self._record(case, pool, m, round_no)
 
     # -- sync ------------------------------------------------------------------
