@@ -75,6 +75,15 @@ def median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def quartiles(values: Iterable[float]) -> tuple[float, float] | None:
+    """The first and third quartiles of ``values`` (None with fewer than two values)."""
+    present = sorted(values)
+    if len(present) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(present, n=4, method="inclusive")
+    return q1, q3
+
+
 def paired_ratios(samples: Sequence[Sample], baseline: Sequence[Sample]) -> dict[int, float]:
     """Per round: this pool's ops/s over the baseline's ops/s in the same round."""
     base = {s.round: s.ops_s for s in baseline}

@@ -202,14 +202,16 @@ def format_targets(results: list[TargetResult]) -> str:
     """The targets section: one PASS/FAIL/SKIP line per target."""
     lines = [
         "TARGETS (median over rounds of the paired ops/s ratio; informational, never asserted;",
-        "         'by cpu' = the same comparison by this process's CPU time per op)",
+        "         'by cpu' = the same comparison by this process's CPU time per op;",
+        "         'rounds' = the middle half of the per-round ratios, how much rounds disagree)",
     ]
     width = max((len(r.target.label) for r in results), default=0)
     for r in results:
         value = "" if r.value is None else f"{r.value:.2f}x"
         note = f"  ({r.note})" if r.note else ""
         if r.by_cpu is not None:
-            note = f"  (by cpu {r.by_cpu:.2f}x){note}"
+            spread = "" if r.spread is None else f", rounds {r.spread[0]:.2f}-{r.spread[1]:.2f}"
+            note = f"  (by cpu {r.by_cpu:.2f}x{spread}){note}"
         lines.append(f"  {r.status:<4}  {r.target.label.ljust(width)}  {value:>6}{note}")
     passed = sum(r.status == "PASS" for r in results)
     failed = sum(r.status == "FAIL" for r in results)

@@ -103,6 +103,7 @@ def build_document(
                     "status": t.status,
                     "note": t.note,
                     "by_cpu": t.by_cpu,
+                    "spread": list(t.spread) if t.spread is not None else None,
                 }
                 for t in targets
             ],

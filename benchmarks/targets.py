@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.metrics import Sample, median, paired_ratios
+from benchmarks.metrics import Sample, median, paired_ratios, quartiles
 from benchmarks.plan import ASYNC_CONCURRENCY, BURST_TASKS, SYNC_CONCURRENCY
 from benchmarks.runner import Results
 
@@ -39,6 +39,8 @@ class TargetResult:
     note: str = ""
     #: the same comparison by CPU time: median of (baseline cpu/op / pool cpu/op).
     by_cpu: float | None = None
+    #: first and third quartiles of the per-round ratios: how much rounds disagree.
+    spread: tuple[float, float] | None = None
 
 
 def all_targets() -> list[Target]:
@@ -92,5 +94,14 @@ def evaluate(results: Results) -> list[TargetResult]:
             out.append(TargetResult(t, None, 0, "SKIP", why))
         else:
             status = "PASS" if value >= t.threshold else "FAIL"
-            out.append(TargetResult(t, value, len(ratios), status, by_cpu=_cpu_ratio(mine, base)))
+            out.append(
+                TargetResult(
+                    t,
+                    value,
+                    len(ratios),
+                    status,
+                    by_cpu=_cpu_ratio(mine, base),
+                    spread=quartiles(ratios.values()),
+                )
+            )
     return out
