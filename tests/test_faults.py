@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from helpers import activity
 
 from aiopgpool import AsyncConnectionPool, ConnectionPool, PoolError, PoolTimeout
 from aiopgpool.testing.proxy import TcpProxy
@@ -401,6 +402,27 @@ async def test_drain_replaces_every_connection(dsn: str) -> None:
         assert not {c.info.backend_pid for c in conns} & old
         for conn in conns:
             await pool.putconn(conn)
+
+
+async def test_drain_during_a_checkout_check_replaces_that_connection(dsn: str) -> None:
+    """A connection being checked for a borrower when drain() runs is not handed out."""
+    drained = False
+
+    async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        nonlocal drained
+        if not drained:
+            drained = True
+            await pool.drain()
+
+    pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, check=check, name="faults-drain-check")
+    async with pool:
+        await pool.wait()
+        old = {row[0] for row in await activity(dsn, pool.name)}
+        assert len(old) == 1
+        conn = await pool.getconn(timeout=5.0)
+        assert drained
+        assert conn.info.backend_pid not in old
+        await pool.putconn(conn)
 
 
 async def test_configure_once_and_reset_on_return(dsn: str) -> None:
