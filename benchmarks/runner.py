@@ -3,10 +3,15 @@
 Round ``r``: for every case, every pool of the case's family runs it once (a
 short warm-up, then ``duration`` seconds measured), in an order rotated by ``r``
 so that no pool always follows the same neighbour. The steady-state pools of a
-family are opened once, pre-filled, and reused by every round; each cold burst
-gets a fresh pool. A pool that cannot open is *skipped*; one that raises in a
-case has that case marked *failed* (other cases go on); one that hangs is
-*dead* and not run again. Every pool is closed in ``finally`` blocks.
+family are opened, pre-filled, at the start of every round and closed at its
+end; each cold burst gets a fresh pool. Fresh pools each round matter: a pool
+reuses its most recently returned connection, and a connection's server
+backend can be 20 % faster or slower than another's for seconds at a time
+(where the scheduler puts it on a small machine), so a pool kept for the whole
+run would keep its luck for the whole run. A pool that cannot open is
+*skipped*; one that raises in a case has that case marked *failed* (other
+cases go on); one that hangs is *dead* and not run again. Every pool is closed
+in ``finally`` blocks.
 """
 
 from __future__ import annotations
@@ -192,16 +197,17 @@ class Runner:
         fixed = [c for c in cases if c.fixed_duration]
         bursts = [c for c in cases if not c.fixed_duration]
         s = self.settings
-        open_pools: dict[str, AsyncAdapter] = {}
-        try:
-            if fixed:
-                for pool in pools:
-                    self.progress.show(f"opening {pool.key}")
-                    adapter = await self._open_async(pool, POOL_SIZE)
-                    if adapter is not None:
-                        open_pools[pool.key] = adapter
-            for r in range(s.rounds):
-                order = rotated(pools, r)
+        for r in range(s.rounds):
+            order = rotated(pools, r)
+            open_pools: dict[str, AsyncAdapter] = {}
+            try:
+                if fixed:
+                    for pool in pools:
+                        if pool.key not in self.results.pool_problems:
+                            self.progress.show(f"r{r + 1}/{s.rounds} opening {pool.key}")
+                            adapter = await self._open_async(pool, POOL_SIZE)
+                            if adapter is not None:
+                                open_pools[pool.key] = adapter
                 for case in fixed:
                     for pool in order:
                         adapter = open_pools.get(pool.key)
@@ -209,16 +215,16 @@ class Runner:
                             self.progress.show(f"r{r + 1}/{s.rounds} {case.id} {pool.name}")
                             await self._measure_async(case, pool, adapter, r)
                         self.progress.advance()
-                for case in bursts:
-                    for pool in order:
-                        if self._usable(pool, case):
-                            self.progress.show(f"r{r + 1}/{s.rounds} {case.id} {pool.name}")
-                            await self._measure_burst(case, pool, r)
-                        self.progress.advance()
-        finally:
-            for key, adapter in open_pools.items():
-                self.progress.show(f"closing {key}")
-                await self._close_async(next(p for p in pools if p.key == key), adapter)
+            finally:
+                for key, adapter in open_pools.items():
+                    self.progress.show(f"closing {key}")
+                    await self._close_async(next(p for p in pools if p.key == key), adapter)
+            for case in bursts:
+                for pool in order:
+                    if self._usable(pool, case):
+                        self.progress.show(f"r{r + 1}/{s.rounds} {case.id} {pool.name}")
+                        await self._measure_burst(case, pool, r)
+                    self.progress.advance()
 
     async def _measure_async(
         self, case: Case, pool: PoolSpec, adapter: AsyncAdapter, round_no: int
@@ -290,15 +296,16 @@ class Runner:
         pools = self.plan.pools_of("sync")
         cases = self.plan.cases_of("sync")
         s = self.settings
-        open_pools: dict[str, SyncAdapter] = {}
-        try:
-            for pool in pools:
-                self.progress.show(f"opening {pool.key}")
-                adapter = self._open_sync(pool, POOL_SIZE)
-                if adapter is not None:
-                    open_pools[pool.key] = adapter
-            for r in range(s.rounds):
-                order = rotated(pools, r)
+        for r in range(s.rounds):
+            order = rotated(pools, r)
+            open_pools: dict[str, SyncAdapter] = {}
+            try:
+                for pool in pools:
+                    if pool.key not in self.results.pool_problems:
+                        self.progress.show(f"r{r + 1}/{s.rounds} opening {pool.key}")
+                        adapter = self._open_sync(pool, POOL_SIZE)
+                        if adapter is not None:
+                            open_pools[pool.key] = adapter
                 for case in cases:
                     for pool in order:
                         adapter = open_pools.get(pool.key)
@@ -306,10 +313,10 @@ class Runner:
                             self.progress.show(f"r{r + 1}/{s.rounds} {case.id} {pool.name}")
                             self._measure_sync(case, pool, adapter, r)
                         self.progress.advance()
-        finally:
-            for key, adapter in open_pools.items():
-                self.progress.show(f"closing {key}")
-                self._close_sync(next(p for p in pools if p.key == key), adapter)
+            finally:
+                for key, adapter in open_pools.items():
+                    self.progress.show(f"closing {key}")
+                    self._close_sync(next(p for p in pools if p.key == key), adapter)
 
     def _measure_sync(
         self, case: Case, pool: PoolSpec, adapter: SyncAdapter, round_no: int
