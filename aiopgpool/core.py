@@ -344,12 +344,15 @@ class PoolCore(Generic[ConnT]):
             self._key_of[conn] = key
         return conn
 
-    def try_getconn_nowait(self, key: Hashable | None = None) -> ConnT | None:
+    def try_getconn_nowait(self, key: Hashable | None = None, test: bool = True) -> ConnT | None:
         """The fast path of :meth:`getconn` as a plain call: a ready idle connection, or None.
 
         It never suspends, never schedules a callback and never completes a
         future, so it is safe to call whenever no other code of this pool's
         event loop is running at the same time. None means "call getconn()".
+        ``test=False``: None also when the connection's socket is due for a
+        test (a system call), for a caller that would rather make it outside
+        its lock (see :meth:`test_slot`).
         """
         conn = self._keyed_or_closed(key)
         if conn is not None:
@@ -360,7 +363,11 @@ class PoolCore(Generic[ConnT]):
         if holder is None:
             return None
         conn = holder.conn
-        if conn is None or not self._ready(holder, conn):
+        if (
+            conn is None
+            or not (test or monotonic() < holder.fresh_until)
+            or not self._ready(holder, conn)
+        ):
             # Items were kept, so nobody waits: put() just puts it back on top.
             self._queue.put(holder)
             return None
@@ -464,7 +471,7 @@ class PoolCore(Generic[ConnT]):
         holder = self._queue.get_nowait()
         if holder is not None:
             return holder
-        self._wait_timeout(self._effective_timeout(timeout))
+        self._wait_timeout(timeout)
         self._stats.requests_waited += 1
         self._queue.add_waiter(waiter)
         return None
@@ -488,6 +495,19 @@ class PoolCore(Generic[ConnT]):
             self._stats.timeouts += 1
             raise self._timeout_error(timeout) from self._failure_cause()
         return holder
+
+    @staticmethod
+    def test_slot(holder: Holder[ConnT]) -> None:
+        """Test the socket of a slot's idle connection now, if due (see SOCKET_TEST_INTERVAL).
+
+        It touches only ``holder``, so a caller that owns the slot (from
+        :meth:`request_nowait`) may call it without the lock it holds around
+        the other ``*_nowait`` calls: the test is a system call, which lets
+        other threads run.
+        """
+        now = monotonic()
+        if holder.conn is not None and now >= holder.fresh_until:
+            PoolCore._still_ready(holder, now)
 
     def checkout_slot_nowait(self, holder: Holder[ConnT], key: Hashable | None) -> ConnT | None:
         """Hand out a slot's connection if it is ready as it is.

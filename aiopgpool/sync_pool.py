@@ -220,18 +220,27 @@ class SyncPoolFacade(Generic[C]):
         bridge = self._running_bridge()
         core = self._core
         with bridge.lock:
-            conn = core.try_getconn_nowait(key)
+            # The socket test is a system call, which lets other threads run:
+            # it is made below, outside the lock they would queue on.
+            conn = core.try_getconn_nowait(key, test=False)
             if conn is not None:
                 return conn
             start = time.monotonic()
             waiter: _ThreadWaiter[Holder[C]] = _ThreadWaiter()
             got = core.request_nowait(key, waiter, timeout)
-            if isinstance(got, Holder):
-                conn = core.checkout_slot_nowait(got, key)
-            elif got is not None:
+            if got is not None and not isinstance(got, Holder):
                 return got  # a keyed connection already held
         if got is None:
             got, conn = self._wait(waiter, key, timeout, start)
+        else:
+            try:
+                core.test_slot(got)  # the slot is this thread's own until checked out
+            except BaseException:  # interrupted (KeyboardInterrupt): give the slot back
+                with bridge.lock:
+                    core.release_slot_nowait(got)
+                raise
+            with bridge.lock:
+                conn = core.checkout_slot_nowait(got, key)
         if conn is None:
             # Leak reports show the borrower's stack: take it here, not on the loop.
             stack = None if core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
