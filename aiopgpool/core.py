@@ -363,10 +363,9 @@ class PoolCore(Generic[ConnT]):
         if holder is None:
             return None
         conn = holder.conn
-        if (
-            conn is None
-            or not (test or monotonic() < holder.fresh_until)
-            or not self._ready(holder, conn)
+        now = monotonic()
+        if conn is None or not (
+            now < holder.fresh_until or (test and self._still_ready(holder, now))
         ):
             # Items were kept, so nobody waits: put() just puts it back on top.
             self._queue.put(holder)
