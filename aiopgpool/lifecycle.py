@@ -26,7 +26,7 @@ __all__ = [
     "Lifecycle",
     "PsycopgLifecycle",
     "check_connection",
-    "socket_test",
+    "quiet_socket_test",
 ]
 
 ConnT = TypeVar("ConnT")
@@ -83,25 +83,30 @@ class Holder(Generic[ConnT]):
         self.quiet = _never_quiet
 
 
-def socket_test(fd: int) -> Callable[[], bool] | None:
-    """A test "did anything arrive on socket ``fd``?", made once per connection.
+def quiet_socket_test(fileno: Callable[[], int], idle: Callable[[], bool]) -> Callable[[], bool]:
+    """A connection's ``quiet_test()``: ``idle()`` and nothing arrived on its socket.
 
     A non-blocking readability test: an idle backend sends nothing unless it
     is going away (or sends a notice/notification), so a readable socket
     means the connection needs a real check before it is handed out. The
     poll object is registered once, so each test is a single system call.
-    None if ``fd`` cannot be polled.
+    ``idle()`` (open, idle) is asked first: once the connection is closed,
+    the socket's number may belong to another file. Never quiet when the
+    socket cannot be polled (the connection is already closed).
     """
     poller = select.poll()
     try:
-        poller.register(fd, _POLLIN)
-    except (OSError, ValueError, TypeError):
-        return None
+        poller.register(fileno(), _POLLIN)
+    except Exception:
+        return _never_quiet
 
-    def readable() -> bool:
-        return bool(poller.poll(0))
+    def is_quiet() -> bool:
+        try:
+            return idle() and not poller.poll(0)
+        except Exception:
+            return False
 
-    return readable
+    return is_quiet
 
 
 def _never_quiet() -> bool:
@@ -230,22 +235,10 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
 
     def quiet_test(self, conn: PgConnT) -> Callable[[], bool]:
         pgconn = conn.pgconn
-        try:
-            readable = socket_test(pgconn.socket)
-        except Exception:  # the connection is already closed
-            readable = None
-        if readable is None:
-            return _never_quiet
-
-        def is_quiet() -> bool:
-            # The status comes first: once closed, the socket's number may
-            # belong to another file.
-            try:
-                return pgconn.status == OK and pgconn.transaction_status == IDLE and not readable()
-            except Exception:
-                return False
-
-        return is_quiet
+        return quiet_socket_test(
+            lambda: pgconn.socket,
+            lambda: pgconn.status == OK and pgconn.transaction_status == IDLE,
+        )
 
     state_of: Callable[[Any], Baseline] = _read_state_public
 

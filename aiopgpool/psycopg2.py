@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import contextlib
 
 from .dropins import DropInBase, PersistentMixin
-from .lifecycle import Baseline, socket_test
+from .lifecycle import Baseline, quiet_socket_test
 from .options import describe_target, make_name, prepare_connect_kwargs
 from .sync_lifecycle import BlockingLifecycle, SyncCallback
 from .sync_pool import SyncPoolFacade
@@ -90,21 +90,9 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
             conn.close()
 
     def quiet_test(self, conn: Connection) -> Callable[[], bool]:
-        try:
-            readable = socket_test(conn.fileno())
-        except Exception:  # the connection is already closed
-            readable = None
-        if readable is None:
-            return lambda: False
-
-        def is_quiet() -> bool:
-            # closed first: once closed, the socket's number may belong to another file
-            try:
-                return not conn.closed and conn.info.transaction_status == _IDLE and not readable()
-            except Exception:
-                return False
-
-        return is_quiet
+        return quiet_socket_test(
+            conn.fileno, lambda: not conn.closed and conn.info.transaction_status == _IDLE
+        )
 
     def is_bad_return(self, conn: Connection) -> bool:
         return bool(conn.closed) or conn.info.transaction_status != _IDLE
