@@ -61,28 +61,19 @@ class AsyncAdapter(abc.ABC):
         """Close the pool and its connections."""
 
 
-class AiopgpoolAsync(AsyncAdapter):
-    """aiopgpool.AsyncConnectionPool, through getconn()/putconn()."""
-
-    name = "aiopgpool"
-    description = "aiopgpool.AsyncConnectionPool"
+class _GetconnPutconnAsync(AsyncAdapter):
+    """A pool with psycopg_pool's interface: ``open(wait=True)``, getconn/putconn, close."""
 
     def __init__(self) -> None:
         self._pool: Any = None
 
+    @abc.abstractmethod
+    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
+        """The pool, created but not opened (raises :class:`AdapterUnavailable`)."""
+
     async def open(self, dsn: str, min_size: int, max_size: int) -> None:
-        """Create the pool and ``await open(wait=True)``."""
-        try:
-            from aiopgpool import AsyncConnectionPool
-        except Exception as exc:
-            raise unavailable("aiopgpool.AsyncConnectionPool", exc) from exc
-        self._pool = AsyncConnectionPool(
-            dsn,
-            kwargs=dict(PSYCOPG_KWARGS),
-            min_size=min_size,
-            max_size=max_size,
-            name="bench-aiopgpool",
-        )
+        """Create the pool, then ``await open(wait=True)``."""
+        self._pool = self._make_pool(dsn, min_size, max_size)
         await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
 
     async def acquire(self) -> Any:
@@ -99,22 +90,38 @@ class AiopgpoolAsync(AsyncAdapter):
             await self._pool.close()
 
 
-class PsycopgPoolAsync(AsyncAdapter):
+class AiopgpoolAsync(_GetconnPutconnAsync):
+    """aiopgpool.AsyncConnectionPool, through getconn()/putconn()."""
+
+    name = "aiopgpool"
+    description = "aiopgpool.AsyncConnectionPool"
+
+    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
+        try:
+            from aiopgpool import AsyncConnectionPool
+        except Exception as exc:
+            raise unavailable("aiopgpool.AsyncConnectionPool", exc) from exc
+        return AsyncConnectionPool(
+            dsn,
+            kwargs=dict(PSYCOPG_KWARGS),
+            min_size=min_size,
+            max_size=max_size,
+            name="bench-aiopgpool",
+        )
+
+
+class PsycopgPoolAsync(_GetconnPutconnAsync):
     """psycopg_pool.AsyncConnectionPool, through getconn()/putconn()."""
 
     name = "psycopg_pool"
     description = "psycopg_pool.AsyncConnectionPool"
 
-    def __init__(self) -> None:
-        self._pool: Any = None
-
-    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
-        """Create the pool with ``open=False``, then ``await open(wait=True)``."""
+    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
         try:
             from psycopg_pool import AsyncConnectionPool
         except Exception as exc:
             raise unavailable("psycopg_pool", exc) from exc
-        self._pool = AsyncConnectionPool(
+        return AsyncConnectionPool(
             dsn,
             kwargs=dict(PSYCOPG_KWARGS),
             min_size=min_size,
@@ -122,20 +129,6 @@ class PsycopgPoolAsync(AsyncAdapter):
             open=False,
             name="bench-psycopg_pool",
         )
-        await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
-
-    async def acquire(self) -> Any:
-        """``await pool.getconn()``."""
-        return await self._pool.getconn()
-
-    async def release(self, conn: Any) -> None:
-        """``await pool.putconn(conn)``."""
-        await self._pool.putconn(conn)
-
-    async def close(self) -> None:
-        """``await pool.close()``."""
-        if self._pool is not None:
-            await self._pool.close()
 
 
 def asyncpg_connect_kwargs(dsn: str) -> dict[str, Any]:

@@ -43,28 +43,19 @@ class SyncAdapter(abc.ABC):
         """Close the pool and its connections."""
 
 
-class AiopgpoolSync(SyncAdapter):
-    """aiopgpool.ConnectionPool (the thread-safe facade), through getconn()/putconn()."""
-
-    name = "aiopgpool"
-    description = "aiopgpool.ConnectionPool (sync facade)"
+class _GetconnPutconnSync(SyncAdapter):
+    """A pool with psycopg_pool's interface: ``open(wait=True)``, getconn/putconn, close."""
 
     def __init__(self) -> None:
         self._pool: Any = None
 
+    @abc.abstractmethod
+    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
+        """The pool, created but not opened (raises :class:`AdapterUnavailable`)."""
+
     def open(self, dsn: str, min_size: int, max_size: int) -> None:
-        """Create the pool and ``open(wait=True)``."""
-        try:
-            from aiopgpool import ConnectionPool
-        except Exception as exc:
-            raise unavailable("aiopgpool.ConnectionPool", exc) from exc
-        self._pool = ConnectionPool(
-            dsn,
-            kwargs=dict(PSYCOPG_KWARGS),
-            min_size=min_size,
-            max_size=max_size,
-            name="bench-aiopgpool-sync",
-        )
+        """Create the pool, then ``open(wait=True)``."""
+        self._pool = self._make_pool(dsn, min_size, max_size)
         self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
 
     def acquire(self) -> Any:
@@ -81,22 +72,38 @@ class AiopgpoolSync(SyncAdapter):
             self._pool.close()
 
 
-class PsycopgPoolSync(SyncAdapter):
+class AiopgpoolSync(_GetconnPutconnSync):
+    """aiopgpool.ConnectionPool (the thread-safe facade), through getconn()/putconn()."""
+
+    name = "aiopgpool"
+    description = "aiopgpool.ConnectionPool (sync facade)"
+
+    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
+        try:
+            from aiopgpool import ConnectionPool
+        except Exception as exc:
+            raise unavailable("aiopgpool.ConnectionPool", exc) from exc
+        return ConnectionPool(
+            dsn,
+            kwargs=dict(PSYCOPG_KWARGS),
+            min_size=min_size,
+            max_size=max_size,
+            name="bench-aiopgpool-sync",
+        )
+
+
+class PsycopgPoolSync(_GetconnPutconnSync):
     """psycopg_pool.ConnectionPool, through getconn()/putconn()."""
 
     name = "psycopg_pool"
     description = "psycopg_pool.ConnectionPool"
 
-    def __init__(self) -> None:
-        self._pool: Any = None
-
-    def open(self, dsn: str, min_size: int, max_size: int) -> None:
-        """Create the pool with ``open=False``, then ``open(wait=True)``."""
+    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
         try:
             from psycopg_pool import ConnectionPool
         except Exception as exc:
             raise unavailable("psycopg_pool", exc) from exc
-        self._pool = ConnectionPool(
+        return ConnectionPool(
             dsn,
             kwargs=dict(PSYCOPG_KWARGS),
             min_size=min_size,
@@ -104,20 +111,6 @@ class PsycopgPoolSync(SyncAdapter):
             open=False,
             name="bench-psycopg_pool-sync",
         )
-        self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
-
-    def acquire(self) -> Any:
-        """``pool.getconn()``."""
-        return self._pool.getconn()
-
-    def release(self, conn: Any) -> None:
-        """``pool.putconn(conn)``."""
-        self._pool.putconn(conn)
-
-    def close(self) -> None:
-        """``pool.close()``."""
-        if self._pool is not None:
-            self._pool.close()
 
 
 class Psycopg2Threaded(SyncAdapter):
