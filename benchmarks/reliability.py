@@ -103,40 +103,26 @@ class Adapter(Protocol):
 OpenFn = Callable[[str, int, int, float], Awaitable[Adapter]]
 
 
-class PsycopgPoolAdapter:
-    """``psycopg_pool.AsyncConnectionPool``, through ``async with pool.connection()``."""
+class _ConnectionContextAdapter:
+    """A pool with psycopg_pool's interface, through ``async with pool.connection()``."""
 
-    name: ClassVar[str] = "psycopg_pool"
+    name: ClassVar[str]
 
     def __init__(self, pool: Any, timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
 
     @staticmethod
-    def available() -> str | None:
-        """None if the pool can run here, else why not."""
-        try:
-            importlib.import_module("psycopg_pool")
-        except Exception as exc:
-            return f"import psycopg_pool failed: {exc!r}"
-        return None
+    def _make_pool(dsn: str, min_size: int, max_size: int, timeout: float) -> Any:
+        """The pool, created but not opened."""
+        raise NotImplementedError
 
     @classmethod
     async def open(
         cls, dsn: str, min_size: int, max_size: int, timeout: float
-    ) -> PsycopgPoolAdapter:
+    ) -> _ConnectionContextAdapter:
         """Create the pool and wait until ``min_size`` connections exist."""
-        from psycopg_pool import AsyncConnectionPool
-
-        pool: Any = AsyncConnectionPool(
-            dsn,
-            kwargs={"autocommit": True},
-            min_size=min_size,
-            max_size=max_size,
-            timeout=timeout,
-            open=False,
-            name="reliability-psycopg_pool",
-        )
+        pool = cls._make_pool(dsn, min_size, max_size, timeout)
         await pool.open(wait=True, timeout=OPEN_TIMEOUT)
         return cls(pool, timeout)
 
@@ -151,14 +137,39 @@ class PsycopgPoolAdapter:
         await self._pool.close()
 
 
-class AiopgpoolAdapter:
-    """``aiopgpool.AsyncConnectionPool``, through ``async with pool.connection()``."""
+class PsycopgPoolAdapter(_ConnectionContextAdapter):
+    """``psycopg_pool.AsyncConnectionPool``."""
+
+    name: ClassVar[str] = "psycopg_pool"
+
+    @staticmethod
+    def available() -> str | None:
+        """None if the pool can run here, else why not."""
+        try:
+            importlib.import_module("psycopg_pool")
+        except Exception as exc:
+            return f"import psycopg_pool failed: {exc!r}"
+        return None
+
+    @staticmethod
+    def _make_pool(dsn: str, min_size: int, max_size: int, timeout: float) -> Any:
+        from psycopg_pool import AsyncConnectionPool
+
+        return AsyncConnectionPool(
+            dsn,
+            kwargs={"autocommit": True},
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            name="reliability-psycopg_pool",
+        )
+
+
+class AiopgpoolAdapter(_ConnectionContextAdapter):
+    """``aiopgpool.AsyncConnectionPool``."""
 
     name: ClassVar[str] = "aiopgpool"
-
-    def __init__(self, pool: Any, timeout: float) -> None:
-        self._pool = pool
-        self._timeout = timeout
 
     @staticmethod
     def available() -> str | None:
@@ -170,12 +181,11 @@ class AiopgpoolAdapter:
             return f"import aiopgpool.AsyncConnectionPool failed: {exc!r}"
         return None
 
-    @classmethod
-    async def open(cls, dsn: str, min_size: int, max_size: int, timeout: float) -> AiopgpoolAdapter:
-        """Create the pool and ``await pool.open(wait=True)``."""
+    @staticmethod
+    def _make_pool(dsn: str, min_size: int, max_size: int, timeout: float) -> Any:
         from aiopgpool import AsyncConnectionPool
 
-        pool: Any = AsyncConnectionPool(
+        return AsyncConnectionPool(
             dsn,
             kwargs={"autocommit": True},
             min_size=min_size,
@@ -183,18 +193,6 @@ class AiopgpoolAdapter:
             timeout=timeout,
             name="reliability-aiopgpool",
         )
-        await pool.open(wait=True, timeout=OPEN_TIMEOUT)
-        return cls(pool, timeout)
-
-    async def acquire_and_query(self) -> None:
-        """``async with pool.connection(timeout)``: ``SELECT 1``."""
-        async with self._pool.connection(timeout=self._timeout) as conn:
-            cur = await conn.execute("SELECT 1")
-            await cur.fetchone()
-
-    async def close(self) -> None:
-        """``await pool.close()``."""
-        await self._pool.close()
 
 
 ADAPTERS: dict[str, Any] = {a.name: a for a in (AiopgpoolAdapter, PsycopgPoolAdapter)}
