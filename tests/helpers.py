@@ -8,6 +8,7 @@ import inspect
 import itertools
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -42,6 +43,16 @@ async def eventually(
         if value == expect or loop.time() >= deadline:
             return value
         await asyncio.sleep(0.02)
+
+
+def eventually_blocking(func: Callable[[], Any], expect: Any, timeout: float = 5.0) -> Any:
+    """:func:`eventually` for sync code: poll ``func()`` until it returns ``expect``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = func()
+        if value == expect or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

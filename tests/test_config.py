@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -15,26 +13,16 @@ from urllib.parse import quote, urlencode
 import psycopg
 import psycopg2.extensions
 import pytest
+from helpers import eventually_blocking, unique_name
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import aiopgpool
 import aiopgpool.psycopg2 as aio2
 from aiopgpool import PoolError, config_pool, get_pool
 
-_seq = itertools.count(1)
-
 
 def uname(label: str) -> str:
-    return f"cf-{label[:36]}-{os.getpid()}-{next(_seq)}"
-
-
-def eventually(func: Callable[[], Any], expect: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = func()
-        if value == expect or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.02)
+    return unique_name(f"cf-{label[:36]}")
 
 
 def query(conn: Any, sql: str) -> Any:
@@ -223,7 +211,7 @@ def test_config_pool_returns_the_default_and_replaces_the_previous(dsn: str, bac
     assert get_pool() is second
     assert first.closed
     assert borrowed.closed
-    assert eventually(lambda: backends(first_name), 0) == 0
+    assert eventually_blocking(lambda: backends(first_name), 0) == 0
     with pytest.raises(PoolError):
         first.getconn()
     assert backends(second_name) == 1
@@ -270,8 +258,8 @@ def test_purge_expired_connections_closes_idle_connections(dsn: str, backends: A
     time.sleep(0.5)
     pool.purge_expired_connections()
     assert all(c.closed for c in held)
-    assert eventually(lambda: backend_pids(dsn, name) & old, set()) == set()
-    assert eventually(lambda: backends(name) <= 1, True)
+    assert eventually_blocking(lambda: backend_pids(dsn, name) & old, set()) == set()
+    assert eventually_blocking(lambda: backends(name) <= 1, True)
 
 
 def test_expiration_without_purge_shrinks_in_the_background(dsn: str, backends: Any) -> None:
@@ -281,7 +269,7 @@ def test_expiration_without_purge_shrinks_in_the_background(dsn: str, backends: 
     for conn in held:
         pool.putconn(conn)
     assert backends(name) == 3
-    assert eventually(lambda: backends(name) <= 1, True, timeout=5.0)
+    assert eventually_blocking(lambda: backends(name) <= 1, True, timeout=5.0)
     with pool.connection() as conn:
         assert query(conn, "SELECT 1") == (1,)
 
@@ -296,7 +284,7 @@ def test_no_connection_stays_idle_longer_than_expiration(dsn: str) -> None:
         conn.rollback()
         pool.putconn(conn)
     # Nobody uses the pool: within a few expirations, both have been closed.
-    assert eventually(lambda: backend_pids(dsn, name) & old, set(), timeout=5.0) == set()
+    assert eventually_blocking(lambda: backend_pids(dsn, name) & old, set(), timeout=5.0) == set()
 
 
 def test_disable_pooling_keeps_no_idle_connection(dsn: str, backends: Any) -> None:
@@ -307,8 +295,8 @@ def test_disable_pooling_keeps_no_idle_connection(dsn: str, backends: Any) -> No
     assert query(conn, "SELECT 1") == (1,)
     assert backends(name) == 1
     pool.putconn(conn)
-    assert eventually(lambda: conn.closed, True)
-    assert eventually(lambda: backends(name), 0) == 0
+    assert eventually_blocking(lambda: conn.closed, True)
+    assert eventually_blocking(lambda: backends(name), 0) == 0
     # max_conn still bounds concurrency.
     held = [pool.getconn(), pool.getconn()]
     with pytest.raises(PoolError, match="connection pool exhausted"):
@@ -316,8 +304,8 @@ def test_disable_pooling_keeps_no_idle_connection(dsn: str, backends: Any) -> No
     assert backends(name) == 2
     for conn in held:
         pool.putconn(conn)
-    assert eventually(lambda: backends(name), 0) == 0
+    assert eventually_blocking(lambda: backends(name), 0) == 0
     with pool.connection() as conn:
         assert query(conn, "SELECT 1") == (1,)
-    assert eventually(lambda: backends(name), 0) == 0
+    assert eventually_blocking(lambda: backends(name), 0) == 0
     pool.purge_expired_connections()  # nothing to purge, no error

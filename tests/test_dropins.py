@@ -24,6 +24,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 import pytest
+from helpers import eventually_blocking, unique_name
 
 import aiopgpool
 import aiopgpool.psycopg2 as aio2
@@ -32,16 +33,7 @@ _seq = itertools.count(1)
 
 
 def uname(label: str) -> str:
-    return f"di-{label[:36]}-{os.getpid()}-{next(_seq)}"
-
-
-def eventually(func: Callable[[], Any], expect: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = func()
-        if value == expect or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.02)
+    return unique_name(f"di-{label[:36]}")
 
 
 def query(conn: Any, sql: str, args: Any = None) -> Any:
@@ -335,7 +327,7 @@ def test_closeall_closes_every_backend(
     assert backends(pool.app_name) >= 2
     pool.closeall()
     assert all(c.closed for c in held)
-    assert eventually(lambda: backends(pool.app_name), 0) == 0
+    assert eventually_blocking(lambda: backends(pool.app_name), 0) == 0
 
 
 @all_impls
@@ -567,7 +559,7 @@ def test_persistent_pool_exhausted_across_threads(dsn: str, make: Maker, impl: I
     threads = [threading.Thread(target=holder) for _ in range(2)]
     for thread in threads:
         thread.start()
-    assert eventually(lambda: len(got), 2) == 2
+    assert eventually_blocking(lambda: len(got), 2) == 2
     try:
         assert all(isinstance(c, impl.conn_type) for c in got), got
         with pytest.raises(impl.error, match="connection pool exhausted"):
@@ -586,7 +578,7 @@ def test_idle_connection_killed_by_the_server_is_not_handed_out(
 ) -> None:
     pool = make(impl.threaded, 2, 2, dsn)
     terminate(pool.app_name)
-    assert eventually(lambda: backends(pool.app_name), 0) == 0
+    assert eventually_blocking(lambda: backends(pool.app_name), 0) == 0
     for _ in range(3):
         a, b = pool.getconn(), pool.getconn()
         assert query(a, "SELECT 1") == query(b, "SELECT 1") == (1,)

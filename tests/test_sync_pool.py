@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import eventually_blocking, unique_name
 from psycopg import IsolationLevel
 from psycopg.pq import TransactionStatus
 
@@ -43,17 +44,7 @@ _seq = itertools.count(1)
 
 def uname(label: str) -> str:
     """A pool name (so an application_name) unique in this run, under 64 bytes."""
-    return f"sp-{label[:36]}-{os.getpid()}-{next(_seq)}"
-
-
-def eventually(func: Callable[[], Any], expect: Any, timeout: float = 5.0) -> Any:
-    """Poll ``func()`` until it returns ``expect`` or ``timeout`` passes; the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = func()
-        if value == expect or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.02)
+    return unique_name(f"sp-{label[:36]}")
 
 
 @contextmanager
@@ -183,7 +174,7 @@ def test_context_manager_opens_and_closes(dsn: str, backends: Any) -> None:
         pool.wait(10.0)
         assert backends(name) == 2
     assert pool.closed
-    assert eventually(lambda: backends(name), 0) == 0
+    assert eventually_blocking(lambda: backends(name), 0) == 0
 
 
 def test_connection_commits_on_success(dsn: str) -> None:
@@ -259,7 +250,7 @@ def test_max_waiting_raises_too_many_requests(dsn: str) -> None:
         got: list[Any] = []
         waiter = threading.Thread(target=lambda: got.append(pool.getconn(timeout=10.0)))
         waiter.start()
-        assert eventually(lambda: pool.stats().waiting, 1) == 1
+        assert eventually_blocking(lambda: pool.stats().waiting, 1) == 1
         start = time.monotonic()
         with pytest.raises(TooManyRequests):
             pool.getconn(timeout=5.0)
@@ -286,7 +277,7 @@ def test_waiters_are_served_first_come_first_served(dsn: str) -> None:
             thread = threading.Thread(target=waiter, args=(i,))
             thread.start()
             threads.append(thread)
-            assert eventually(lambda i=i: pool.stats().waiting, i + 1) == i + 1
+            assert eventually_blocking(lambda i=i: pool.stats().waiting, i + 1) == i + 1
         pool.putconn(held)
         for thread in threads:
             thread.join(10.0)
@@ -375,14 +366,14 @@ def test_reset_is_called_in_putconn(dsn: str) -> None:
         conn.commit()
         assert calls == []
         pool.putconn(conn)
-        assert eventually(lambda: len(calls), 1) == 1
+        assert eventually_blocking(lambda: len(calls), 1) == 1
         assert calls[0] is conn
         again = pool.getconn(timeout=2.0)
         assert again is conn  # reset left it idle: kept
         assert again.execute("SHOW statement_timeout").fetchone() == ("0",)
         again.rollback()
         pool.putconn(again)
-        assert eventually(lambda: len(calls), 2) == 2
+        assert eventually_blocking(lambda: len(calls), 2) == 2
 
 
 def test_reset_leaving_a_transaction_discards_the_connection(dsn: str, backends: Any) -> None:
@@ -393,13 +384,13 @@ def test_reset_leaving_a_transaction_discards_the_connection(dsn: str, backends:
         conn = pool.getconn()
         pid = conn.info.backend_pid
         pool.putconn(conn)
-        assert eventually(lambda: conn.closed, True)
+        assert eventually_blocking(lambda: conn.closed, True)
         again = pool.getconn(timeout=5.0)
         assert again is not conn
         assert again.info.backend_pid != pid
         assert again.info.transaction_status == TransactionStatus.IDLE
         pool.putconn(again)
-        assert eventually(lambda: backends(pool.name), 1) == 1
+        assert eventually_blocking(lambda: backends(pool.name), 1) == 1
 
 
 def test_configure_is_called_once_per_connection(dsn: str) -> None:
@@ -459,7 +450,7 @@ def test_check_discards_a_failing_connection(dsn: str, backends: Any) -> None:
         assert second.execute("SELECT 1").fetchone() == (1,)
         pool.putconn(second)
         assert pool.stats().connections_lost >= 1
-        assert eventually(lambda: backends(pool.name), 1) == 1
+        assert eventually_blocking(lambda: backends(pool.name), 1) == 1
 
 
 def test_idle_connection_killed_by_the_server_is_not_handed_out(
@@ -468,7 +459,7 @@ def test_idle_connection_killed_by_the_server_is_not_handed_out(
     with opened(dsn, "killed", min_size=2, max_size=2) as pool:
         assert backends(pool.name) == 2
         terminate(pool.name)
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
         for _ in range(3):
             a = pool.getconn(timeout=5.0)
             b = pool.getconn(timeout=5.0)
@@ -572,7 +563,7 @@ def test_returned_mid_query_is_discarded_and_its_query_stopped(dsn: str, backend
         pid = conn.info.backend_pid
         conn.pgconn.send_query(b"SELECT pg_sleep(10)")
         assert conn.info.transaction_status == TransactionStatus.ACTIVE
-        assert eventually(lambda: sleeping_backends(dsn, pool.name), 1) == 1
+        assert eventually_blocking(lambda: sleeping_backends(dsn, pool.name), 1) == 1
         start = time.monotonic()
         pool.putconn(conn)
         again = pool.getconn(timeout=5.0)
@@ -582,7 +573,7 @@ def test_returned_mid_query_is_discarded_and_its_query_stopped(dsn: str, backend
         assert again.execute("SELECT 1").fetchone() == (1,)
         again.rollback()
         pool.putconn(again)
-        assert eventually(lambda: sleeping_backends(dsn, pool.name), 0, timeout=3.0) == 0
+        assert eventually_blocking(lambda: sleeping_backends(dsn, pool.name), 0, timeout=3.0) == 0
         assert backends(pool.name) <= 1
 
 
@@ -607,7 +598,7 @@ def test_closeall_closes_borrowed_connections_too(dsn: str, backends: Any) -> No
         pool.closeall()
         assert pool.closed
         assert borrowed.closed
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
         with pytest.raises(PoolClosed):
             pool.getconn()
         with pytest.raises(PoolClosed), pool.connection():
@@ -637,7 +628,7 @@ def test_closeall_wakes_waiting_threads(dsn: str) -> None:
         threads = [threading.Thread(target=waiter) for _ in range(3)]
         for thread in threads:
             thread.start()
-        assert eventually(lambda: pool.stats().waiting, 3) == 3
+        assert eventually_blocking(lambda: pool.stats().waiting, 3) == 3
         start = time.monotonic()
         pool.closeall()
         for thread in threads:
@@ -660,7 +651,7 @@ def test_close_waits_for_borrowed_connections(dsn: str, backends: Any) -> None:
 
         thread = threading.Thread(target=closer)
         thread.start()
-        assert eventually(lambda: pool.closed, True)
+        assert eventually_blocking(lambda: pool.closed, True)
         with pytest.raises(PoolClosed):
             pool.getconn(timeout=1.0)
         # The borrower can finish its work during the grace period.
@@ -672,8 +663,8 @@ def test_close_waits_for_borrowed_connections(dsn: str, backends: Any) -> None:
         thread.join(5.0)
         assert not thread.is_alive()
         assert 0.25 <= result["elapsed"] < 5.0
-        assert eventually(lambda: conn.closed, True)
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: conn.closed, True)
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
         pool.close()  # closing again is a no-op
 
 
@@ -684,7 +675,7 @@ def test_close_timeout_closes_connections_still_borrowed(dsn: str, backends: Any
         pool.close(timeout=0.3)
         assert 0.25 <= time.monotonic() - start < 3.0
         assert conn.closed
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
         with pytest.raises(PoolError):
             pool.putconn(conn)
 
@@ -714,7 +705,7 @@ def test_stats(dsn: str) -> None:
         got: list[Any] = []
         waiter = threading.Thread(target=lambda: got.append(pool.getconn(timeout=10.0)))
         waiter.start()
-        assert eventually(lambda: pool.stats().waiting, 1) == 1
+        assert eventually_blocking(lambda: pool.stats().waiting, 1) == 1
         time.sleep(0.1)
         pool.putconn(conns.pop())
         waiter.join(5.0)
@@ -754,7 +745,7 @@ def test_resize_and_wait(dsn: str, backends: Any) -> None:
         assert (pool.min_size, pool.max_size) == (3, 4)
         pool.wait(10.0)
         assert pool.stats().size >= 3
-        assert eventually(lambda: backends(pool.name), 3) == 3
+        assert eventually_blocking(lambda: backends(pool.name), 3) == 3
         conns = [pool.getconn(timeout=5.0) for _ in range(4)]
         with pytest.raises(PoolTimeout):
             pool.getconn(timeout=0)
@@ -762,7 +753,7 @@ def test_resize_and_wait(dsn: str, backends: Any) -> None:
             pool.putconn(conn)
         pool.resize(1, 1)
         assert (pool.min_size, pool.max_size) == (1, 1)
-        assert eventually(lambda: backends(pool.name), 1) == 1
+        assert eventually_blocking(lambda: backends(pool.name), 1) == 1
         held = pool.getconn()
         with pytest.raises(PoolTimeout):
             pool.getconn(timeout=0)
@@ -789,11 +780,11 @@ def test_wait_raises_pool_timeout_when_the_server_is_unreachable() -> None:
 def test_check_replaces_broken_idle_connections(dsn: str, backends: Any, terminate: Any) -> None:
     with opened(dsn, "check-method", min_size=2, max_size=2) as pool:
         terminate(pool.name)
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
         pool.check()
         assert pool.stats().connections_lost == 2
         pool.wait(10.0)
-        assert eventually(lambda: backends(pool.name), 2) == 2
+        assert eventually_blocking(lambda: backends(pool.name), 2) == 2
         a, b = pool.getconn(), pool.getconn()
         assert a.execute("SELECT 1").fetchone() == b.execute("SELECT 1").fetchone() == (1,)
         pool.putconn(a)
@@ -822,7 +813,7 @@ def test_purge_expired_closes_connections_idle_too_long(dsn: str, backends: Any)
                     pool.putconn(c)
 
         assert not (pids() & old)
-        assert eventually(lambda: backends(pool.name), 3) == 3
+        assert eventually_blocking(lambda: backends(pool.name), 3) == 3
 
 
 def test_idle_connections_above_min_size_close_after_max_idle(dsn: str, backends: Any) -> None:
@@ -831,7 +822,7 @@ def test_idle_connections_above_min_size_close_after_max_idle(dsn: str, backends
         for conn in conns:
             pool.putconn(conn)
         assert backends(pool.name) == 3
-        assert eventually(lambda: backends(pool.name), 1, timeout=5.0) == 1
+        assert eventually_blocking(lambda: backends(pool.name), 1, timeout=5.0) == 1
 
 
 def test_max_lifetime_replaces_old_connections(dsn: str) -> None:
@@ -855,7 +846,7 @@ def test_drain_replaces_idle_now_and_borrowed_on_return(dsn: str) -> None:
         assert a.closed
         assert not b.closed
         pool.putconn(b)
-        assert eventually(lambda: b.closed, True)
+        assert eventually_blocking(lambda: b.closed, True)
         pool.wait(10.0)
         c, d = pool.getconn(timeout=5.0), pool.getconn(timeout=5.0)
         assert not ({c.info.backend_pid, d.info.backend_pid} & old)
@@ -915,11 +906,11 @@ def test_null_pool_closes_each_connection_on_return(dsn: str, backends: Any) -> 
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert backends(pool.name) == 1
         pool.putconn(conn)
-        assert eventually(lambda: conn.closed, True)
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: conn.closed, True)
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
         with pool.connection() as again:
             assert again is not conn
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
         assert pool.stats().size == 0
 
 
@@ -946,7 +937,7 @@ def test_null_pool_bounds_concurrency_by_max_size(dsn: str, backends: Any) -> No
         assert errors == []
         assert peak <= 2
         assert peak_in_use == 2
-        assert eventually(lambda: backends(pool.name), 0) == 0
+        assert eventually_blocking(lambda: backends(pool.name), 0) == 0
 
 
 def test_null_pool_double_putconn_raises(dsn: str) -> None:
@@ -1212,7 +1203,7 @@ def test_process_exits_cleanly_without_close(dsn: str, backends: Any) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
     assert elapsed < 20
     for suffix in "abc":
-        assert eventually(lambda s=suffix: backends(f"{prefix}-{s}"), 0) == 0
+        assert eventually_blocking(lambda s=suffix: backends(f"{prefix}-{s}"), 0) == 0
 
 
 def _read_with_deadline(fd: int, deadline: float) -> bytes:
