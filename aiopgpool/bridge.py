@@ -33,6 +33,7 @@ import selectors
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
+from threading import get_ident
 from typing import Any, TypeVar
 
 import anyio
@@ -126,7 +127,7 @@ class LoopThread:
 
     async def _serve(self) -> None:
         async with BlockingPortal() as portal:
-            self._ident = threading.get_ident()
+            self._ident = get_ident()
             self._portal = portal
             self._ready.set()
             await portal.sleep_until_stopped()
@@ -144,6 +145,13 @@ class LoopThread:
 
     # -- calls -----------------------------------------------------------------------
 
+    def serves_caller(self) -> bool:
+        """True when the loop runs and this thread may call into it (the hot paths' check).
+
+        False: :meth:`check_caller` raises the reason, or the loop is not running.
+        """
+        return self._portal is not None and not self.forked and get_ident() != self._ident
+
     def check_caller(self) -> None:
         """Raise a clear error where a call would deadlock or touch a parent's sockets."""
         if self.forked:
@@ -151,7 +159,7 @@ class LoopThread:
                 f"pool {self.name!r} was created in another process and cannot be used after "
                 "fork(): create a new pool in the child process"
             )
-        if threading.get_ident() == self._ident:
+        if get_ident() == self._ident:
             raise self._loop_thread_error()
 
     def _loop_thread_error(self) -> RuntimeError:

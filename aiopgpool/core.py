@@ -354,24 +354,40 @@ class PoolCore(Generic[ConnT]):
         test (a system call), for a caller that would rather make it outside
         its lock (see :meth:`test_slot`).
         """
-        conn = self._keyed_or_closed(key)
-        if conn is not None:
-            return conn
-        if not self._plain:
-            return None
-        holder = self._queue.get_nowait()
-        if holder is None:
-            return None
-        conn = holder.conn
-        now = monotonic()
-        if conn is None or not (
-            now < holder.fresh_until or (test and self._still_ready(holder, now))
-        ):
-            # Items were kept, so nobody waits: put() just puts it back on top.
-            self._queue.put(holder)
-            return None
-        self._stats.requests += 1
-        return self._checkout(holder, key)
+        if key is None and self._plain:  # _plain implies open
+            # The sync facade's hot path: helpers inlined as in getconn().
+            idle = self._idle
+            if not idle:
+                return None
+            holder = idle.pop()
+            conn = holder.conn
+            now = monotonic()
+            if conn is not None and (
+                now < holder.fresh_until or (test and self._still_ready(holder, now))
+            ):
+                self._stats.requests += 1
+                self._borrowed[conn] = holder
+                return conn
+        else:
+            conn = self._keyed_or_closed(key)
+            if conn is not None:
+                return conn
+            if not self._plain:
+                return None
+            kept = self._queue.get_nowait()
+            if kept is None:
+                return None
+            holder = kept
+            conn = holder.conn
+            now = monotonic()
+            if conn is not None and (
+                now < holder.fresh_until or (test and self._still_ready(holder, now))
+            ):
+                self._stats.requests += 1
+                return self._checkout(holder, key)
+        # Items were kept, so nobody waits: put() just puts it back where it was.
+        self._queue.put(holder)
+        return None
 
     def _effective_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else check_timeout("timeout", timeout)
@@ -733,7 +749,7 @@ class PoolCore(Generic[ConnT]):
         mid-query or broken is discarded, and changed attributes (autocommit,
         isolation level, read only, deferrable) are restored.
         """
-        # _take_borrowed() and _put_back_now(), inlined: this is the hottest path
+        # try_putconn_nowait(conn, handoff=True), inlined: this is the hottest path.
         try:
             holder = self._borrowed.pop(conn)
         except (KeyError, TypeError):
@@ -753,21 +769,6 @@ class PoolCore(Generic[ConnT]):
                 return
         self._unborrow(conn, holder)
         await self._return_slow(holder, close)
-
-    def _put_back_now(self, conn: ConnT, holder: Holder[ConnT]) -> bool:
-        """The return's hot path: back in the queue at once if it needs no work.
-
-        The caller took it out of ``_borrowed``; False leaves everything as it
-        was for the slow path.
-        """
-        if not self._plain or self._key_of or self._state_of(conn) != holder.baseline:
-            return False
-        now = monotonic()
-        if holder.expires_at <= now:
-            return False
-        holder.returned_at = now
-        self._queue.put(holder, True)
-        return True
 
     def _unborrow(self, conn: ConnT, holder: Holder[ConnT]) -> None:
         """Bookkeeping of a return, other than the hot path's."""
@@ -827,12 +828,24 @@ class PoolCore(Generic[ConnT]):
         caller already cleaned a connection returned in a bad state (counted).
         """
         holder = self._take_borrowed(conn)
-        if (self._queue.waiting and not handoff) or not self._put_back_now(conn, holder):
-            self._borrowed[conn] = holder
-            return False
-        if bad:
-            self._stats.returns_bad += 1
-        return True
+        if (
+            self._plain
+            and not self._key_of
+            and self._state_of(conn) == holder.baseline
+            and (handoff or not self._queue.waiting)
+        ):
+            now = monotonic()
+            if holder.expires_at > now:
+                holder.returned_at = now
+                if self._line:
+                    self._queue.put(holder, True)
+                else:
+                    self._idle.append(holder)  # self._queue.put(holder, True)
+                if bad:
+                    self._stats.returns_bad += 1
+                return True
+        self._borrowed[conn] = holder
+        return False
 
     def take_return_nowait(self, conn: ConnT, bad: bool = False) -> Holder[ConnT]:
         """The bookkeeping of a return, done now; finish it with :meth:`finish_return`.

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import psycopg
 
@@ -203,10 +203,14 @@ class SyncPoolFacade(Generic[C]):
 
     def _running_bridge(self) -> LoopThread:
         bridge = self._bridge
-        bridge.check_caller()
-        if not bridge.running:
-            raise self._core._closed_error()
+        if not bridge.serves_caller():
+            self._refuse_caller()
         return bridge
+
+    def _refuse_caller(self) -> NoReturn:
+        """Raise why this thread cannot use the pool now (see ``LoopThread.serves_caller``)."""
+        self._bridge.check_caller()
+        raise self._core._closed_error()
 
     # -- checkout and return ---------------------------------------------------------
 
@@ -217,7 +221,9 @@ class SyncPoolFacade(Generic[C]):
         connection returned by another thread is handed over without going
         through the event loop; the loop is only needed to open or check one.
         """
-        bridge = self._running_bridge()
+        bridge = self._bridge
+        if not bridge.serves_caller():  # _running_bridge(), inlined: the hot path
+            self._refuse_caller()
         core = self._core
         with bridge.lock:
             # The socket test is a system call, which lets other threads run:
@@ -278,7 +284,9 @@ class SyncPoolFacade(Generic[C]):
         free, a second return raises :class:`PoolError`), even when closing
         it is left to the loop.
         """
-        bridge = self._running_bridge()
+        bridge = self._bridge
+        if not bridge.serves_caller():  # _running_bridge(), inlined: the hot path
+            self._refuse_caller()
         core = self._core
         lifecycle = self._lifecycle
         with bridge.lock:
