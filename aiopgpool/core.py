@@ -354,37 +354,25 @@ class PoolCore(Generic[ConnT]):
         test (a system call), for a caller that would rather make it outside
         its lock (see :meth:`test_slot`).
         """
-        if key is None and self._plain:  # _plain implies open
-            # The sync facade's hot path: helpers inlined as in getconn().
-            idle = self._idle
-            if not idle:
-                return None
-            holder = idle.pop()
-            conn = holder.conn
-            now = monotonic()
-            if conn is not None and (
-                now < holder.fresh_until or (test and self._still_ready(holder, now))
-            ):
-                self._stats.requests += 1
-                self._borrowed[conn] = holder
-                return conn
-        else:
+        if key is not None or not self._plain:
             conn = self._keyed_or_closed(key)
-            if conn is not None:
+            if conn is not None or not self._plain:
                 return conn
-            if not self._plain:
-                return None
-            kept = self._queue.get_nowait()
-            if kept is None:
-                return None
-            holder = kept
-            conn = holder.conn
-            now = monotonic()
-            if conn is not None and (
-                now < holder.fresh_until or (test and self._still_ready(holder, now))
-            ):
-                self._stats.requests += 1
-                return self._checkout(holder, key)
+        # The sync facade's hot path: helpers inlined as in getconn().
+        idle = self._idle
+        if not idle:
+            return None
+        holder = idle.pop()  # self._queue.get_nowait()
+        conn = holder.conn
+        now = monotonic()
+        if conn is not None and (
+            now < holder.fresh_until or (test and self._still_ready(holder, now))
+        ):
+            self._stats.requests += 1
+            if key is None:
+                self._borrowed[conn] = holder  # _checkout(holder, None)
+                return conn
+            return self._checkout(holder, key)
         # Items were kept, so nobody waits: put() just puts it back where it was.
         self._queue.put(holder)
         return None
