@@ -8,6 +8,8 @@ import inspect
 import itertools
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,6 +24,19 @@ _seq = itertools.count(1)
 def unique_name(label: str) -> str:
     """A pool name (so an application_name) unique in this run and under 64 bytes."""
     return f"{label[:40]}-{os.getpid()}-{next(_seq)}"
+
+
+def run_python(script: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter with ``env`` added; assert it exited 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 async def call(func: Callable[..., Any], *args: Any) -> Any:

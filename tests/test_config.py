@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -13,7 +11,7 @@ from urllib.parse import quote, urlencode
 import psycopg
 import psycopg2.extensions
 import pytest
-from helpers import eventually_blocking, unique_name
+from helpers import eventually_blocking, run_python, unique_name
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import aiopgpool
@@ -191,10 +189,7 @@ def test_get_pool_before_config_raises_pool_error() -> None:
         "except aiopgpool.PoolError as exc:\n"
         "    print('PoolError', exc)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=20
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(script, timeout=20)
     assert proc.stdout.startswith("PoolError")
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 import pytest
-from helpers import eventually_blocking, unique_name
+from helpers import eventually_blocking, run_python, unique_name
 
 import aiopgpool
 import aiopgpool.psycopg2 as aio2
@@ -695,15 +693,12 @@ print("ok", flush=True)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_psycopg2_pool_survives_a_forked_child_exiting(dsn: str) -> None:
     """psycopg2 connections close their socket when finalized: the child must not do it."""
-    env = dict(os.environ, AIOPGPOOL_TEST_DSN=dsn, AIOPGPOOL_TEST_NAME=uname("p2-fork"))
-    proc = subprocess.run(
-        [sys.executable, "-c", PSYCOPG2_FORK_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = run_python(
+        PSYCOPG2_FORK_SCRIPT,
         timeout=30,
+        AIOPGPOOL_TEST_DSN=dsn,
+        AIOPGPOOL_TEST_NAME=uname("p2-fork"),
     )
-    assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 
 
@@ -722,15 +717,12 @@ print("ok", flush=True)
 
 
 def test_psycopg2_process_exits_cleanly_without_closeall(dsn: str) -> None:
-    env = dict(os.environ, AIOPGPOOL_TEST_DSN=dsn, AIOPGPOOL_TEST_NAME=uname("p2-exit"))
-    proc = subprocess.run(
-        [sys.executable, "-c", PSYCOPG2_EXIT_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = run_python(
+        PSYCOPG2_EXIT_SCRIPT,
         timeout=20,
+        AIOPGPOOL_TEST_DSN=dsn,
+        AIOPGPOOL_TEST_NAME=uname("p2-exit"),
     )
-    assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert "Traceback" not in proc.stderr, proc.stderr
 

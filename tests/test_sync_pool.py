@@ -14,8 +14,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -25,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import eventually_blocking, unique_name
+from helpers import eventually_blocking, run_python, unique_name
 from psycopg import IsolationLevel
 from psycopg.pq import TransactionStatus
 
@@ -1188,17 +1186,9 @@ print("ok", flush=True)
 
 def test_process_exits_cleanly_without_close(dsn: str, backends: Any) -> None:
     prefix = uname("exit")
-    env = dict(os.environ, AIOPGPOOL_TEST_DSN=dsn, AIOPGPOOL_TEST_PREFIX=prefix)
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    proc = run_python(EXIT_SCRIPT, timeout=20, AIOPGPOOL_TEST_DSN=dsn, AIOPGPOOL_TEST_PREFIX=prefix)
     elapsed = time.monotonic() - start
-    assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert "Traceback" not in proc.stderr, proc.stderr
     assert elapsed < 20
@@ -1333,11 +1323,9 @@ print("ok", flush=True)
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_fork_child_exiting_normally_leaves_the_parent_connections_alone(dsn: str) -> None:
-    env = dict(os.environ, AIOPGPOOL_TEST_DSN=dsn, AIOPGPOOL_TEST_PREFIX=uname("fork-exit"))
-    proc = subprocess.run(
-        [sys.executable, "-c", FORK_SCRIPT], env=env, capture_output=True, text=True, timeout=30
+    proc = run_python(
+        FORK_SCRIPT, timeout=30, AIOPGPOOL_TEST_DSN=dsn, AIOPGPOOL_TEST_PREFIX=uname("fork-exit")
     )
-    assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 
 
