@@ -16,6 +16,11 @@ Deadlines do not cost a timer per waiter: one timer, armed for the earliest
 deadline, sweeps the line when it fires and re-arms itself for the next one
 (at most every ``SWEEP_INTERVAL``). With the usual equal timeouts a new
 waiter's deadline is never the earliest, so waiting costs a comparison.
+
+The pool's two hottest paths (an asyncio checkout that waits, a return that
+hands over) use the queue's state directly rather than call :meth:`join`
+and :meth:`put`: a call costs more than either body. :attr:`items`,
+:attr:`line`, :attr:`waiting` and :attr:`sweep_at` say how.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Callable, Iterator
 from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["HandoffQueue", "WaitTimeout", "Waiter"]
+__all__ = ["NEVER", "HandoffQueue", "WaitTimeout", "Waiter"]
 
 T = TypeVar("T")
 
@@ -52,7 +57,8 @@ class WaitTimeout(Exception):
 # The sweeping timer re-arms itself no sooner than this after it fired: a
 # waiter may time out this much late, at most.
 SWEEP_INTERVAL = 0.005
-_NEVER = float("inf")
+#: The deadline of a waiter that waits for as long as it takes.
+NEVER = float("inf")
 
 
 class HandoffQueue(Generic[T]):
@@ -62,10 +68,10 @@ class HandoffQueue(Generic[T]):
         "_is_ready",
         "_items",
         "_loop",
-        "_sweep_at",
         "_sweeper",
         "_waiters",
-        "_waiting",
+        "sweep_at",
+        "waiting",
     )
 
     def __init__(self, is_ready: Callable[[T], bool]) -> None:
@@ -75,11 +81,14 @@ class HandoffQueue(Generic[T]):
         # future is already done (timed out, cancelled, failed) are skipped
         # lazily. Outside waiters (add_waiter) keep their own deadline.
         self._waiters: deque[tuple[Any, float]] = deque()
-        # Futures in line not done yet: whoever completes one counts it out.
-        self._waiting = 0
-        self._loop: asyncio.AbstractEventLoop | None = None  # bound at the first wait
+        #: How many getters are waiting now: the futures in :attr:`line` not
+        #: done yet. Whoever completes one (or puts one in line) counts it.
+        self.waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound at the first arm()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep_at = _NEVER
+        #: When the sweeping timer fires next (infinity: not armed). A waiter
+        #: put in line with an earlier deadline must :meth:`arm` it.
+        self.sweep_at = NEVER
 
     def __len__(self) -> int:
         return len(self._items)
@@ -99,13 +108,16 @@ class HandoffQueue(Generic[T]):
 
     @property
     def line(self) -> deque[tuple[Any, float]]:
-        """The waiters' line (it may hold waiters already done): see :attr:`items`."""
-        return self._waiters
+        """The waiters' line, oldest first: ``(future, deadline)`` pairs.
 
-    @property
-    def waiting(self) -> int:
-        """How many getters are waiting now."""
-        return self._waiting
+        It may hold waiters already done, which are skipped. For a caller's
+        hot paths: :meth:`join` is appending ``(future, deadline)``, adding 1
+        to :attr:`waiting` and calling :meth:`arm` when ``deadline`` is before
+        :attr:`sweep_at`; the hand-over in :meth:`put` is popping from the
+        left until a future not done, completing it and taking 1 from
+        :attr:`waiting`.
+        """
+        return self._waiters
 
     def get_nowait(self) -> T | None:
         """The top item, or None when there is none.
@@ -126,7 +138,7 @@ class HandoffQueue(Generic[T]):
             fut, _ = waiters.popleft()
             if not fut.done():
                 fut.set_result(item)
-                self._waiting -= 1
+                self.waiting -= 1
                 return
         if ready or (ready is None and self._is_ready(item)):
             self._items.append(item)
@@ -168,18 +180,15 @@ class HandoffQueue(Generic[T]):
         not a coroutine: under load every request waits, and a coroutine
         frame more in the chain costs at each suspension and resumption.)
         """
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if timeout is None:
-            deadline = _NEVER
+            deadline = NEVER
         else:
             deadline = now + timeout
-            if deadline < self._sweep_at:
-                self._arm(loop, deadline)
+            if deadline < self.sweep_at:
+                self.arm(deadline)
         self._waiters.append((fut, deadline))
-        self._waiting += 1
+        self.waiting += 1
         return fut
 
     def withdraw(self, fut: asyncio.Future[T]) -> None:
@@ -189,35 +198,39 @@ class HandoffQueue(Generic[T]):
         next waiter.
         """
         if fut.cancelled():
-            self._waiting -= 1
+            self.waiting -= 1
         elif not fut.done():
             fut.cancel()
-            self._waiting -= 1
+            self.waiting -= 1
         elif fut.exception() is None:
             self.put(fut.result())
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def arm(self, when: float) -> None:
+        """Make the sweeping timer fire at ``when`` (a waiter's deadline, on the loop's clock)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self._sweep_at = when
-        self._sweeper = loop.call_at(when, self._sweep, loop)
+        self.sweep_at = when
+        self._sweeper = loop.call_at(when, self._sweep)
 
-    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _sweep(self) -> None:
         """Time out every waiter whose deadline passed; re-arm for the next deadline."""
         self._sweeper = None
-        self._sweep_at = _NEVER
+        self.sweep_at = NEVER
         now = monotonic()
-        earliest = _NEVER
+        earliest = NEVER
         for fut, deadline in self._waiters:
             if fut.done():
                 continue
             if deadline <= now:
                 fut.set_exception(WaitTimeout())
-                self._waiting -= 1
+                self.waiting -= 1
             elif deadline < earliest:
                 earliest = deadline
-        if earliest != _NEVER:
-            self._arm(loop, max(earliest, now + SWEEP_INTERVAL))
+        if earliest != NEVER:
+            self.arm(max(earliest, now + SWEEP_INTERVAL))
 
     def add_waiter(self, waiter: Waiter[T]) -> None:
         """Put an outside waiter in line; it waits on its own (see :meth:`abandon`).
@@ -225,8 +238,8 @@ class HandoffQueue(Generic[T]):
         Only while no item is kept: a caller takes an item with
         :meth:`get_nowait` first.
         """
-        self._waiters.append((waiter, _NEVER))
-        self._waiting += 1
+        self._waiters.append((waiter, NEVER))
+        self.waiting += 1
 
     def abandon(self, waiter: Waiter[T]) -> T | None:
         """An outside waiter stops waiting: None if it got nothing, else the item it got.
@@ -234,7 +247,7 @@ class HandoffQueue(Generic[T]):
         Raises the exception it was completed with (see :meth:`fail_waiters`).
         """
         if waiter.cancel():
-            self._waiting -= 1
+            self.waiting -= 1
             return None
         return waiter.result()
 
@@ -244,8 +257,8 @@ class HandoffQueue(Generic[T]):
             fut, _ = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(make_exc())
-                self._waiting -= 1
+                self.waiting -= 1
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-            self._sweep_at = _NEVER
+            self.sweep_at = NEVER
