@@ -84,6 +84,7 @@ class PoolCore(Generic[ConnT]):
         "_borrowed",
         "_connect_slots",
         "_excess",
+        "_fail_fast_watchers",
         "_failing_since",
         "_failure_reported",
         "_filling",
@@ -178,6 +179,7 @@ class PoolCore(Generic[ConnT]):
         self._connect_slots = asyncio.Semaphore(min(max_size, MAX_CONCURRENT_CONNECTS) or 1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._size_watchers: list[asyncio.Future[None]] = []
+        self._fail_fast_watchers: list[asyncio.Future[None]] = []  # a subset of those
         self._all_returned: asyncio.Future[None] | None = None
         self._maintenance: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -213,15 +215,19 @@ class PoolCore(Generic[ConnT]):
 
     # -- opening -----------------------------------------------------------------
 
-    async def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+    async def open(
+        self, wait: bool = False, timeout: float = 30.0, *, fail_fast: bool = False
+    ) -> None:
         """Start the pool: fill ``min_size`` connections in the background.
 
         With ``wait=True``, return once they exist or raise :class:`PoolTimeout`
-        (the last connection error chained) after ``timeout`` seconds.
+        (the last connection error chained) after ``timeout`` seconds; with
+        ``fail_fast=True`` too, the first connection error is raised at once
+        (see :meth:`wait`).
         """
         if self._state == _OPEN:
             if wait:
-                await self.wait(timeout)
+                await self.wait(timeout, fail_fast=fail_fast)
             return
         if self._state != _NEW:
             raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
@@ -238,14 +244,21 @@ class PoolCore(Generic[ConnT]):
         self._fill()
         self._schedule_maintenance()
         if wait:
-            await self.wait(timeout)
+            await self.wait(timeout, fail_fast=fail_fast)
 
-    async def wait(self, timeout: float = 30.0) -> None:
-        """Wait until ``min_size`` connections are open, or raise :class:`PoolTimeout`."""
+    async def wait(self, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
+        """Wait until ``min_size`` connections are open, or raise :class:`PoolTimeout`.
+
+        ``fail_fast=True``: a connection attempt that fails meanwhile raises
+        its own error at once, as psycopg2's pools do when they connect at
+        construction (the drop-ins use it).
+        """
         self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._size_watchers.append(fut)
+        if fail_fast:
+            self._fail_fast_watchers.append(fut)
         self._notify_size()
         try:
             with anyio.fail_after(timeout):
@@ -256,8 +269,9 @@ class PoolCore(Generic[ConnT]):
                 f"connections after {timeout:g} s"
             ) from self._last_error
         finally:
-            if fut in self._size_watchers:
-                self._size_watchers.remove(fut)
+            for watchers in (self._size_watchers, self._fail_fast_watchers):
+                if fut in watchers:
+                    watchers.remove(fut)
 
     def _notify_size(self) -> None:
         if self._size >= self._min_size and self._size_watchers:
@@ -265,6 +279,7 @@ class PoolCore(Generic[ConnT]):
                 if not fut.done():
                     fut.set_result(None)
             self._size_watchers.clear()
+            self._fail_fast_watchers.clear()
 
     def _check_open(self) -> None:
         if self._state != _OPEN:
@@ -714,6 +729,10 @@ class PoolCore(Generic[ConnT]):
     def _connect_failed(self, exc: BaseException) -> None:
         self._stats.connections_failed += 1
         self._last_error = exc
+        for fut in self._fail_fast_watchers:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._fail_fast_watchers.clear()
         now = self._now()
         if self._failing_since is None:
             self._failing_since = now
@@ -1094,27 +1113,35 @@ class PoolCore(Generic[ConnT]):
         self._close_now()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Refuse new requests, wait up to ``timeout`` for borrowed connections, close."""
-        if self._state in (_CLOSED, _CLOSING):
+        """Refuse new requests, wait up to ``timeout`` for borrowed connections, close.
+
+        When it returns the pool is closed, even when another ``close()`` is
+        still waiting for returns (this one waits with it, up to its own
+        ``timeout``).
+        """
+        if self._state == _CLOSED:
             return
         if self._state == _NEW:
             self._close_now()
             return
-        self._state = _CLOSING
-        self._plain = False
-        self._queue.fail_waiters(self._closed_error)
-        if self._borrowed:
-            self._all_returned = asyncio.get_running_loop().create_future()
+        if self._state == _OPEN:
+            self._state = _CLOSING
+            self._plain = False
+            self._queue.fail_waiters(self._closed_error)
+            if self._borrowed:
+                self._all_returned = asyncio.get_running_loop().create_future()
+        if self._all_returned is not None and not self._all_returned.done():
             with anyio.move_on_after(timeout) as scope:
                 await asyncio.shield(self._all_returned)
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and self._state != _CLOSED:
                 logger.warning(
                     "pool %r: %d connections still borrowed after %g s: closing them",
                     self.name,
                     len(self._borrowed),
                     timeout,
                 )
-        self._close_now()
+        if self._state != _CLOSED:
+            self._close_now()
 
     def _close_now(self) -> None:
         self._state = _CLOSED
@@ -1128,6 +1155,7 @@ class PoolCore(Generic[ConnT]):
             if not fut.done():
                 fut.set_exception(self._closed_error())
         self._size_watchers.clear()
+        self._fail_fast_watchers.clear()
         for task in list(self._tasks):
             task.cancel()
         for holder in self._queue.take(lambda h: True):

@@ -35,9 +35,9 @@ __all__ = [
 
 C = TypeVar("C")
 
-# How long construction waits for ``minconn`` connections (psycopg2 connects
-# synchronously and raises at once; a server that is down raises here after
-# this many seconds, with the connection error chained).
+# How long construction waits for ``minconn`` connections. As in psycopg2, a
+# connection attempt that fails raises its error at once; this bounds attempts
+# that neither fail nor succeed (PoolTimeout).
 OPEN_TIMEOUT = 10.0
 
 
@@ -91,7 +91,7 @@ class DropInBase(Generic[C]):
             name=name,
         )
         try:
-            self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
+            self._pool.open(wait=True, timeout=OPEN_TIMEOUT, fail_fast=True)
         except BaseException:
             self._pool.close(0)  # nothing leaks: no loop thread left retrying
             raise

@@ -18,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -153,13 +154,13 @@ class SyncPoolFacade(Generic[C]):
 
     # -- opening and closing ---------------------------------------------------------
 
-    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+    def open(self, wait: bool = False, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
         """Start the pool (and its loop thread); see ``AsyncConnectionPool.open``."""
         if self._core.closed:
             raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
         self._bridge.check_caller()
         self._bridge.start()
-        self._bridge.call(self._core.open, wait, timeout)
+        self._bridge.call(partial(self._core.open, wait, timeout, fail_fast=fail_fast))
 
     def __enter__(self: Self) -> Self:
         self.open()
@@ -344,9 +345,13 @@ class SyncPoolFacade(Generic[C]):
         """Change the pool's sizes (as ``AsyncConnectionPool.resize``)."""
         self._running_bridge().call(self._core.resize, min_size, max_size)
 
-    def wait(self, timeout: float = 30.0) -> None:
-        """Wait until ``min_size`` connections are open, or raise PoolTimeout."""
-        self._running_bridge().call(self._core.wait, timeout)
+    def wait(self, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
+        """Wait until ``min_size`` connections are open, or raise PoolTimeout.
+
+        ``fail_fast=True``: raise the first connection error instead (see
+        ``AsyncConnectionPool.wait``).
+        """
+        self._running_bridge().call(partial(self._core.wait, timeout, fail_fast=fail_fast))
 
     def check(self) -> None:
         """Make a round trip on every idle connection; replace those that fail."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+import psycopg
 import pytest
 from helpers import call, closed_port, eventually, finish, monitor, opened, unique_name
 
@@ -122,6 +123,26 @@ async def test_close_timeout_closes_kept_connections(dsn: str, backends: Any) ->
     assert await eventually(backends, name, expect=0) == 0
     with pytest.raises(PoolClosed):
         await pool.putconn(conn)
+
+
+async def test_a_close_during_a_close_returns_with_the_pool_closed(dsn: str, backends: Any) -> None:
+    """A second close() while a first one waits for a borrowed connection waits with it,
+    up to its own timeout, then closes: when it returns, the pool is closed; the first
+    close() then returns too."""
+    name = unique_name("close-during-close")
+    pool = AsyncConnectionPool(dsn, name=name, min_size=1, max_size=1, timeout=5)
+    await pool.open(wait=True, timeout=5)
+    conn = await pool.getconn()
+    first = asyncio.create_task(pool.close(timeout=30))
+    await asyncio.sleep(0.05)
+    assert not first.done(), "the first close() waits for the borrowed connection"
+    await asyncio.wait_for(pool.close(timeout=0.2), 5)
+    assert conn.closed
+    stats = pool.stats()
+    assert (stats.size, stats.in_use) == (0, 0)
+    assert await eventually(backends, name, expect=0) == 0
+    await finish(first)
+    assert first.exception() is None
 
 
 async def test_waiters_get_pool_closed_when_close_starts(dsn: str) -> None:
@@ -303,6 +324,28 @@ async def test_password_never_shown(form: str, caplog: pytest.LogCaptureFixture)
             texts.append(record.stack_info)
     leaks = [text for text in texts if SECRET in text]
     assert leaks == []
+
+
+@pytest.mark.parametrize("via", ["open", "wait"])
+async def test_fail_fast_raises_the_first_connection_error(via: str) -> None:
+    """open(wait=True, fail_fast=True) and wait(fail_fast=True) raise the driver's own
+    error as soon as an attempt fails (no PoolTimeout, no password); the pool is then
+    as usual: still open, still retrying, closable."""
+    conninfo, kwargs = _secret_conninfos(closed_port())["keywords"]
+    pool = AsyncConnectionPool(conninfo, kwargs=kwargs, name=unique_name("fail-fast"), min_size=1)
+    try:
+        with pytest.raises(psycopg.OperationalError) as info:
+            if via == "open":
+                await asyncio.wait_for(pool.open(wait=True, timeout=30, fail_fast=True), 10)
+            else:
+                await pool.open()
+                await asyncio.wait_for(pool.wait(30, fail_fast=True), 10)
+        assert not isinstance(info.value, PoolTimeout)
+        assert all(SECRET not in text for text in _chain_texts(info.value))
+        assert not pool.closed
+        assert pool.stats().connections_failed >= 1
+    finally:
+        await pool.close()
 
 
 # -- resize / purge_expired ---------------------------------------------------------------

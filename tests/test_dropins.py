@@ -728,28 +728,53 @@ def test_psycopg2_process_exits_cleanly_without_closeall(dsn: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "cls",
-    [aiopgpool.ThreadedConnectionPool, aio2.ThreadedConnectionPool],
-    ids=["psycopg", "psycopg2"],
+    ("cls", "error"),
+    [
+        (psycopg2.pool.ThreadedConnectionPool, psycopg2.OperationalError),
+        (aiopgpool.ThreadedConnectionPool, psycopg.OperationalError),
+        (aio2.ThreadedConnectionPool, psycopg2.OperationalError),
+    ],
+    ids=["real-psycopg2.pool", "psycopg", "psycopg2"],
 )
-def test_construction_against_a_down_server_leaks_nothing(
-    cls: Any, monkeypatch: pytest.MonkeyPatch
+def test_construction_against_a_down_server_raises_the_connection_error(
+    cls: Any, error: type[Exception]
 ) -> None:
-    """A drop-in that cannot open raises (the connection error chained, no password) and
-    leaves no loop thread behind retrying."""
+    """As psycopg2.pool does, construction raises the driver's own connection error
+    (not a PoolTimeout after waiting), shows no password, and leaves no loop thread
+    behind retrying."""
     from helpers import closed_port
+
+    before = {t.ident for t in threading.enumerate()}
+    dsn = f"host=127.0.0.1 port={closed_port()} user=x password=sekrit-down"
+    with pytest.raises(error) as info:
+        cls(1, 2, dsn)
+    assert not isinstance(info.value, aiopgpool.PoolTimeout)
+    assert "sekrit-down" not in str(info.value)
+    assert eventually_blocking(lambda: new_loop_threads(before), []) == []
+
+
+def test_construction_raises_pool_timeout_when_connects_neither_fail_nor_succeed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection attempt that hangs (a server that accepts and never answers) is
+    bounded: PoolTimeout after OPEN_TIMEOUT, and no loop thread left behind."""
+    import socket
 
     monkeypatch.setattr(aiopgpool.dropins, "OPEN_TIMEOUT", 0.5)
     before = {t.ident for t in threading.enumerate()}
-    dsn = f"host=127.0.0.1 port={closed_port()} user=x password=sekrit-down"
-    with pytest.raises(aiopgpool.PoolTimeout) as info:
-        cls(1, 2, dsn)
-    assert isinstance(info.value.__cause__, (psycopg.OperationalError, psycopg2.OperationalError))
-    assert "sekrit-down" not in str(info.value)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
-        if not [t for t in left if t.name.startswith("aiopgpool-")]:
-            break
-        time.sleep(0.05)
-    assert not [t for t in left if t.name.startswith("aiopgpool-")]
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        with pytest.raises(aiopgpool.PoolTimeout):
+            aiopgpool.ThreadedConnectionPool(1, 2, f"host=127.0.0.1 port={port} user=x")
+    assert eventually_blocking(lambda: new_loop_threads(before), []) == []
+
+
+def new_loop_threads(before: set[int | None]) -> list[str]:
+    """Names of the pools' loop threads alive now that were not in ``before``."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in before and t.is_alive() and t.name.startswith("aiopgpool-")
+    ]
