@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import os
 import selectors
@@ -80,6 +81,7 @@ class LoopThread:
         self._keepalive = keepalive
         self._on_exit = on_exit
         self._portal: BlockingPortal | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ident: int | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -127,6 +129,7 @@ class LoopThread:
 
     async def _serve(self) -> None:
         async with BlockingPortal() as portal:
+            self._loop = asyncio.get_running_loop()
             self._ident = get_ident()
             self._portal = portal
             self._ready.set()
@@ -142,6 +145,26 @@ class LoopThread:
         portal.call(portal.stop)
         thread.join()
         _bridges.discard(self)
+
+    def abandon(self, cleanup: Callable[[], object]) -> None:
+        """For a finalizer: run ``cleanup()`` on the loop, then end the thread; never blocks.
+
+        It may run in any thread, the loop's own included: garbage collection
+        runs wherever the last reference goes.
+        """
+        loop, portal = self._loop, self._portal
+        if loop is None or portal is None or self.forked:
+            return
+        _bridges.discard(self)
+
+        def on_loop() -> None:
+            try:
+                cleanup()
+            finally:
+                loop.create_task(portal.stop())
+
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(on_loop)
 
     # -- calls -----------------------------------------------------------------------
 

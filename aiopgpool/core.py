@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import traceback
+import weakref
 from collections.abc import Callable, Hashable
 from time import monotonic
 from typing import Any, Generic, TypeVar
@@ -101,6 +102,7 @@ class PoolCore(Generic[ConnT]):
         "_max_size",
         "_min_size",
         "_owner",
+        "_owner_type",
         "_plain",
         "_preparing",
         "_queue",
@@ -158,7 +160,10 @@ class PoolCore(Generic[ConnT]):
         self.leak_timeout = check_timeout("leak_timeout", leak_timeout)
         self._reconnect_failed = reconnect_failed
         self._keep_idle = keep_idle
-        self._owner = self if owner is None else owner
+        # The object users hold (a sync facade holds its core): referenced
+        # weakly, so that a facade nobody references can be collected.
+        self._owner = weakref.ref(self if owner is None else owner)
+        self._owner_type = type(self if owner is None else owner).__name__
 
         self._state = _NEW
         self._queue: HandoffQueue[Holder[ConnT]] = HandoffQueue(_is_connected)
@@ -208,7 +213,7 @@ class PoolCore(Generic[ConnT]):
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self._owner).__name__} {self.name!r} {self._state} "
+            f"<{self._owner_type} {self.name!r} {self._state} "
             f"size={self._size}/{self._max_size} in_use={len(self._borrowed)} "
             f"waiting={self._queue.waiting} {self._target}>"
         )
@@ -753,9 +758,10 @@ class PoolCore(Generic[ConnT]):
             self.name,
             self.reconnect_timeout,
         )
-        if self._reconnect_failed is not None:
+        owner = self._owner()
+        if self._reconnect_failed is not None and owner is not None:
             try:
-                self._reconnect_failed(self._owner)
+                self._reconnect_failed(owner)
             except Exception:
                 logger.exception("pool %r: reconnect_failed callback raised", self.name)
 
@@ -1143,7 +1149,24 @@ class PoolCore(Generic[ConnT]):
         if self._state != _CLOSED:
             self._close_now()
 
-    def _close_now(self) -> None:
+    def abandon(self) -> None:
+        """Close now, leaving borrowed connections open: for a pool object nobody references.
+
+        Nobody can give those connections back any more, and closing them
+        would break whoever still uses one; each closes with its own object.
+        """
+        if self._state == _CLOSED:
+            return
+        if self._borrowed:
+            logger.warning(
+                "pool %r was dropped without close(): %d borrowed connections are left "
+                "to their borrowers",
+                self.name,
+                len(self._borrowed),
+            )
+        self._close_now(keep_borrowed=True)
+
+    def _close_now(self, *, keep_borrowed: bool = False) -> None:
         self._state = _CLOSED
         self._plain = False
         if self._all_returned is not None and not self._all_returned.done():
@@ -1163,7 +1186,8 @@ class PoolCore(Generic[ConnT]):
         for holder in self._borrowed.values():
             if holder.leak_timer is not None:
                 holder.leak_timer.cancel()
-            self._discard(holder, "pool closed while borrowed")
+            if not keep_borrowed:
+                self._discard(holder, "pool closed while borrowed")
         self._borrowed.clear()
         self._keyed.clear()
         self._key_of.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -125,7 +126,10 @@ class SyncPoolFacade(Generic[C]):
             keep_idle=keep_idle,
             owner=self,
         )
-        self._bridge = LoopThread(name, keepalive=self._core, on_exit=self._close_at_exit)
+        self._bridge = LoopThread(name, keepalive=self._core, on_exit=partial(self._core.close, 0))
+        # Dropped without close(): closed on its loop (borrowed connections
+        # left to their borrowers), and its thread ends.
+        weakref.finalize(self, self._bridge.abandon, self._core.abandon).atexit = False
 
     # -- attributes ------------------------------------------------------------------
 
@@ -198,9 +202,6 @@ class SyncPoolFacade(Generic[C]):
             self._bridge.call(self._core.close, timeout)
         finally:
             self._bridge.stop()
-
-    async def _close_at_exit(self) -> None:
-        await self._core.close(0)
 
     def _running_bridge(self) -> LoopThread:
         bridge = self._bridge

@@ -8,6 +8,7 @@ exit and fork(); no password anywhere.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import itertools
 import logging
@@ -27,6 +28,7 @@ from helpers import eventually_blocking, run_python, unique_name
 from psycopg import IsolationLevel
 from psycopg.pq import TransactionStatus
 
+import aiopgpool
 from aiopgpool import (
     AsyncConnectionPool,
     ConnectionPool,
@@ -1427,3 +1429,30 @@ def test_interrupted_wait_leaves_the_line_and_loses_no_slot(dsn: str) -> None:
         assert again.execute("SELECT 1").fetchone() == (1,)
         pool.putconn(again)
         assert pool.stats().in_use == 0
+
+
+@pytest.mark.parametrize("kind", ["ConnectionPool", "ThreadedConnectionPool"])
+def test_a_pool_dropped_without_close_ends_its_thread(dsn: str, backends: Any, kind: str) -> None:
+    """A pool nobody references any more, never closed, is closed when collected: its loop
+    thread ends and its idle connections close, while a connection still borrowed stays
+    open and usable by its borrower."""
+    name = unique_name("dropped")
+    pool: Any
+    if kind == "ConnectionPool":
+        pool = ConnectionPool(dsn, name=name, min_size=2, max_size=2, timeout=5)
+        pool.open(wait=True, timeout=5)
+    else:
+        pool = aiopgpool.ThreadedConnectionPool(2, 2, dsn, name=name)
+    conn = pool.getconn()
+    assert backends(name) == 2
+
+    def loop_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name == f"aiopgpool-{name}"]
+
+    assert loop_threads() == [f"aiopgpool-{name}"]
+    del pool
+    gc.collect()
+    assert eventually_blocking(loop_threads, []) == []
+    assert eventually_blocking(lambda: backends(name), 1) == 1
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    conn.close()
