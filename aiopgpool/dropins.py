@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import threading
 from abc import abstractmethod
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
-from typing import Any, Generic, TypeVar
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any, ClassVar, Generic, TypeVar
 
 from .errors import PoolError
 from .options import check_timeout
@@ -66,6 +66,11 @@ class DropInBase(Generic[C]):
     default ``minconn``) and ``name``.
     """
 
+    #: Pool error classes raised as others by getconn/putconn/closeall and
+    #: at construction (see aiopgpool.psycopg2: errors that are also
+    #: psycopg2.pool.PoolError). Empty: raised as they are.
+    _error_classes: ClassVar[Mapping[type[PoolError], type[PoolError]]] = {}
+
     def __init__(
         self,
         minconn: int,
@@ -92,8 +97,10 @@ class DropInBase(Generic[C]):
         )
         try:
             self._pool.open(wait=True, timeout=OPEN_TIMEOUT, fail_fast=True)
-        except BaseException:
+        except BaseException as exc:
             self._pool.close(0)  # nothing leaks: no loop thread left retrying
+            if isinstance(exc, PoolError):
+                raise self._translated(exc) from exc.__cause__
             raise
         if min_kept is not None and not disable_pooling and min_kept != minconn:
             # ``minconn`` are made now, but only ``min_kept`` are kept open
@@ -129,30 +136,50 @@ class DropInBase(Generic[C]):
             f"<{type(self).__name__} minconn={self.minconn} maxconn={self.maxconn} {self._pool!r}>"
         )
 
+    def _translated(self, exc: PoolError) -> PoolError:
+        """``exc`` as this class raises it (see ``_error_classes``), same message."""
+        cls = self._error_classes.get(type(exc))
+        if cls is None:
+            return exc
+        return cls(*exc.args).with_traceback(exc.__traceback__)
+
     def getconn(self, key: Hashable | None = None) -> C:
         """A connection (the same one for the same ``key``); PoolError when exhausted."""
-        return self._pool.getconn(key, timeout=0)
+        try:
+            return self._pool.getconn(key, timeout=0)
+        except PoolError as exc:
+            raise self._translated(exc) from exc.__cause__
 
     def putconn(
         self, conn: C | None = None, key: Hashable | None = None, close: bool = False
     ) -> None:
         """Give a connection back (by ``conn`` or by ``key``); ``close=True`` discards it."""
-        if conn is None:
-            if key is None:
-                raise PoolError("trying to put unkeyed connection")
-            conn = self._pool.held_by_key(key)
+        try:
             if conn is None:
-                raise PoolError(f"no connection is checked out under key {key!r}")
-        self._pool.putconn(conn, key, close)
+                if key is None:
+                    raise PoolError("trying to put unkeyed connection")
+                conn = self._pool.held_by_key(key)
+                if conn is None:
+                    raise PoolError(f"no connection is checked out under key {key!r}")
+            self._pool.putconn(conn, key, close)
+        except PoolError as exc:
+            raise self._translated(exc) from exc.__cause__
 
     def closeall(self) -> None:
         """Close every connection, borrowed ones included; PoolError if already closed."""
-        self._pool.closeall()
+        try:
+            self._pool.closeall()
+        except PoolError as exc:
+            raise self._translated(exc) from exc.__cause__
 
     @contextmanager
     def connection(self) -> Iterator[C]:
         """``with pool.connection() as conn``: getconn, commit or roll back, putconn."""
-        with self._pool.connection(timeout=0) as conn:
+        with ExitStack() as stack:
+            try:
+                conn = stack.enter_context(self._pool.connection(timeout=0))
+            except PoolError as exc:
+                raise self._translated(exc) from exc.__cause__
             yield conn
 
     def purge_expired_connections(self) -> int:
@@ -206,18 +233,21 @@ class PersistentMixin(DropInBase[C]):
 
     def getconn(self, key: Hashable | None = None) -> C:
         """This thread's connection (``key`` is ignored, as in psycopg2)."""
-        return self._pool.getconn(("thread", threading.get_ident()), timeout=0)
+        return super().getconn(("thread", threading.get_ident()))
 
     def putconn(
         self, conn: C | None = None, key: Hashable | None = None, close: bool = False
     ) -> None:
         """Give back this thread's connection; ``conn`` may be omitted."""
         thread_key = ("thread", threading.get_ident())
-        if conn is None:
-            conn = self._pool.held_by_key(thread_key)
+        try:
             if conn is None:
-                raise PoolError("this thread holds no connection from this pool")
-        self._pool.putconn(conn, thread_key, close)
+                conn = self._pool.held_by_key(thread_key)
+                if conn is None:
+                    raise PoolError("this thread holds no connection from this pool")
+        except PoolError as exc:
+            raise self._translated(exc) from exc.__cause__
+        super().putconn(conn, thread_key, close)
 
 
 class PersistentConnectionPool(PersistentMixin[Any], AbstractConnectionPool):

@@ -8,12 +8,13 @@ through psycopg2's own API.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 try:
     import psycopg2
     import psycopg2.extensions as ext
+    import psycopg2.pool
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "aiopgpool.psycopg2 needs psycopg2: pip install 'aiopgpool[psycopg2]'"
@@ -21,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import contextlib
 
+from . import errors
 from .dropins import DropInBase, PersistentMixin
 from .lifecycle import Baseline, quiet_socket_test
 from .options import describe_target, make_name, prepare_connect_kwargs
@@ -30,6 +32,9 @@ from .sync_pool import SyncPoolFacade
 __all__ = [
     "AbstractConnectionPool",
     "PersistentConnectionPool",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
     "Psycopg2Lifecycle",
     "SimpleConnectionPool",
     "ThreadedConnectionPool",
@@ -129,8 +134,34 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         return not conn.closed and conn.info.transaction_status == _IDLE
 
 
+# Both drivers' Error classes define ``diag``; psycopg's (the first base) serves.
+class PoolError(errors.PoolError, psycopg2.pool.PoolError):  # type: ignore[misc]
+    """aiopgpool's :class:`~aiopgpool.PoolError` that is also ``psycopg2.pool.PoolError``.
+
+    These drop-ins raise it (and the two below) so that code written for
+    psycopg2.pool, which catches ``psycopg2.pool.PoolError``, keeps working.
+    """
+
+
+class PoolTimeout(errors.PoolTimeout, PoolError):  # type: ignore[misc]
+    """:class:`~aiopgpool.PoolTimeout` ("connection pool exhausted"), a psycopg2 PoolError."""
+
+
+class PoolClosed(errors.PoolClosed, PoolError):  # type: ignore[misc]
+    """:class:`~aiopgpool.PoolClosed`, a psycopg2 PoolError."""
+
+
 class AbstractConnectionPool(DropInBase[Connection]):
-    """psycopg2.pool.AbstractConnectionPool's contract, serving psycopg2 connections."""
+    """psycopg2.pool.AbstractConnectionPool's contract, serving psycopg2 connections.
+
+    Its pool errors are also ``psycopg2.pool.PoolError`` (see :class:`PoolError`).
+    """
+
+    _error_classes: ClassVar[Mapping[type[errors.PoolError], type[errors.PoolError]]] = {
+        errors.PoolError: PoolError,
+        errors.PoolTimeout: PoolTimeout,
+        errors.PoolClosed: PoolClosed,
+    }
 
     def _make_facade(
         self,

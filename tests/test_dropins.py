@@ -80,7 +80,7 @@ OURS_PSYCOPG2 = Impl(
     aio2.SimpleConnectionPool,
     aio2.ThreadedConnectionPool,
     aio2.PersistentConnectionPool,
-    aiopgpool.PoolError,
+    psycopg2.pool.PoolError,  # aio2.PoolError: an aiopgpool.PoolError too
     psycopg2.extensions.connection,
     psycopg2.connect,
     ours=True,
@@ -778,3 +778,23 @@ def new_loop_threads(before: set[int | None]) -> list[str]:
         for t in threading.enumerate()
         if t.ident not in before and t.is_alive() and t.name.startswith("aiopgpool-")
     ]
+
+
+@kinds
+def test_psycopg2_dropins_raise_errors_of_both_families(dsn: str, make: Maker, kind: str) -> None:
+    """aiopgpool.psycopg2's pool errors are psycopg2.pool.PoolError (what psycopg2 code
+    catches) and aiopgpool's own classes, with the same messages."""
+    pool = make(cls_of(OURS_PSYCOPG2, kind), 1, 1, dsn)
+    conn = pool.getconn()
+    with pytest.raises(psycopg2.pool.PoolError, match="connection pool exhausted") as info:
+        pool.getconn()
+    assert isinstance(info.value, aiopgpool.PoolTimeout)
+    assert isinstance(info.value, aio2.PoolTimeout)
+    pool.putconn(conn)
+    with pytest.raises(psycopg2.pool.PoolError) as info:
+        pool.putconn(conn)
+    assert isinstance(info.value, aiopgpool.PoolError)
+    pool.closeall()
+    with pytest.raises(psycopg2.pool.PoolError) as info:
+        pool.getconn()
+    assert isinstance(info.value, aiopgpool.PoolClosed)
