@@ -1,8 +1,11 @@
 """Runs the plan: pools take turns, round by round, in one process.
 
 Round ``r``: for every case, every pool of the case's family runs it once (a
-short warm-up, then ``duration`` seconds measured), in an order rotated by ``r``
-so that no pool always follows the same neighbour. The steady-state pools of a
+short warm-up, then ``duration`` seconds measured), in an order shuffled anew
+(seeded by ``r``), so that no pool always follows the same one: what a pool
+leaves behind in the shared event loop and on the server changes the next
+pool's figures by several per cent, and a fixed cyclic order (a rotation)
+would give every pool the same predecessor in every round. The steady-state pools of a
 family are opened, pre-filled, at the start of every round and closed at its
 end; each cold burst gets a fresh pool. Fresh pools each round matter: a pool
 reuses its most recently returned connection, and a connection's server
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import sys
 import traceback
 from collections.abc import Sequence
@@ -51,12 +55,11 @@ BURST_SETTLE = 0.2
 T = TypeVar("T")
 
 
-def rotated(items: Sequence[T], by: int) -> list[T]:
-    """``items`` rotated left by ``by`` places."""
-    if not items:
-        return []
-    k = by % len(items)
-    return list(items[k:]) + list(items[:k])
+def shuffled(items: Sequence[T], round_no: int) -> list[T]:
+    """``items`` in the order of round ``round_no``: shuffled, the same in every run."""
+    order = list(items)
+    random.Random(f"round {round_no}").shuffle(order)
+    return order
 
 
 def describe(exc: BaseException) -> str:
@@ -198,7 +201,7 @@ class Runner:
         bursts = [c for c in cases if not c.fixed_duration]
         s = self.settings
         for r in range(s.rounds):
-            order = rotated(pools, r)
+            order = shuffled(pools, r)
             open_pools: dict[str, AsyncAdapter] = {}
             try:
                 if fixed:
@@ -297,7 +300,7 @@ class Runner:
         cases = self.plan.cases_of("sync")
         s = self.settings
         for r in range(s.rounds):
-            order = rotated(pools, r)
+            order = shuffled(pools, r)
             open_pools: dict[str, SyncAdapter] = {}
             try:
                 for pool in pools:
