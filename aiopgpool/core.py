@@ -73,6 +73,28 @@ def _is_connected(holder: Holder[Any]) -> bool:
     return holder.conn is not None
 
 
+def _maintain(ref: weakref.ref[PoolCore[Any]]) -> None:
+    core = ref()
+    if core is not None:
+        core._maintain()
+
+
+def _close_dropped(name: str, queue: HandoffQueue[Holder[Any]], lifecycle: Lifecycle[Any]) -> None:
+    """The finalizer of a pool dropped while open: close its idle connections.
+
+    Borrowed connections are left to their borrowers: nobody can return them.
+    """
+    idle = [holder.conn for holder in queue.take(_is_connected)]
+    if idle:
+        logger.warning(
+            "pool %r was dropped without close(): closing its %d idle connections",
+            name,
+            len(idle),
+        )
+    for conn in idle:
+        lifecycle.close(conn)
+
+
 class PoolCore(Generic[ConnT]):
     """The pool machinery shared by every pool class; see the module docstring."""
 
@@ -193,6 +215,7 @@ class PoolCore(Generic[ConnT]):
         self._failure_reported = False
         self._stats = Counters()
         self._plain = False
+        weakref.finalize(self, _close_dropped, name, self._queue, lifecycle).atexit = False
 
     # -- attributes --------------------------------------------------------------
 
@@ -1006,7 +1029,9 @@ class PoolCore(Generic[ConnT]):
         if not periods or self._loop is None:
             return
         interval = min(max(min(periods) / 2, 0.05), 10.0)
-        self._maintenance = self._loop.call_later(interval, self._maintain)
+        # Through a weak reference: the timer must not keep alive a pool its
+        # users dropped without closing it (see _close_dropped).
+        self._maintenance = self._loop.call_later(interval, _maintain, weakref.ref(self))
 
     def _maintain(self) -> None:
         if self._state != _OPEN:

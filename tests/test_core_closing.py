@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -143,6 +144,26 @@ async def test_a_close_during_a_close_returns_with_the_pool_closed(dsn: str, bac
     assert await eventually(backends, name, expect=0) == 0
     await finish(first)
     assert first.exception() is None
+
+
+async def test_a_pool_dropped_without_close_closes_its_idle_connections(
+    dsn: str, backends: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An open pool nobody references any more is collected, and its idle connections
+    close (its maintenance timer does not keep it alive); a connection still borrowed
+    stays open and usable by its borrower."""
+    name = unique_name("dropped-async")
+    pool = AsyncConnectionPool(dsn, name=name, min_size=2, max_size=2, timeout=5)
+    await pool.open(wait=True, timeout=5)
+    conn = await pool.getconn()
+    assert await call(backends, name) == 2
+    del pool
+    gc.collect()
+    assert await eventually(backends, name, expect=1) == 1
+    assert any("dropped without close()" in r.getMessage() for r in caplog.records)
+    cur = await conn.execute("SELECT 1")
+    assert await cur.fetchone() == (1,)
+    await conn.close()
 
 
 async def test_waiters_get_pool_closed_when_close_starts(dsn: str) -> None:
