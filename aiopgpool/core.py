@@ -36,7 +36,7 @@ from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .lifecycle import Baseline, Holder, Lifecycle
 from .options import check_sizes, check_timeout
 from .stats import Counters, PoolStats
-from .waiting import NEVER, HandoffQueue, Waiter, WaitTimeout
+from .waiting import HandoffQueue, Waiter, WaitTimeout
 
 __all__ = ["PoolCore"]
 
@@ -363,17 +363,7 @@ class PoolCore(Generic[ConnT]):
         else:
             wait = self._wait_timeout(timeout)
         stats.requests_waited += 1
-        # self._queue.join(wait, start), inlined (see HandoffQueue.line)
-        queue = self._queue
-        fut: asyncio.Future[Holder[ConnT]] = self._loop.create_future()  # type: ignore[union-attr]
-        if wait is None:
-            deadline = NEVER
-        else:
-            deadline = start + wait
-            if deadline < queue.sweep_at:
-                queue.arm(deadline)
-        self._line.append((fut, deadline))
-        queue.waiting += 1
+        fut = self._queue.join(wait, start)
         try:
             holder = await fut
         except BaseException as exc:
@@ -853,15 +843,10 @@ class PoolCore(Generic[ConnT]):
             now = monotonic()
             if holder.expires_at > now:
                 holder.returned_at = now
-                # self._queue.put(holder, True), inlined (see HandoffQueue.line)
-                line = self._line
-                while line:
-                    fut, _ = line.popleft()
-                    if not fut.done():
-                        fut.set_result(holder)
-                        self._queue.waiting -= 1
-                        return
-                self._idle.append(holder)
+                if self._line:
+                    self._queue.put(holder, True)
+                else:
+                    self._idle.append(holder)  # self._queue.put(holder, True)
                 return
         self._unborrow(conn, holder)
         await self._return_slow(holder, close)

@@ -16,11 +16,6 @@ Deadlines do not cost a timer per waiter: one timer, armed for the earliest
 deadline, sweeps the line when it fires and re-arms itself for the next one
 (at most every ``SWEEP_INTERVAL``). With the usual equal timeouts a new
 waiter's deadline is never the earliest, so waiting costs a comparison.
-
-The pool's two hottest paths (an asyncio checkout that waits, a return that
-hands over) use the queue's state directly rather than call :meth:`join`
-and :meth:`put`: a call costs more than either body. :attr:`items`,
-:attr:`line`, :attr:`waiting` and :attr:`sweep_at` say how.
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ from collections.abc import Callable, Iterator
 from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["NEVER", "HandoffQueue", "WaitTimeout", "Waiter"]
+__all__ = ["HandoffQueue", "WaitTimeout", "Waiter"]
 
 T = TypeVar("T")
 
@@ -57,8 +52,7 @@ class WaitTimeout(Exception):
 # The sweeping timer re-arms itself no sooner than this after it fired: a
 # waiter may time out this much late, at most.
 SWEEP_INTERVAL = 0.005
-#: The deadline of a waiter that waits for as long as it takes.
-NEVER = float("inf")
+_NEVER = float("inf")
 
 
 class HandoffQueue(Generic[T]):
@@ -68,10 +62,10 @@ class HandoffQueue(Generic[T]):
         "_is_ready",
         "_items",
         "_loop",
+        "_sweep_at",
         "_sweeper",
         "_waiters",
-        "sweep_at",
-        "waiting",
+        "_waiting",
     )
 
     def __init__(self, is_ready: Callable[[T], bool]) -> None:
@@ -81,14 +75,11 @@ class HandoffQueue(Generic[T]):
         # future is already done (timed out, cancelled, failed) are skipped
         # lazily. Outside waiters (add_waiter) keep their own deadline.
         self._waiters: deque[tuple[Any, float]] = deque()
-        #: How many getters are waiting now: the futures in :attr:`line` not
-        #: done yet. Whoever completes one (or puts one in line) counts it.
-        self.waiting = 0
-        self._loop: asyncio.AbstractEventLoop | None = None  # bound at the first arm()
+        # Futures in line not done yet: whoever completes one counts it out.
+        self._waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound at the first wait
         self._sweeper: asyncio.TimerHandle | None = None
-        #: When the sweeping timer fires next (infinity: not armed). A waiter
-        #: put in line with an earlier deadline must :meth:`arm` it.
-        self.sweep_at = NEVER
+        self._sweep_at = _NEVER
 
     def __len__(self) -> int:
         return len(self._items)
@@ -108,16 +99,13 @@ class HandoffQueue(Generic[T]):
 
     @property
     def line(self) -> deque[tuple[Any, float]]:
-        """The waiters' line, oldest first: ``(future, deadline)`` pairs.
-
-        It may hold waiters already done, which are skipped. For a caller's
-        hot paths: :meth:`join` is appending ``(future, deadline)``, adding 1
-        to :attr:`waiting` and calling :meth:`arm` when ``deadline`` is before
-        :attr:`sweep_at`; the hand-over in :meth:`put` is popping from the
-        left until a future not done, completing it and taking 1 from
-        :attr:`waiting`.
-        """
+        """The waiters' line (it may hold waiters already done): see :attr:`items`."""
         return self._waiters
+
+    @property
+    def waiting(self) -> int:
+        """How many getters are waiting now."""
+        return self._waiting
 
     def get_nowait(self) -> T | None:
         """The top item, or None when there is none.
@@ -138,7 +126,7 @@ class HandoffQueue(Generic[T]):
             fut, _ = waiters.popleft()
             if not fut.done():
                 fut.set_result(item)
-                self.waiting -= 1
+                self._waiting -= 1
                 return
         if ready or (ready is None and self._is_ready(item)):
             self._items.append(item)
@@ -180,15 +168,18 @@ class HandoffQueue(Generic[T]):
         not a coroutine: under load every request waits, and a coroutine
         frame more in the chain costs at each suspension and resumption.)
         """
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         if timeout is None:
-            deadline = NEVER
+            deadline = _NEVER
         else:
             deadline = now + timeout
-            if deadline < self.sweep_at:
-                self.arm(deadline)
+            if deadline < self._sweep_at:
+                self._arm(loop, deadline)
         self._waiters.append((fut, deadline))
-        self.waiting += 1
+        self._waiting += 1
         return fut
 
     def withdraw(self, fut: asyncio.Future[T]) -> None:
@@ -198,39 +189,35 @@ class HandoffQueue(Generic[T]):
         next waiter.
         """
         if fut.cancelled():
-            self.waiting -= 1
+            self._waiting -= 1
         elif not fut.done():
             fut.cancel()
-            self.waiting -= 1
+            self._waiting -= 1
         elif fut.exception() is None:
             self.put(fut.result())
 
-    def arm(self, when: float) -> None:
-        """Make the sweeping timer fire at ``when`` (a waiter's deadline, on the loop's clock)."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self.sweep_at = when
-        self._sweeper = loop.call_at(when, self._sweep)
+        self._sweep_at = when
+        self._sweeper = loop.call_at(when, self._sweep, loop)
 
-    def _sweep(self) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Time out every waiter whose deadline passed; re-arm for the next deadline."""
         self._sweeper = None
-        self.sweep_at = NEVER
+        self._sweep_at = _NEVER
         now = monotonic()
-        earliest = NEVER
+        earliest = _NEVER
         for fut, deadline in self._waiters:
             if fut.done():
                 continue
             if deadline <= now:
                 fut.set_exception(WaitTimeout())
-                self.waiting -= 1
+                self._waiting -= 1
             elif deadline < earliest:
                 earliest = deadline
-        if earliest != NEVER:
-            self.arm(max(earliest, now + SWEEP_INTERVAL))
+        if earliest != _NEVER:
+            self._arm(loop, max(earliest, now + SWEEP_INTERVAL))
 
     def add_waiter(self, waiter: Waiter[T]) -> None:
         """Put an outside waiter in line; it waits on its own (see :meth:`abandon`).
@@ -238,8 +225,8 @@ class HandoffQueue(Generic[T]):
         Only while no item is kept: a caller takes an item with
         :meth:`get_nowait` first.
         """
-        self._waiters.append((waiter, NEVER))
-        self.waiting += 1
+        self._waiters.append((waiter, _NEVER))
+        self._waiting += 1
 
     def abandon(self, waiter: Waiter[T]) -> T | None:
         """An outside waiter stops waiting: None if it got nothing, else the item it got.
@@ -247,7 +234,7 @@ class HandoffQueue(Generic[T]):
         Raises the exception it was completed with (see :meth:`fail_waiters`).
         """
         if waiter.cancel():
-            self.waiting -= 1
+            self._waiting -= 1
             return None
         return waiter.result()
 
@@ -257,8 +244,8 @@ class HandoffQueue(Generic[T]):
             fut, _ = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(make_exc())
-                self.waiting -= 1
+                self._waiting -= 1
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-            self.sweep_at = NEVER
+            self._sweep_at = _NEVER
