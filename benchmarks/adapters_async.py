@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import importlib
 from typing import Any, ClassVar
 
 from benchmarks.floors import AsyncFloorPool
@@ -61,19 +62,38 @@ class AsyncAdapter(abc.ABC):
         """Close the pool and its connections."""
 
 
+def psycopg_style_pool(
+    class_path: str, dsn: str, min_size: int, max_size: int, **options: Any
+) -> Any:
+    """A pool of the psycopg_pool family (aiopgpool's take the same arguments), not opened.
+
+    ``class_path`` is ``"module.Class"``; it is called with the conninfo,
+    ``kwargs=PSYCOPG_KWARGS``, the sizes and ``options``. Raises
+    :class:`AdapterUnavailable` when it does not import.
+    """
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as exc:
+        raise unavailable(class_path, exc) from exc
+    return cls(dsn, kwargs=dict(PSYCOPG_KWARGS), min_size=min_size, max_size=max_size, **options)
+
+
 class _GetconnPutconnAsync(AsyncAdapter):
     """A pool with psycopg_pool's interface: ``open(wait=True)``, getconn/putconn, close."""
+
+    #: The pool class (``"module.Class"``) and its options beyond conninfo and sizes.
+    pool_class: ClassVar[str]
+    pool_options: ClassVar[dict[str, Any]]
 
     def __init__(self) -> None:
         self._pool: Any = None
 
-    @abc.abstractmethod
-    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
-        """The pool, created but not opened (raises :class:`AdapterUnavailable`)."""
-
     async def open(self, dsn: str, min_size: int, max_size: int) -> None:
         """Create the pool, then ``await open(wait=True)``."""
-        self._pool = self._make_pool(dsn, min_size, max_size)
+        self._pool = psycopg_style_pool(
+            self.pool_class, dsn, min_size, max_size, **self.pool_options
+        )
         await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
 
     async def acquire(self) -> Any:
@@ -95,19 +115,8 @@ class AiopgpoolAsync(_GetconnPutconnAsync):
 
     name = "aiopgpool"
     description = "aiopgpool.AsyncConnectionPool"
-
-    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
-        try:
-            from aiopgpool import AsyncConnectionPool
-        except Exception as exc:
-            raise unavailable("aiopgpool.AsyncConnectionPool", exc) from exc
-        return AsyncConnectionPool(
-            dsn,
-            kwargs=dict(PSYCOPG_KWARGS),
-            min_size=min_size,
-            max_size=max_size,
-            name="bench-aiopgpool",
-        )
+    pool_class = "aiopgpool.AsyncConnectionPool"
+    pool_options: ClassVar[dict[str, Any]] = {"name": "bench-aiopgpool"}
 
 
 class PsycopgPoolAsync(_GetconnPutconnAsync):
@@ -115,20 +124,8 @@ class PsycopgPoolAsync(_GetconnPutconnAsync):
 
     name = "psycopg_pool"
     description = "psycopg_pool.AsyncConnectionPool"
-
-    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
-        try:
-            from psycopg_pool import AsyncConnectionPool
-        except Exception as exc:
-            raise unavailable("psycopg_pool", exc) from exc
-        return AsyncConnectionPool(
-            dsn,
-            kwargs=dict(PSYCOPG_KWARGS),
-            min_size=min_size,
-            max_size=max_size,
-            open=False,
-            name="bench-psycopg_pool",
-        )
+    pool_class = "psycopg_pool.AsyncConnectionPool"
+    pool_options: ClassVar[dict[str, Any]] = {"open": False, "name": "bench-psycopg_pool"}
 
 
 def asyncpg_connect_kwargs(dsn: str) -> dict[str, Any]:

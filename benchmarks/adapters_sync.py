@@ -10,7 +10,7 @@ import abc
 import threading
 from typing import Any, ClassVar
 
-from benchmarks.adapters_async import OPEN_TIMEOUT, PSYCOPG_KWARGS, unavailable
+from benchmarks.adapters_async import OPEN_TIMEOUT, PSYCOPG_KWARGS, psycopg_style_pool, unavailable
 from benchmarks.floors import SyncFloorPool
 
 
@@ -46,16 +46,18 @@ class SyncAdapter(abc.ABC):
 class _GetconnPutconnSync(SyncAdapter):
     """A pool with psycopg_pool's interface: ``open(wait=True)``, getconn/putconn, close."""
 
+    #: The pool class (``"module.Class"``) and its options beyond conninfo and sizes.
+    pool_class: ClassVar[str]
+    pool_options: ClassVar[dict[str, Any]]
+
     def __init__(self) -> None:
         self._pool: Any = None
 
-    @abc.abstractmethod
-    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
-        """The pool, created but not opened (raises :class:`AdapterUnavailable`)."""
-
     def open(self, dsn: str, min_size: int, max_size: int) -> None:
         """Create the pool, then ``open(wait=True)``."""
-        self._pool = self._make_pool(dsn, min_size, max_size)
+        self._pool = psycopg_style_pool(
+            self.pool_class, dsn, min_size, max_size, **self.pool_options
+        )
         self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
 
     def acquire(self) -> Any:
@@ -77,19 +79,8 @@ class AiopgpoolSync(_GetconnPutconnSync):
 
     name = "aiopgpool"
     description = "aiopgpool.ConnectionPool (sync facade)"
-
-    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
-        try:
-            from aiopgpool import ConnectionPool
-        except Exception as exc:
-            raise unavailable("aiopgpool.ConnectionPool", exc) from exc
-        return ConnectionPool(
-            dsn,
-            kwargs=dict(PSYCOPG_KWARGS),
-            min_size=min_size,
-            max_size=max_size,
-            name="bench-aiopgpool-sync",
-        )
+    pool_class = "aiopgpool.ConnectionPool"
+    pool_options: ClassVar[dict[str, Any]] = {"name": "bench-aiopgpool-sync"}
 
 
 class PsycopgPoolSync(_GetconnPutconnSync):
@@ -97,20 +88,8 @@ class PsycopgPoolSync(_GetconnPutconnSync):
 
     name = "psycopg_pool"
     description = "psycopg_pool.ConnectionPool"
-
-    def _make_pool(self, dsn: str, min_size: int, max_size: int) -> Any:
-        try:
-            from psycopg_pool import ConnectionPool
-        except Exception as exc:
-            raise unavailable("psycopg_pool", exc) from exc
-        return ConnectionPool(
-            dsn,
-            kwargs=dict(PSYCOPG_KWARGS),
-            min_size=min_size,
-            max_size=max_size,
-            open=False,
-            name="bench-psycopg_pool-sync",
-        )
+    pool_class = "psycopg_pool.ConnectionPool"
+    pool_options: ClassVar[dict[str, Any]] = {"open": False, "name": "bench-psycopg_pool-sync"}
 
 
 class Psycopg2Threaded(SyncAdapter):

@@ -72,6 +72,8 @@ from typing import Any, ClassVar, Protocol
 
 import psycopg
 
+from benchmarks.adapters_async import psycopg_style_pool
+
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "reliability.json"
 
 #: A request finishing later than this past its deadline is a hang.
@@ -153,13 +155,11 @@ class PsycopgPoolAdapter(_ConnectionContextAdapter):
 
     @staticmethod
     def _make_pool(dsn: str, min_size: int, max_size: int, timeout: float) -> Any:
-        from psycopg_pool import AsyncConnectionPool
-
-        return AsyncConnectionPool(
+        return psycopg_style_pool(
+            "psycopg_pool.AsyncConnectionPool",
             dsn,
-            kwargs={"autocommit": True},
-            min_size=min_size,
-            max_size=max_size,
+            min_size,
+            max_size,
             timeout=timeout,
             open=False,
             name="reliability-psycopg_pool",
@@ -183,13 +183,11 @@ class AiopgpoolAdapter(_ConnectionContextAdapter):
 
     @staticmethod
     def _make_pool(dsn: str, min_size: int, max_size: int, timeout: float) -> Any:
-        from aiopgpool import AsyncConnectionPool
-
-        return AsyncConnectionPool(
+        return psycopg_style_pool(
+            "aiopgpool.AsyncConnectionPool",
             dsn,
-            kwargs={"autocommit": True},
-            min_size=min_size,
-            max_size=max_size,
+            min_size,
+            max_size,
             timeout=timeout,
             name="reliability-aiopgpool",
         )

@@ -5,9 +5,9 @@ short warm-up, then ``duration`` seconds measured), in an order shuffled anew
 (seeded by ``r``), so that no pool always follows the same one: what a pool
 leaves behind in the shared event loop and on the server changes the next
 pool's figures by several per cent, and a fixed cyclic order (a rotation)
-would give every pool the same predecessor in every round. The steady-state pools of a
-family are opened, pre-filled, at the start of every round and closed at its
-end; each cold burst gets a fresh pool. Fresh pools each round matter: a pool
+would give every pool the same predecessor in every round. The steady-state
+pools of a family are opened, pre-filled, at the start of every round and
+closed at its end; each cold burst gets a fresh pool. Fresh pools each round matter: a pool
 reuses its most recently returned connection, and a connection's server
 backend can be 20 % faster or slower than another's for seconds at a time
 (where the scheduler puts it on a small machine), so a pool kept for the whole
