@@ -17,7 +17,7 @@ from .dropins import (
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .lifecycle import check_connection
 from .pool import AsyncConnectionPool, AsyncNullConnectionPool
-from .stats import PoolStats
+from .stats import Histogram, PoolStats
 from .sync_pool import ConnectionPool, NullConnectionPool
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "PersistentConnectionPool",
     "PoolClosed",
     "PoolError",
+    "Histogram",
     "PoolStats",
     "PoolTimeout",
     "SimpleConnectionPool",

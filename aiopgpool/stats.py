@@ -2,10 +2,79 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Counters", "PoolStats"]
+__all__ = ["DURATION_BOUNDS", "Counters", "Histogram", "HistogramRecorder", "PoolStats"]
+
+#: Upper bounds (seconds) of the buckets of every duration histogram: from
+#: 100 µs (an idle checkout) to 10 s (a timeout), about three per decade.
+DURATION_BOUNDS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A snapshot of a duration histogram, in seconds.
+
+    ``counts[i]`` counts the values ``<= bounds[i]`` and above the previous
+    bound (not cumulative); the last count, one more than ``bounds``, is for
+    values above the last bound (+Inf).
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+    count: int
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...] = DURATION_BOUNDS) -> Histogram:
+        """A histogram with nothing recorded."""
+        return cls(bounds, (0,) * (len(bounds) + 1), 0.0, 0)
+
+
+class HistogramRecorder:
+    """The live, mutable side of a :class:`Histogram` (one pool's loop writes it)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BOUNDS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def record(self, value: float) -> None:
+        """Count one value (seconds)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self, extra_zeros: int = 0) -> Histogram:
+        """The histogram now; ``extra_zeros`` values of 0 not recorded one by one are added."""
+        counts = list(self.counts)
+        counts[0] += extra_zeros
+        return Histogram(self.bounds, tuple(counts), self.sum, sum(counts))
+
+    def clear(self) -> None:
+        """Forget every value."""
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +109,12 @@ class PoolStats:
     """Connections held longer than leak_timeout."""
     connections_closed: int
     """Connections the pool closed (expired, idle, discarded, resized away)."""
+    wait_time_histogram: Histogram = field(default_factory=Histogram.empty)
+    """Time from request to checkout, every request (0 for those that did not wait)."""
+    use_time_histogram: Histogram = field(default_factory=Histogram.empty)
+    """Time from checkout to return, every return."""
+    connect_time_histogram: Histogram = field(default_factory=Histogram.empty)
+    """Time to open (and configure) a connection, every successful attempt."""
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict."""
