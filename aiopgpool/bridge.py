@@ -146,7 +146,7 @@ class LoopThread:
         thread.join()
         _bridges.discard(self)
 
-    def abandon(self, cleanup: Callable[[], object]) -> None:
+    def stop_from_finalizer(self, cleanup: Callable[[], object]) -> None:
         """For a finalizer: run ``cleanup()`` on the loop, then end the thread; never blocks.
 
         It may run in any thread, the loop's own included: garbage collection

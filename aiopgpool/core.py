@@ -1,42 +1,51 @@
-"""The asyncio pool core: slots, checkout and return, growth, maintenance, closing.
+"""The asyncio pool core: state, checkout and return, resize, closing, stats.
 
 :class:`PoolCore` is generic over the kind of connection; a
 :class:`~aiopgpool.lifecycle.Lifecycle` does everything that touches one. It
-runs on one event loop and knows nothing of threads.
+runs on one event loop and knows nothing of threads. Three collaborators are
+called only from slow branches: the :class:`~aiopgpool.connector.Connector`
+(connecting, retrying, filling to ``min_size``, ``wait()``), the
+:class:`~aiopgpool.maintenance.Maintenance` (timers, expiry, ``check``,
+``drain``, leak reports) and, for the sync facade, the
+:class:`~aiopgpool.threadport.ThreadPort`.
 
 Design, in short:
 
-* ``max_size`` :class:`~aiopgpool.lifecycle.Holder` objects live in a
-  :class:`~aiopgpool.waiting.HandoffQueue`; a holder is a slot, with or
-  without a connection. Taking a holder is taking a slot, so the queue is the
-  semaphore and "never more than ``max_size``" holds by construction.
-* A borrower that gets an empty holder connects on it itself (many borrowers
-  connect concurrently, bounded by a semaphore), within its own deadline.
+* The pool's :class:`~aiopgpool.slot.Slot` objects live in a
+  :class:`~aiopgpool.waiting.HandoffQueue`; taking a slot is taking the right
+  to one connection, so the queue is the semaphore and "never more than
+  ``max_size``" holds by construction. Free slots are only counted until
+  taken.
+* A borrower that gets a free slot connects on it itself (many borrowers
+  connect concurrently, bounded), within its own deadline.
 * The hot path (an idle connection is ready, nobody waits): ``getconn`` pops
-  the top holder, makes a non-blocking socket test and returns; ``putconn``
-  sees the connection idle with its attributes unchanged and pushes it back.
-  No lock, no task, no server round trip.
+  the top slot, makes a non-blocking socket test unless one was made in the
+  last 10 ms, and returns; ``putconn`` sees the connection idle with its
+  attributes unchanged and pushes it back. No lock, no task, no server round
+  trip. Each is written once (:meth:`PoolCore._lend_ready`,
+  :meth:`PoolCore._shelve`) and shared with the thread port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import traceback
 import weakref
-from collections.abc import Callable, Hashable
+from bisect import bisect_left
+from collections.abc import Hashable
 from time import monotonic
 from typing import Any, Generic, TypeVar
 
 import anyio
 
-from .backoff import Backoff
+from .connector import Connector
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
-from .lifecycle import Baseline, Holder, Lifecycle
-from .options import check_sizes, check_timeout
-from .stats import Counters, PoolStats
-from .waiting import HandoffQueue, Waiter, WaitTimeout
+from .lifecycle import Lifecycle
+from .maintenance import Maintenance, close_dropped
+from .options import PoolOptions, check_key, check_sizes, check_timeout
+from .slot import Slot, mark_tested
+from .stats import Counters, HistogramRecorder, PoolStats
+from .waiting import HandoffQueue, WaitTimeout
 
 __all__ = ["PoolCore"]
 
@@ -44,178 +53,116 @@ logger = logging.getLogger("aiopgpool")
 
 ConnT = TypeVar("ConnT")
 
-_NEW, _OPEN, _CLOSING, _CLOSED = "new", "open", "closing", "closed"
+NEW, OPEN, CLOSING, CLOSED = "new", "open", "closing", "closed"
 
-# Connections opened at the same time by one pool.
-MAX_CONCURRENT_CONNECTS = 16
-# A connection's max_lifetime is shortened by up to this fraction, so that
-# connections made together do not all expire together.
-LIFETIME_JITTER = 0.05
-# An idle connection's socket is tested at checkout unless it was tested this
-# recently: a test that old is nearly as good as one made now, since the server
-# can close a connection just after any test. Under load this makes the test
-# rare, and it matters: it is a system call, which costs several microseconds
-# more than it seems on a busy machine (the SELECT 1 benchmark at 100 tasks
-# loses about 5 % with 1 ms here). A connection idle for longer is always tested.
-SOCKET_TEST_INTERVAL = 0.01
 # With timeout=0 a request fails at once only when every slot is borrowed (or
 # being set up for a borrower); a slot merely in transit (refilled, returned)
 # is waited for, this long at most.
 IN_TRANSIT_WAIT = 10.0
+# The capacity of a null pool created with max_size=0 ("no bound").
+UNBOUNDED = 1 << 62
 
 
-def _tested(holder: Holder[Any], now: float) -> None:
-    """Record that ``holder``'s connection was found alive at ``now``."""
-    holder.fresh_until = min(holder.expires_at, now + SOCKET_TEST_INTERVAL)
-
-
-def _is_connected(holder: Holder[Any]) -> bool:
-    return holder.conn is not None
-
-
-def _maintain(ref: weakref.ref[PoolCore[Any]]) -> None:
-    core = ref()
-    if core is not None:
-        core._maintain()
-
-
-def _close_dropped(name: str, queue: HandoffQueue[Holder[Any]], lifecycle: Lifecycle[Any]) -> None:
-    """The finalizer of a pool dropped while open: close its idle connections.
-
-    Borrowed connections are left to their borrowers: nobody can return them.
-    """
-    idle = [holder.conn for holder in queue.take(_is_connected)]
-    if idle:
-        logger.warning(
-            "pool %r was dropped without close(): closing its %d idle connections",
-            name,
-            len(idle),
-        )
-    for conn in idle:
-        lifecycle.close(conn)
+def _has_conn(slot: Slot[Any]) -> bool:
+    return slot.conn is not None
 
 
 class PoolCore(Generic[ConnT]):
     """The pool machinery shared by every pool class; see the module docstring."""
 
-    # Slots, not a __dict__: with more than 30 attributes an instance dict
-    # no longer shares its keys, and every self.x on the hot paths becomes a
+    # Slots, not a __dict__: with this many attributes an instance dict no
+    # longer shares its keys, and every self.x on the hot paths becomes a
     # dict lookup (slots cut about 1,000 instructions per waited checkout).
     __slots__ = (
         "__weakref__",
         "_all_returned",
         "_borrowed",
-        "_connect_slots",
         "_excess",
-        "_fail_fast_watchers",
-        "_failing_since",
-        "_failure_reported",
-        "_filling",
+        "_fast",
         "_generation",
         "_idle",
-        "_keep_idle",
         "_key_of",
         "_keyed",
-        "_last_error",
         "_lifecycle",
         "_line",
         "_loop",
-        "_maintenance",
         "_max_size",
         "_min_size",
         "_owner",
         "_owner_type",
-        "_plain",
         "_preparing",
         "_queue",
-        "_reconnect_failed",
         "_size",
-        "_size_watchers",
         "_state",
         "_state_of",
         "_stats",
         "_target",
-        "_tasks",
+        "connect_hist",
+        "connector",
         "leak_timeout",
+        "maintenance",
         "max_idle",
         "max_lifetime",
         "max_waiting",
         "name",
+        "null",
+        "options",
+        "ping_after_idle",
         "reconnect_timeout",
         "timeout",
+        "use_hist",
+        "wait_hist",
     )
 
     def __init__(
-        self,
-        lifecycle: Lifecycle[ConnT],
-        *,
-        name: str,
-        target: str,
-        min_size: int,
-        max_size: int,
-        timeout: float | None,
-        max_waiting: int,
-        max_idle: float | None,
-        max_lifetime: float | None,
-        reconnect_timeout: float | None,
-        reconnect_failed: Callable[[Any], None] | None,
-        leak_timeout: float | None,
-        keep_idle: bool = True,
-        owner: Any = None,
+        self, lifecycle: Lifecycle[ConnT], options: PoolOptions, target: str, owner: Any = None
     ) -> None:
-        check_sizes(min_size, max_size)
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
-            raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
-        if reconnect_failed is not None and not callable(reconnect_failed):
-            raise ValueError("reconnect_failed must be callable")
-        self.name = name
+        self.options = options
+        self.name: str = options.name  # type: ignore[assignment]  # set by PoolOptions
+        self.null = options.null
         self._target = target
         self._lifecycle = lifecycle
         self._state_of = lifecycle.state_of  # read on every return: one lookup saved
-        self._min_size = min_size
-        self._max_size = max_size
-        self.timeout = check_timeout("timeout", timeout)
-        self.max_waiting = max_waiting
-        self.max_idle = check_timeout("max_idle", max_idle)
-        self.max_lifetime = check_timeout("max_lifetime", max_lifetime)
-        self.reconnect_timeout = check_timeout("reconnect_timeout", reconnect_timeout)
-        self.leak_timeout = check_timeout("leak_timeout", leak_timeout)
-        self._reconnect_failed = reconnect_failed
-        self._keep_idle = keep_idle
-        # The object users hold (a sync facade holds its core): referenced
-        # weakly, so that a facade nobody references can be collected.
+        self._min_size = options.min_size
+        self._max_size = options.max_size
+        self.timeout = options.timeout
+        self.max_waiting = options.max_waiting
+        self.max_idle = options.max_idle
+        self.max_lifetime = options.max_lifetime
+        self.reconnect_timeout = options.reconnect_timeout
+        self.leak_timeout = options.leak_timeout
+        self.ping_after_idle = options.ping_after_idle
+        # The object users hold: referenced weakly, so that a pool nobody
+        # references can be collected (see close_dropped).
         self._owner = weakref.ref(self if owner is None else owner)
         self._owner_type = type(self if owner is None else owner).__name__
 
-        self._state = _NEW
-        self._queue: HandoffQueue[Holder[ConnT]] = HandoffQueue(_is_connected)
-        for _ in range(max_size):
-            self._queue.put(Holder())
+        self._state = NEW
+        self._queue: HandoffQueue[Slot[ConnT]] = HandoffQueue(Slot, self._capacity(self._max_size))
         # The queue's own deques, for the two hottest paths (see HandoffQueue.items).
         self._idle = self._queue.items
         self._line = self._queue.line
-        self._excess = 0  # holders to drop as they come back, after a shrinking resize
+        self._excess = 0  # slots to drop as they come back, after a shrinking resize
         self._size = 0  # open connections: idle, borrowed, or being checked
-        # Borrowed connections and their holders (its size: how many are in use).
-        self._borrowed: dict[ConnT, Holder[ConnT]] = {}
+        # Borrowed connections and their slots (its size: how many are in use).
+        self._borrowed: dict[ConnT, Slot[ConnT]] = {}
         self._keyed: dict[Hashable, ConnT] = {}
         self._key_of: dict[ConnT, Hashable] = {}
         self._generation = 0
-        self._filling = 0
         self._preparing = 0  # slots being checked or connected for a borrower
-        self._connect_slots = asyncio.Semaphore(min(max_size, MAX_CONCURRENT_CONNECTS) or 1)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._size_watchers: list[asyncio.Future[None]] = []
-        self._fail_fast_watchers: list[asyncio.Future[None]] = []  # a subset of those
         self._all_returned: asyncio.Future[None] | None = None
-        self._maintenance: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_error: BaseException | None = None
-        self._failing_since: float | None = None
-        self._failure_reported = False
         self._stats = Counters()
-        self._plain = False
-        weakref.finalize(self, _close_dropped, name, self._queue, lifecycle).atexit = False
+        self.wait_hist = HistogramRecorder()
+        self.use_hist = HistogramRecorder()
+        self.connect_hist = HistogramRecorder()
+        self._fast = False
+        self.connector: Connector[ConnT] = Connector(self, lifecycle)
+        self.maintenance: Maintenance[ConnT] = Maintenance(self)
+        weakref.finalize(self, close_dropped, self.name, self._queue, lifecycle).atexit = False
+
+    def _capacity(self, max_size: int) -> int:
+        return UNBOUNDED if self.null and max_size == 0 else max_size
 
     # -- attributes --------------------------------------------------------------
 
@@ -226,13 +173,43 @@ class PoolCore(Generic[ConnT]):
 
     @property
     def max_size(self) -> int:
-        """The most connections the pool opens at once."""
+        """The most connections the pool opens at once (0: no bound, null pools only)."""
         return self._max_size
 
     @property
+    def state(self) -> str:
+        """``new``, ``open``, ``closing`` or ``closed``."""
+        return self._state
+
+    @property
     def closed(self) -> bool:
-        """True once the pool is closed (or closing)."""
-        return self._state in (_CLOSING, _CLOSED)
+        """True unless the pool is open: before ``open()``, and once closing."""
+        return self._state != OPEN
+
+    @property
+    def size(self) -> int:
+        """Connections open now: idle, borrowed, or being checked."""
+        return self._size
+
+    @property
+    def owner(self) -> Any:
+        """The public pool object this core serves (None once collected)."""
+        return self._owner()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the pool was opened on."""
+        return self._loop
+
+    @property
+    def lifecycle(self) -> Lifecycle[ConnT]:
+        """What the core does to connections."""
+        return self._lifecycle
+
+    @property
+    def stats_counters(self) -> Counters:
+        """The live counters (for the collaborators)."""
+        return self._stats
 
     def __repr__(self) -> str:
         return (
@@ -250,18 +227,24 @@ class PoolCore(Generic[ConnT]):
 
         With ``wait=True``, return once they exist or raise :class:`PoolTimeout`
         (the last connection error chained) after ``timeout`` seconds; with
-        ``fail_fast=True`` too, the first connection error is raised at once
-        (see :meth:`wait`).
+        ``fail_fast=True`` too, the first connection error is raised at once.
         """
-        if self._state == _OPEN:
-            if wait:
-                await self.wait(timeout, fail_fast=fail_fast)
+        check_timeout("timeout", timeout, allow_none=False)
+        self.open_nowait()
+        if wait:
+            await self.connector.wait(timeout, fail_fast=fail_fast)
+
+    def open_nowait(self) -> None:
+        """Start the pool on the running loop, without waiting for connections."""
+        if self._state == OPEN:
+            self.check_loop()
             return
-        if self._state != _NEW:
+        if self._state != NEW:
             raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
         self._loop = asyncio.get_running_loop()
-        self._state = _OPEN
-        self._update_plain()
+        self._queue.bind(self._loop)
+        self._state = OPEN
+        self.update_fast()
         logger.info(
             "pool %r opening (min_size=%d max_size=%d) %s",
             self.name,
@@ -269,52 +252,32 @@ class PoolCore(Generic[ConnT]):
             self._max_size,
             self._target,
         )
-        self._fill()
-        self._schedule_maintenance()
-        if wait:
-            await self.wait(timeout, fail_fast=fail_fast)
+        self.connector.fill()
+        self.maintenance.schedule()
 
-    async def wait(self, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
-        """Wait until ``min_size`` connections are open, or raise :class:`PoolTimeout`.
+    def check_open(self) -> None:
+        """Raise :class:`PoolClosed` unless the pool is open."""
+        if self._state != OPEN:
+            raise self.closed_error()
 
-        ``fail_fast=True``: a connection attempt that fails meanwhile raises
-        its own error at once, as psycopg2's pools do when they connect at
-        construction (the drop-ins use it).
+    def check_loop(self) -> None:
+        """Raise :class:`PoolError` when called from another loop than the pool's own.
+
+        Called wherever the pool suspends or schedules, never on the idle hot path.
         """
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._size_watchers.append(fut)
-        if fail_fast:
-            self._fail_fast_watchers.append(fut)
-        self._notify_size()
         try:
-            with anyio.fail_after(timeout):
-                await fut
-        except TimeoutError:
-            raise PoolTimeout(
-                f"pool {self.name!r}: {self._size} of min_size {self._min_size} "
-                f"connections after {timeout:g} s"
-            ) from self._last_error
-        finally:
-            for watchers in (self._size_watchers, self._fail_fast_watchers):
-                if fut in watchers:
-                    watchers.remove(fut)
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._loop and self._loop is not None:
+            raise PoolError(
+                f"pool {self.name!r} was opened on event loop {self._loop!r} and is used from "
+                f"{loop!r}: a pool serves the loop it was opened on; create one per loop"
+            )
 
-    def _notify_size(self) -> None:
-        if self._size >= self._min_size and self._size_watchers:
-            for fut in self._size_watchers:
-                if not fut.done():
-                    fut.set_result(None)
-            self._size_watchers.clear()
-            self._fail_fast_watchers.clear()
-
-    def _check_open(self) -> None:
-        if self._state != _OPEN:
-            raise self._closed_error()
-
-    def _closed_error(self) -> PoolClosed:
-        if self._state == _NEW:
+    def closed_error(self) -> PoolClosed:
+        """The error for a request the pool cannot take now."""
+        if self._state == NEW:
             return PoolClosed(
                 f"pool {self.name!r} is not open yet: call open() or use it as a context manager"
             )
@@ -322,39 +285,36 @@ class PoolCore(Generic[ConnT]):
 
     # -- checkout ----------------------------------------------------------------
 
-    async def getconn(self, key: Hashable | None = None, timeout: float | None = None) -> ConnT:
+    async def getconn(self, timeout: float | None = None, *, key: Hashable | None = None) -> ConnT:
         """A connection, waiting up to ``timeout`` (default: the pool's) for one.
 
         The same ``key`` while its connection is held returns that connection
         again, without taking another slot.
         """
-        # The helpers are inlined here: this is the hottest path, and under
-        # load every request waits, so each coroutine frame more in the chain
-        # would cost again at every suspension and resumption.
-        if key is None and self._plain:  # _plain implies open
+        # Under load every request waits, and each coroutine frame more in the
+        # chain would cost again at every suspension and resumption: the wait
+        # is written here rather than in a helper.
+        if timeout is None and key is None and self._fast:  # _fast implies open
             self._stats.requests += 1
             idle = self._idle
             if idle:
-                holder = idle.pop()  # self._queue.get_nowait()
-                conn = holder.conn
-                now = monotonic()
-                if conn is not None and (  # _ready()
-                    now < holder.fresh_until or self._still_ready(holder, now)
-                ):
-                    self._borrowed[conn] = holder  # _checkout(holder, None)
+                slot = idle.pop()
+                conn = self._lend_ready(slot)
+                if conn is not None:
                     return conn
                 self._preparing += 1
-                return self._checkout(await self._prepare(holder, now, timeout), None)
+                return self._lend(await self._prepare(slot, None, None), None)
+            kept = self._queue.take_free_one()
         else:
-            conn = self._keyed_or_closed(key)
+            conn = self._request(timeout, key)
             if conn is not None:
                 return conn  # the key's connection again: not a new request
-            self._stats.requests += 1
             kept = self._queue.get_nowait()
-            if kept is not None:
-                self._preparing += 1
-                return self._checkout(await self._prepare(kept, None, timeout), key)
+        if kept is not None:
+            self._preparing += 1
+            return self._lend(await self._prepare(kept, None, timeout), key)
         # Nothing kept: wait in line.
+        self.check_loop()
         stats = self._stats
         start = monotonic()
         wait: float | None
@@ -365,120 +325,107 @@ class PoolCore(Generic[ConnT]):
         stats.requests_waited += 1
         fut = self._queue.join(wait, start)
         try:
-            holder = await fut
+            slot = await fut
         except BaseException as exc:
-            stats.wait_time_total += monotonic() - start
+            self._waited(monotonic() - start)
             if not isinstance(exc, WaitTimeout):
-                self._queue.withdraw(fut)
+                self._queue.withdraw(fut, _has_conn)
                 raise
             stats.timeouts += 1
-            raise self._timeout_error(timeout) from self._failure_cause()
-        now = monotonic()
-        stats.wait_time_total += now - start
-        conn = holder.conn
-        if (
-            conn is not None
-            and key is None
-            and self._plain
-            and (now < holder.fresh_until or self._still_ready(holder, now))
-        ):
-            self._borrowed[conn] = holder
-            return conn
+            raise self._timeout_error(timeout) from self.connector.failure_cause()
+        self._waited(monotonic() - start)
+        if key is None and self._fast and slot.conn is not None:
+            conn = self._lend_ready(slot)
+            if conn is not None:
+                return conn
         self._preparing += 1
-        return self._checkout(await self._prepare(holder, start, timeout), key)
+        return self._lend(await self._prepare(slot, start, timeout), key)
 
-    def _keyed_or_closed(self, key: Hashable | None) -> ConnT | None:
-        """The connection already held under ``key``; raises if the pool is not open."""
-        if self._state != _OPEN:
-            raise self._closed_error()
-        return self._keyed.get(key) if key is not None and self._keyed else None
+    def _request(self, timeout: float | None, key: Hashable | None) -> ConnT | None:
+        """Validate a request off the hot path; the key's connection if it is held already."""
+        if timeout is not None:
+            check_timeout("timeout", timeout)
+        if key is not None:
+            check_key(key)
+        if self._state != OPEN:
+            raise self.closed_error()
+        if key is not None and self._keyed:
+            conn = self._keyed.get(key)
+            if conn is not None:
+                return conn
+        self._stats.requests += 1
+        return None
 
-    def _ready(self, holder: Holder[ConnT], conn: ConnT) -> bool:
-        """An idle connection can be handed out as it is: not expired, socket quiet."""
+    def _waited(self, seconds: float) -> None:
+        self._stats.wait_time_total += seconds
+        self.wait_hist.record(seconds)
+
+    def _lend_ready(self, slot: Slot[ConnT]) -> ConnT | None:
+        """Lend ``slot``'s connection if it is ready as it is; None: it needs preparing.
+
+        The one copy of the idle hot path's test: tested recently, or not
+        expired and its socket quiet (a non-blocking system call). Only for
+        requests with no key while the fast path is on (no check, no leak watch).
+        """
         now = monotonic()
-        return now < holder.fresh_until or self._still_ready(holder, now)
+        if now < slot.fresh_until or slot.still_ready(now):
+            conn = slot.conn
+            assert conn is not None
+            slot.borrowed_at = now
+            self._borrowed[conn] = slot
+            return conn
+        return None
 
-    @staticmethod
-    def _still_ready(holder: Holder[ConnT], now: float) -> bool:
-        """:meth:`_ready` once ``now`` is past ``fresh_until``: not expired, socket quiet."""
-        if holder.expires_at > now and holder.quiet():
-            _tested(holder, now)
-            return True
-        return False
+    def update_fast(self) -> None:
+        """Recompute the fast-path flag.
 
-    def _update_plain(self) -> None:
-        # True when checkouts and returns need none of the rarer features, so
-        # the hot paths test one flag instead of six conditions.
+        True when checkouts and returns need none of the rarer features, so
+        the hot paths test one flag instead of six conditions.
+        """
         lifecycle = self._lifecycle
-        self._plain = (
-            self._state == _OPEN
-            and self._keep_idle
+        self._fast = (
+            self._state == OPEN
+            and not self.null
             and not self._excess
             and not lifecycle.has_check
             and not lifecycle.has_reset
             and self.leak_timeout is None
+            and self.ping_after_idle is None
         )
 
-    def _checkout(
-        self, holder: Holder[ConnT], key: Hashable | None, stack: str | None = None
-    ) -> ConnT:
-        conn = holder.conn
+    def lend(self, slot: Slot[ConnT], key: Hashable | None, stack: str | None = None) -> ConnT:
+        """Check out a prepared slot's connection (to ``key``, if given)."""
+        return self._lend(slot, key, stack)
+
+    def _lend(self, slot: Slot[ConnT], key: Hashable | None, stack: str | None = None) -> ConnT:
+        conn = slot.conn
         assert conn is not None
-        self._borrowed[conn] = holder
+        slot.borrowed_at = monotonic()
+        self._borrowed[conn] = slot
         if self.leak_timeout is not None:
-            self._watch_leak(holder, stack)
+            self.maintenance.watch_leak(slot, stack)
         if key is not None:
             self._keyed[key] = conn
             self._key_of[conn] = key
         return conn
 
-    def try_getconn_nowait(self, key: Hashable | None = None, test: bool = True) -> ConnT | None:
-        """The fast path of :meth:`getconn` as a plain call: a ready idle connection, or None.
-
-        It never suspends, never schedules a callback and never completes a
-        future, so it is safe to call whenever no other code of this pool's
-        event loop is running at the same time. None means "call getconn()".
-        ``test=False``: None also when the connection's socket is due for a
-        test (a system call), for a caller that would rather make it outside
-        its lock (see :meth:`test_slot`).
-        """
-        if key is not None or not self._plain:
-            conn = self._keyed_or_closed(key)
-            if conn is not None or not self._plain:
-                return conn
-        # The sync facade's hot path: helpers inlined as in getconn().
-        idle = self._idle
-        if not idle:
-            return None
-        holder = idle.pop()  # self._queue.get_nowait()
-        conn = holder.conn
-        now = monotonic()
-        if conn is not None and (
-            now < holder.fresh_until or (test and self._still_ready(holder, now))
-        ):
-            self._stats.requests += 1
-            if key is None:
-                self._borrowed[conn] = holder  # _checkout(holder, None)
-                return conn
-            return self._checkout(holder, key)
-        # Items were kept, so nobody waits: put() just puts it back where it was.
-        self._queue.put(holder)
-        return None
-
-    def _effective_timeout(self, timeout: float | None) -> float | None:
+    def effective_timeout(self, timeout: float | None) -> float | None:
+        """``timeout`` as given to getconn (validated), or the pool's."""
         return self.timeout if timeout is None else check_timeout("timeout", timeout)
 
     def _wait_timeout(self, timeout: float | None) -> float | None:
-        """How long to wait in line; raises instead when ``timeout`` is 0 or the line is full.
-
-        ``timeout`` as given to getconn (None: the pool's).
-        """
-        timeout = self._effective_timeout(timeout)
+        """How long to wait in line; raises instead when ``timeout`` is 0 or the line is full."""
+        timeout = self.effective_timeout(timeout)
         if timeout == 0:
             # Slots neither borrowed nor being set up for a borrower are in
             # transit (refilling, being returned) and will come back; those
             # already promised to the waiters ahead of us do not count.
-            in_transit = self._max_size - len(self._borrowed) - self._preparing - self._excess
+            in_transit = (
+                self._capacity(self._max_size)
+                - len(self._borrowed)
+                - self._preparing
+                - self._excess
+            )
             if in_transit <= self._queue.waiting:
                 self._stats.timeouts += 1
                 raise PoolTimeout("connection pool exhausted")
@@ -492,24 +439,22 @@ class PoolCore(Generic[ConnT]):
         return timeout
 
     def _timeout_error(self, timeout: float | None) -> PoolTimeout:
-        timeout = self._effective_timeout(timeout)
+        timeout = self.effective_timeout(timeout)
         return PoolTimeout(f"pool {self.name!r}: no connection available after {timeout:g} s")
 
-    def _failure_cause(self) -> BaseException | None:
-        return self._last_error if self._failing_since is not None else None
-
     async def _prepare(
-        self, holder: Holder[ConnT], start: float | None, timeout: float | None
-    ) -> Holder[ConnT]:
+        self, slot: Slot[ConnT], start: float | None, timeout: float | None
+    ) -> Slot[ConnT]:
         """Make a slot's connection usable: check it, or replace it, or open one.
 
         ``start``: when the request began (None: now). The caller counted the
         slot in ``_preparing``; this counts it out.
         """
         try:
+            self.check_loop()
             if start is None:
                 start = monotonic()
-            timeout = self._effective_timeout(timeout)
+            timeout = self.effective_timeout(timeout)
             # A slot had at once (timeout=0) still gets connected within the
             # pool's own timeout; when that is 0 too (psycopg2's "fail at
             # once"), one attempt is made and its error raised, as
@@ -518,301 +463,85 @@ class PoolCore(Generic[ConnT]):
             deadline = None if budget is None else start + budget
             retry = budget != 0
             while True:
-                if holder.conn is not None:
-                    if await self._usable(holder):
-                        if self._state == _CLOSED:  # closed while we checked it
-                            raise self._closed_error()
-                        return holder
-                    swapped = self._queue.swap_top(holder)
+                if slot.conn is not None:
+                    if await self._usable(slot):
+                        if self._state == CLOSED:  # closed while we checked it
+                            raise self.closed_error()
+                        return slot
+                    swapped = self._queue.swap_top(slot)
                     if swapped is not None:
-                        holder = swapped
+                        slot = swapped
                     continue
-                await self._connect(holder, None if not retry else deadline, retry=retry)
-                self._notify_size()
-                return holder
+                await self.connector.connect(slot, None if not retry else deadline, retry=retry)
+                self.connector.notify_size()
+                if await self._checked(slot):
+                    return slot
         except PoolTimeout:
             self._stats.timeouts += 1
-            self._release_slot(holder)
+            self.release_slot(slot)
             raise
         except BaseException:
-            self._release_slot(holder)
+            self.release_slot(slot)
             raise
         finally:
             self._preparing -= 1
 
-    # -- checkout by an outside waiter (the sync facade's threads) ---------------------
-
-    def request_nowait(
-        self, key: Hashable | None, waiter: Waiter[Holder[ConnT]], timeout: float | None
-    ) -> ConnT | Holder[ConnT] | None:
-        """Start a checkout without suspending, for a caller that waits on its own.
-
-        Returns a connection (a keyed one held already), a slot to finish
-        with :meth:`checkout_slot_nowait` (then :meth:`checkout_slot`), or None when
-        ``waiter`` (a future-like object whose ``set_result`` is safe to call
-        from this pool's code) was put in line; it will be completed with a
-        slot, or with an exception when the pool closes. A caller that stops
-        waiting calls :meth:`abandon_wait`. Like the other ``*_nowait`` calls,
-        this never schedules anything on the event loop.
-        """
-        conn = self._keyed_or_closed(key)
-        if conn is not None:
-            return conn
-        self._stats.requests += 1
-        holder = self._queue.get_nowait()
-        if holder is not None:
-            return holder
-        self._wait_timeout(timeout)
-        self._stats.requests_waited += 1
-        self._queue.add_waiter(waiter)
-        return None
-
-    def wait_timeout(self, timeout: float | None) -> float | None:
-        """How long an outside waiter put in line by :meth:`request_nowait` waits."""
-        timeout = self._effective_timeout(timeout)
-        return IN_TRANSIT_WAIT if timeout == 0 else timeout
-
-    def abandon_wait(
-        self, waiter: Waiter[Holder[ConnT]], waited: float, timeout: float | None
-    ) -> Holder[ConnT]:
-        """Account for an outside wait that ended; return the slot it got, or raise.
-
-        Raises :class:`PoolTimeout` when the waiter got nothing (it is taken
-        out of the line), or the exception the pool completed it with.
-        """
-        self._stats.wait_time_total += waited
-        holder = self._queue.abandon(waiter)
-        if holder is None:
-            self._stats.timeouts += 1
-            raise self._timeout_error(timeout) from self._failure_cause()
-        return holder
-
-    @staticmethod
-    def test_slot(holder: Holder[ConnT]) -> None:
-        """Test the socket of a slot's idle connection now, if due (see SOCKET_TEST_INTERVAL).
-
-        It touches only ``holder``, so a caller that owns the slot (from
-        :meth:`request_nowait`) may call it without the lock it holds around
-        the other ``*_nowait`` calls: the test is a system call, which lets
-        other threads run.
-        """
-        now = monotonic()
-        if holder.conn is not None and now >= holder.fresh_until:
-            PoolCore._still_ready(holder, now)
-
-    def checkout_slot_nowait(self, holder: Holder[ConnT], key: Hashable | None) -> ConnT | None:
-        """Hand out a slot's connection if it is ready as it is.
-
-        None means it needs work: the caller must then finish with
-        :meth:`checkout_slot` (the slot now counts as being set up).
-        """
-        conn = holder.conn
-        if conn is None or not self._plain or not self._ready(holder, conn):
-            self._preparing += 1
-            return None
-        return self._checkout(holder, key)
-
-    async def checkout_slot(
-        self,
-        holder: Holder[ConnT],
-        key: Hashable | None,
-        timeout: float | None,
-        start: float,
-        stack: str | None = None,
-    ) -> ConnT:
-        """Finish a checkout on the event loop: check, replace or connect the slot's connection.
-
-        ``start`` is the ``time.monotonic()`` at which the request began (the
-        clock of asyncio's default loops); ``stack`` the borrower's stack, for
-        leak reports when the borrower is in another thread.
-        """
-        holder = await self._prepare(holder, start, timeout)
-        return self._checkout(holder, key, stack)
-
-    def release_slot_nowait(self, holder: Holder[ConnT]) -> None:
-        """Give back a slot obtained by :meth:`request_nowait` but not used."""
-        self._release_slot(holder)
-
-    async def _usable(self, holder: Holder[ConnT]) -> bool:
-        """Whether a connected holder can be handed out; discards it if not."""
-        conn = holder.conn
+    async def _usable(self, slot: Slot[ConnT]) -> bool:
+        """Whether a connected slot can be handed out; discards it if not."""
+        conn = slot.conn
         assert conn is not None
-        if holder.expires_at <= self._now():
-            self._discard(holder, "max_lifetime reached")
+        now = monotonic()
+        if slot.expires_at <= now:
+            self.discard(slot, "max_lifetime reached")
             return False
-        lifecycle = self._lifecycle
-        if not holder.quiet():
+        ping = self.ping_after_idle
+        if not slot.quiet() or (ping is not None and now - slot.returned_at > ping):
             try:
-                await lifecycle.probe(conn)
+                await self._lifecycle.probe(conn)
             except Exception as exc:
-                self._discard(holder, f"dead while idle ({exc.__class__.__name__})", lost=True)
+                self.discard(slot, f"dead while idle ({exc.__class__.__name__})", lost=True)
                 return False
-        if lifecycle.has_check:
-            try:
-                await lifecycle.check(conn)
-            except Exception as exc:
-                self._discard(holder, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
-                return False
-        if holder.generation != self._generation:  # drained while we checked it
-            self._discard(holder, "drained")
+        if not await self._checked(slot):
             return False
-        _tested(holder, monotonic())
+        if slot.generation != self._generation:  # drained while we checked it
+            self.discard(slot, "drained")
+            return False
+        mark_tested(slot, monotonic())
         return True
 
-    def _release_slot(self, holder: Holder[ConnT]) -> None:
+    async def _checked(self, slot: Slot[ConnT]) -> bool:
+        """Run the user's ``check`` (if any) on a slot's connection; discards it if it fails."""
+        if not self._lifecycle.has_check:
+            return True
+        conn = slot.conn
+        assert conn is not None
+        try:
+            await self._lifecycle.check(conn)
+        except Exception as exc:
+            self.discard(slot, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
+            return False
+        return True
+
+    def release_slot(self, slot: Slot[ConnT]) -> None:
         """Give a slot back to the queue (or drop it, after a shrinking resize)."""
-        if self._state == _CLOSED:
-            if holder.conn is not None:
-                self._discard(holder, "pool closed")
+        if self._state == CLOSED:
+            if slot.conn is not None:
+                self.discard(slot, "pool closed")
             return
         if self._excess:
             self._excess -= 1
-            self._update_plain()
-            if holder.conn is not None:
-                self._discard(holder, "pool resized")
+            self.update_fast()
+            if slot.conn is not None:
+                self.discard(slot, "pool resized")
             return
-        self._queue.put(holder)
+        self._queue.put(slot, slot.conn is not None)
 
-    # -- connecting ----------------------------------------------------------------
-
-    async def _connect(
-        self, holder: Holder[ConnT], deadline: float | None, *, retry: bool = True
-    ) -> None:
-        """Open a connection on an empty holder, retrying with backoff until ``deadline``."""
-        backoff = Backoff()
-        # One attempt never outlasts the pool's timeout: a connect stuck that
-        # long (a startup packet lost in a partition, no connect_timeout) is
-        # of no use to any waiter, and would hold its slot for good.
-        attempt_limit = self.timeout or None
-        while True:
-            if self._state == _CLOSED:
-                raise self._closed_error()
-            remaining = None if deadline is None else deadline - monotonic()
-            if remaining is not None and remaining <= 0:
-                raise PoolTimeout(
-                    f"pool {self.name!r}: could not connect before the deadline"
-                ) from self._last_error
-            limit = remaining
-            if attempt_limit is not None and (limit is None or attempt_limit < limit):
-                limit = attempt_limit
-            try:
-                # A cancel scope acts in this task: unlike asyncio.wait_for on
-                # Python < 3.12, it never swallows a cancellation of the caller
-                # that lands just as the connect completes.
-                with anyio.move_on_after(limit) as scope:
-                    await self._connect_once(holder)
-                if not scope.cancelled_caught:
-                    return
-                if limit is remaining:
-                    continue  # the deadline: raised above
-                self._connect_failed(
-                    PoolTimeout(f"connection attempt took longer than {limit:g} s")
-                )
-            except PoolClosed:
-                raise
-            except Exception as exc:
-                self._connect_failed(exc)
-                if not retry:
-                    raise
-            delay = backoff.next()
-            if deadline is not None:
-                delay = min(delay, max(deadline - monotonic(), 0))
-            await asyncio.sleep(delay)
-
-    async def _connect_once(self, holder: Holder[ConnT]) -> None:
-        async with self._connect_slots:
-            conn, baseline = await self._lifecycle.connect()
-        if self._state == _CLOSED:
-            self._lifecycle.close(conn)
-            raise self._closed_error()
-        now = self._now()
-        holder.conn = conn
-        holder.baseline = baseline
-        holder.quiet = self._lifecycle.quiet_test(conn)
-        holder.created_at = holder.returned_at = now
-        holder.generation = self._generation
-        holder.expires_at = (
-            float("inf")
-            if self.max_lifetime is None
-            else now + self.max_lifetime * (1 - LIFETIME_JITTER * random.random())
-        )
-        _tested(holder, now)
-        self._size += 1
-        self._stats.connections_created += 1
-        if self._failing_since is not None:
-            logger.info("pool %r: connected again after failures", self.name)
-            self._failing_since = None
-            self._failure_reported = False
-
-    def _connect_failed(self, exc: BaseException) -> None:
-        self._stats.connections_failed += 1
-        self._last_error = exc
-        for fut in self._fail_fast_watchers:
-            if not fut.done():
-                fut.set_exception(exc)
-        self._fail_fast_watchers.clear()
-        now = self._now()
-        if self._failing_since is None:
-            self._failing_since = now
-        logger.warning("pool %r: connection attempt failed: %s", self.name, exc)
-        if (
-            self.reconnect_timeout is not None
-            and now - self._failing_since >= self.reconnect_timeout
-        ):
-            self._reconnect_gave_up()
-
-    def _reconnect_gave_up(self) -> None:
-        """Report, once per streak of failures, that reconnect_timeout ran out."""
-        if self._failure_reported or self._failing_since is None:
-            return
-        self._failure_reported = True
-        logger.error(
-            "pool %r: could not connect for %g s (reconnect_timeout)",
-            self.name,
-            self.reconnect_timeout,
-        )
-        owner = self._owner()
-        if self._reconnect_failed is not None and owner is not None:
-            try:
-                self._reconnect_failed(owner)
-            except Exception:
-                logger.exception("pool %r: reconnect_failed callback raised", self.name)
-
-    def _fill(self) -> None:
-        """Start background connects until ``min_size`` connections exist or are coming."""
-        while self._state == _OPEN and self._size + self._filling < self._min_size:
-            holder = self._queue.take_bottom()
-            if holder is None:
-                return
-            self._filling += 1
-            self._spawn(self._fill_one(holder))
-
-    async def _fill_one(self, holder: Holder[ConnT]) -> None:
-        deadline = None
-        if self.reconnect_timeout is not None:
-            deadline = monotonic() + self.reconnect_timeout
-        try:
-            await self._connect(holder, deadline)
-        except PoolTimeout:
-            self._reconnect_gave_up()
-        except PoolClosed:
-            pass
-        finally:
-            self._filling -= 1
-            self._release_slot(holder)
-            self._notify_size()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _discard(self, holder: Holder[ConnT], reason: str, *, lost: bool = False) -> None:
-        """Close a holder's connection; the holder becomes an empty slot."""
-        conn = holder.conn
+    def discard(self, slot: Slot[ConnT], reason: str, *, lost: bool = False) -> None:
+        """Close a slot's connection; the slot becomes free."""
+        conn = slot.conn
         if conn is None:
             return
-        holder.clear()
+        slot.clear()
         self._size -= 1
         if lost:
             self._stats.connections_lost += 1
@@ -820,6 +549,11 @@ class PoolCore(Generic[ConnT]):
             self._stats.connections_closed += 1
         logger.debug("pool %r: closing a connection: %s", self.name, reason)
         self._lifecycle.close(conn)
+
+    def connected(self, slot: Slot[ConnT]) -> None:
+        """Count a connection the connector opened on ``slot``."""
+        slot.generation = self._generation
+        self._size += 1
 
     # -- return --------------------------------------------------------------------
 
@@ -830,52 +564,116 @@ class PoolCore(Generic[ConnT]):
         mid-query or broken is discarded, and changed attributes (autocommit,
         isolation level, read only, deferrable) are restored.
         """
-        # try_putconn_nowait(conn, handoff=True), inlined: this is the hottest path.
-        try:
-            holder = self._borrowed.pop(conn)
-        except (KeyError, TypeError):
-            raise self._not_borrowed(conn, None) from None
-        if holder.conn is not conn:
-            raise self._not_borrowed(conn, holder)
-        if not (
-            close or not self._plain or self._key_of or self._state_of(conn) != holder.baseline
-        ):
-            now = monotonic()
-            if holder.expires_at > now:
-                holder.returned_at = now
-                if self._line:
-                    self._queue.put(holder, True)
-                else:
-                    self._idle.append(holder)  # self._queue.put(holder, True)
-                return
-        self._unborrow(conn, holder)
-        await self._return_slow(holder, close)
+        slot = self.take_back(conn, key)
+        if close or not self._shelve(slot, conn):
+            await self.return_slow(slot, close)
 
-    def _unborrow(self, conn: ConnT, holder: Holder[ConnT]) -> None:
-        """Bookkeeping of a return, other than the hot path's."""
-        if self._key_of:
-            held_key = self._key_of.pop(conn, None)
-            if held_key is not None:
-                del self._keyed[held_key]
-        if holder.leak_timer is not None:
-            holder.leak_timer.cancel()
-            holder.leak_timer = None
-
-    def _take_borrowed(self, conn: ConnT) -> Holder[ConnT]:
-        """Take ``conn`` out of the borrowed; PoolError if it was not borrowed here."""
+    def take_back(self, conn: ConnT, key: Hashable | None) -> Slot[ConnT]:
+        """Take ``conn`` out of the borrowed (its key freed); PoolError if it is not ours."""
         try:
-            holder = self._borrowed.pop(conn)
+            slot = self._borrowed.pop(conn)
         except (KeyError, TypeError):  # TypeError: unhashable, so certainly not ours
             raise self._not_borrowed(conn, None) from None
-        if holder.conn is not conn:
-            raise self._not_borrowed(conn, holder)
-        return holder
+        if slot.conn is not conn:
+            raise self._not_borrowed(conn, slot)
+        if self._key_of or key is not None:
+            held = self._key_of.get(conn)
+            if key is not None and held != key:
+                self._borrowed[conn] = slot
+                raise PoolError(
+                    f"pool {self.name!r}: this connection was taken "
+                    + ("without a key" if held is None else f"under key {held!r}")
+                    + f", not {key!r}"
+                )
+            if held is not None:
+                del self._key_of[conn]
+                del self._keyed[held]
+        if slot.leak_timer is not None:
+            slot.leak_timer.cancel()
+            slot.leak_timer = None
+        used = monotonic() - slot.borrowed_at
+        use = self.use_hist  # HistogramRecorder.record(), inlined: every return
+        use.counts[bisect_left(use.bounds, used)] += 1
+        use.sum += used
+        return slot
 
-    def _not_borrowed(self, conn: ConnT, holder: Holder[ConnT] | None) -> PoolError:
-        if holder is not None and holder.conn is not None:
+    def _shelve(self, slot: Slot[ConnT], conn: ConnT) -> bool:
+        """The return hot path: put an unchanged, unexpired connection straight back.
+
+        False when the return needs work (see :meth:`return_slow`). It never
+        suspends nor schedules; it may complete a waiter's future.
+        """
+        if self._fast and self._state_of(conn) == slot.baseline:
+            now = monotonic()
+            if slot.expires_at > now:
+                slot.returned_at = now
+                if self._line:
+                    self._queue.put(slot, True)
+                else:
+                    self._idle.append(slot)  # self._queue.put(slot, True)
+                return True
+        return False
+
+    def shelve(self, slot: Slot[ConnT]) -> bool:
+        """:meth:`_shelve` for a slot taken back with :meth:`take_back` (the thread port)."""
+        conn = slot.conn
+        assert conn is not None
+        return self._shelve(slot, conn)
+
+    async def return_slow(self, slot: Slot[ConnT], close: bool) -> None:
+        """The rest of a return that needs work: clean, reset, expire or discard."""
+        conn = slot.conn
+        assert conn is not None
+        lifecycle = self._lifecycle
+        try:
+            if close:
+                self.discard(slot, "closed by its borrower")
+            elif self._state != OPEN or self.null or self._excess:
+                self.discard(slot, "not kept")
+            elif slot.generation != self._generation:
+                self.discard(slot, "drained")
+            else:
+                self.check_loop()
+                if lifecycle.is_bad_return(conn):
+                    self.note_bad_return(lifecycle.describe_state(conn))
+                if not lifecycle.is_clean(conn, slot.baseline) and not await lifecycle.clean(
+                    conn, slot.baseline
+                ):
+                    self.discard(slot, "could not be cleaned after return")
+                elif lifecycle.has_reset and not await lifecycle.reset(conn):
+                    logger.warning("pool %r: reset left a connection unusable", self.name)
+                    self.discard(slot, "reset left it unusable")
+                elif slot.expires_at <= monotonic():
+                    self.discard(slot, "max_lifetime reached")
+        except BaseException as exc:
+            # Cleaning failed or was interrupted (the borrower cancelled again):
+            # the connection is in an unknown state, so it goes; the slot stays.
+            self.discard(slot, f"cleaning failed ({exc.__class__.__name__})")
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("pool %r: discarded a returned connection: %s", self.name, exc)
+        finally:
+            slot.returned_at = monotonic()
+            self._after_return(slot)
+
+    def note_bad_return(self, description: str) -> None:
+        """Count (and log at WARNING) a connection returned in a bad state."""
+        self._stats.returns_bad += 1
+        logger.warning("pool %r: a connection was returned %s", self.name, description)
+
+    def _after_return(self, slot: Slot[ConnT]) -> None:
+        self.release_slot(slot)
+        if self._state == CLOSING and not self._borrowed and self._all_returned is not None:
+            if not self._all_returned.done():
+                self._all_returned.set_result(None)
+        elif self._state == OPEN and slot.conn is None:
+            self.connector.fill()
+
+    def _not_borrowed(self, conn: ConnT, slot: Slot[ConnT] | None) -> PoolError:
+        if slot is not None and slot.conn is not None:
             # another connection that compares equal to it: put that one back
-            self._borrowed[holder.conn] = holder
-        if self._state == _CLOSED:
+            self._borrowed[slot.conn] = slot
+        if self._state == CLOSED:
             return PoolClosed(f"pool {self.name!r} is closed")
         return PoolError(
             f"pool {self.name!r}: this connection is not borrowed from this pool "
@@ -886,247 +684,75 @@ class PoolCore(Generic[ConnT]):
         """The connection checked out under ``key``, if any."""
         return self._keyed.get(key)
 
-    def borrowed_baseline(self, conn: ConnT) -> Baseline:
-        """The attributes a borrowed connection had when configured (to restore them)."""
+    def borrowed_slot(self, conn: ConnT) -> Slot[ConnT]:
+        """The slot of a borrowed connection; PoolError if it is not borrowed here."""
         try:
-            holder = self._borrowed.get(conn)
+            slot = self._borrowed.get(conn)
         except TypeError:
-            holder = None
-        if holder is None or holder.conn is not conn:
+            slot = None
+        if slot is None or slot.conn is not conn:
             raise self._not_borrowed(conn, None)
-        return holder.baseline
+        return slot
 
-    def try_putconn_nowait(self, conn: ConnT, handoff: bool = False, bad: bool = False) -> bool:
-        """The fast path of :meth:`putconn` as a plain call; False means "call putconn()".
+    # -- the queue, for the collaborators --------------------------------------------
 
-        It succeeds only when the return needs no work (the connection is
-        idle and unchanged, not keyed, nothing to reset or expire) and nobody
-        waits, so that, like :meth:`try_getconn_nowait`, it never suspends,
-        schedules a callback or completes a future. With ``handoff=True`` it
-        may complete a waiter's future: only for callers whose waiters are all
-        outside waiters (see :meth:`request_nowait`). A foreign connection or
-        a second return raises :class:`PoolError` here too. ``bad=True``: the
-        caller already cleaned a connection returned in a bad state (counted).
-        """
-        holder = self._take_borrowed(conn)
-        if (
-            self._plain
-            and not self._key_of
-            and self._state_of(conn) == holder.baseline
-            and (handoff or not self._queue.waiting)
-        ):
-            now = monotonic()
-            if holder.expires_at > now:
-                holder.returned_at = now
-                if self._line:
-                    self._queue.put(holder, True)
-                else:
-                    self._idle.append(holder)  # self._queue.put(holder, True)
-                if bad:
-                    self._stats.returns_bad += 1
-                return True
-        self._borrowed[conn] = holder
-        return False
+    @property
+    def queue(self) -> HandoffQueue[Slot[ConnT]]:
+        """The hand-off queue of slots."""
+        return self._queue
 
-    def take_return_nowait(self, conn: ConnT, bad: bool = False) -> Holder[ConnT]:
-        """The bookkeeping of a return, done now; finish it with :meth:`finish_return`.
+    @property
+    def generation(self) -> int:
+        """Incremented by :meth:`~aiopgpool.maintenance.Maintenance.drain`."""
+        return self._generation
 
-        For a caller in another thread: once this returns, the connection is
-        no longer borrowed (a second return raises :class:`PoolError`, its
-        key is free), while the work left may run later on the loop.
-        """
-        holder = self._take_borrowed(conn)
-        self._unborrow(conn, holder)
-        if bad:
-            self._stats.returns_bad += 1
-        return holder
-
-    async def finish_return(self, holder: Holder[ConnT], close: bool = False) -> None:
-        """The rest of a return begun with :meth:`take_return_nowait`."""
-        await self._return_slow(holder, close)
-
-    async def _return_slow(self, holder: Holder[ConnT], close: bool) -> None:
-        conn = holder.conn
-        assert conn is not None
-        lifecycle = self._lifecycle
-        try:
-            if close:
-                self._discard(holder, "closed by its borrower")
-            elif self._state != _OPEN or not self._keep_idle or self._excess:
-                self._discard(holder, "not kept")
-            elif holder.generation != self._generation:
-                self._discard(holder, "drained")
-            else:
-                if lifecycle.is_bad_return(conn):
-                    self._stats.returns_bad += 1
-                if not lifecycle.is_clean(conn, holder.baseline) and not await lifecycle.clean(
-                    conn, holder.baseline
-                ):
-                    self._discard(holder, "could not be cleaned after return")
-                elif lifecycle.has_reset and not await lifecycle.reset(conn):
-                    self._discard(holder, "reset left it unusable")
-                elif holder.expires_at <= self._now():
-                    self._discard(holder, "max_lifetime reached")
-        except BaseException as exc:
-            # Cleaning failed or was interrupted (the borrower cancelled again):
-            # the connection is in an unknown state, so it goes; the slot stays.
-            self._discard(holder, f"cleaning failed ({exc.__class__.__name__})")
-            if not isinstance(exc, Exception):
-                raise
-            logger.warning("pool %r: discarded a returned connection: %s", self.name, exc)
-        finally:
-            holder.returned_at = self._now()
-            self._after_return(holder)
-
-    def _after_return(self, holder: Holder[ConnT]) -> None:
-        self._release_slot(holder)
-        if self._state == _CLOSING and not self._borrowed and self._all_returned is not None:
-            if not self._all_returned.done():
-                self._all_returned.set_result(None)
-        elif self._state == _OPEN and holder.conn is None:
-            self._fill()
-
-    # -- leaks -------------------------------------------------------------------
-
-    def _watch_leak(self, holder: Holder[ConnT], stack: str | None) -> None:
-        assert self._loop is not None and self.leak_timeout is not None
-        if stack is None:
-            stack = "".join(traceback.format_stack()[:-2])
-        holder.leak_timer = self._loop.call_later(
-            self.leak_timeout, self._report_leak, holder, stack
-        )
-
-    def _report_leak(self, holder: Holder[ConnT], stack: str) -> None:
-        holder.leak_timer = None
-        self._stats.leaks += 1
-        logger.warning(
-            "pool %r: a connection has been held for more than %g s (leak_timeout); "
-            "borrowed at:\n%s",
-            self.name,
-            self.leak_timeout,
-            stack,
-        )
-
-    # -- maintenance ---------------------------------------------------------------
-
-    def _schedule_maintenance(self) -> None:
-        periods = [p for p in (self.max_idle, self.max_lifetime) if p]
-        if not periods or self._loop is None:
-            return
-        interval = min(max(min(periods) / 2, 0.05), 10.0)
-        # Through a weak reference: the timer must not keep alive a pool its
-        # users dropped without closing it (see _close_dropped).
-        self._maintenance = self._loop.call_later(interval, _maintain, weakref.ref(self))
-
-    def _maintain(self) -> None:
-        if self._state != _OPEN:
-            return
-        try:
-            self._expire_idle(self.max_idle, keep_min=True)
-        finally:
-            self._schedule_maintenance()
-
-    def _expire_idle(self, max_idle: float | None, *, keep_min: bool) -> int:
-        """Close idle connections past their lifetime or idle longer than ``max_idle``."""
-        now = self._now()
-        spare = self._size - self._min_size if keep_min else self._size
-
-        def expired(holder: Holder[ConnT]) -> bool:
-            nonlocal spare
-            if holder.conn is None:
-                return False
-            if holder.expires_at <= now:
-                return True
-            if max_idle is not None and spare > 0 and now - holder.returned_at >= max_idle:
-                spare -= 1
-                return True
-            return False
-
-        taken = self._queue.take(expired)
-        for holder in taken:
-            self._discard(holder, "expired")
-            self._release_slot(holder)
-        self._fill()
-        return len(taken)
-
-    async def purge_expired(self) -> int:
-        """Close idle connections idle longer than ``max_idle`` (or past max_lifetime) now.
-
-        Unlike the background shrinking, ``min_size`` does not protect them;
-        the pool then refills ``min_size`` with fresh connections. Returns how
-        many were closed.
-        """
-        self._check_open()
-        return self._expire_idle(self.max_idle, keep_min=False)
-
-    async def check(self) -> None:
-        """Make a round trip on every idle connection; replace those that fail."""
-        self._check_open()
-        taken = self._queue.take(_is_connected)
-        try:
-            while taken:
-                holder = taken.pop()
-                conn = holder.conn
-                assert conn is not None
-                try:
-                    await self._lifecycle.probe(conn)
-                except Exception as exc:
-                    self._discard(holder, f"check() failed ({exc.__class__.__name__})", lost=True)
-                finally:
-                    self._release_slot(holder)
-        finally:
-            for holder in taken:
-                self._release_slot(holder)
-        self._fill()
-
-    async def drain(self) -> None:
-        """Replace every connection: idle ones now, borrowed ones when returned."""
-        self._check_open()
+    def new_generation(self) -> None:
+        """Mark every connection open now as to be replaced (drain)."""
         self._generation += 1
-        for holder in self._borrowed.values():
+        for slot in self._borrowed.values():
             # Expired, so that a return takes the slow path, which discards it.
-            holder.expires_at = 0.0
-        for holder in self._queue.take(_is_connected):
-            self._discard(holder, "drained")
-            self._release_slot(holder)
-        self._fill()
+            slot.expires_at = 0.0
+
+    # -- resize ----------------------------------------------------------------------
 
     async def resize(self, min_size: int, max_size: int | None = None) -> None:
-        """Change the pool's sizes; connections beyond a smaller max go as they come back."""
-        self._check_open()
+        """Change the pool's sizes (``max_size=None``: ``min_size``, as psycopg_pool).
+
+        Connections beyond a smaller max go as they come back.
+        """
+        self.check_open()
         if max_size is None:
-            max_size = max(min_size, self._max_size)
-        check_sizes(min_size, max_size)
-        grow = max_size - self._max_size
+            max_size = min_size
+        check_sizes(min_size, max_size, null=self.null)
+        grow = self._capacity(max_size) - self._capacity(self._max_size)
         self._min_size = min_size
         self._max_size = max_size
         if grow > 0:
             cancel = min(grow, self._excess)
             self._excess -= cancel
-            for _ in range(grow - cancel):
-                self._queue.put(Holder())
+            self._queue.add_free(grow - cancel)
         elif grow < 0:
-            shrink = -grow
             # Free slots go first, then the least recently used idle connections;
             # whatever is left is dropped as borrowed connections come back.
-            for predicate in (lambda h: h.conn is None, _is_connected):
-                taken = self._queue.take(predicate)
-                for holder in taken[:shrink]:
-                    self._discard(holder, "pool resized")
-                for holder in taken[shrink:]:
-                    self._queue.put(holder)
-                shrink -= min(shrink, len(taken))
+            shrink = -grow - self._queue.take_free(-grow)
+            if shrink:
+                idle = self._queue.take(_has_conn)  # least recently used first
+                for slot in idle[:shrink]:
+                    self.discard(slot, "pool resized")
+                for slot in idle[shrink:]:
+                    self._queue.put(slot, True)
+                shrink -= min(shrink, len(idle))
             self._excess += shrink
-        self._update_plain()
-        self._fill()
+        self.update_fast()
+        self.connector.fill()
 
     # -- closing -------------------------------------------------------------------
 
     async def closeall(self) -> None:
         """Close every connection now, borrowed ones included; the pool is closed."""
-        if self._state == _CLOSED:
+        if self._state == CLOSED:
             raise PoolClosed(f"pool {self.name!r} is already closed")
-        self._close_now()
+        self.close_now()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Refuse new requests, wait up to ``timeout`` for borrowed connections, close.
@@ -1135,37 +761,38 @@ class PoolCore(Generic[ConnT]):
         still waiting for returns (this one waits with it, up to its own
         ``timeout``).
         """
-        if self._state == _CLOSED:
+        check_timeout("timeout", timeout, allow_none=False)
+        if self._state == CLOSED:
             return
-        if self._state == _NEW:
-            self._close_now()
+        if self._state == NEW:
+            self.close_now()
             return
-        if self._state == _OPEN:
-            self._state = _CLOSING
-            self._plain = False
-            self._queue.fail_waiters(self._closed_error)
+        if self._state == OPEN:
+            self._state = CLOSING
+            self._fast = False
+            self._queue.fail_waiters(self.closed_error)
             if self._borrowed:
                 self._all_returned = asyncio.get_running_loop().create_future()
         if self._all_returned is not None and not self._all_returned.done():
             with anyio.move_on_after(timeout) as scope:
                 await asyncio.shield(self._all_returned)
-            if scope.cancelled_caught and self._state != _CLOSED:
+            if scope.cancelled_caught and self._state != CLOSED:
                 logger.warning(
                     "pool %r: %d connections still borrowed after %g s: closing them",
                     self.name,
                     len(self._borrowed),
                     timeout,
                 )
-        if self._state != _CLOSED:
-            self._close_now()
+        if self._state != CLOSED:
+            self.close_now()
 
-    def abandon(self) -> None:
+    def close_dropped(self) -> None:
         """Close now, leaving borrowed connections open: for a pool object nobody references.
 
         Nobody can give those connections back any more, and closing them
         would break whoever still uses one; each closes with its own object.
         """
-        if self._state == _CLOSED:
+        if self._state == CLOSED:
             return
         if self._borrowed:
             logger.warning(
@@ -1174,30 +801,24 @@ class PoolCore(Generic[ConnT]):
                 self.name,
                 len(self._borrowed),
             )
-        self._close_now(keep_borrowed=True)
+        self.close_now(keep_borrowed=True)
 
-    def _close_now(self, *, keep_borrowed: bool = False) -> None:
-        self._state = _CLOSED
-        self._plain = False
+    def close_now(self, *, keep_borrowed: bool = False) -> None:
+        """Close at once: fail waiters, stop background work, close connections."""
+        self._state = CLOSED
+        self._fast = False
         if self._all_returned is not None and not self._all_returned.done():
             self._all_returned.set_result(None)  # a close() waiting for returns: stop waiting
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-        self._queue.fail_waiters(self._closed_error)
-        for fut in self._size_watchers:
-            if not fut.done():
-                fut.set_exception(self._closed_error())
-        self._size_watchers.clear()
-        self._fail_fast_watchers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        for holder in self._queue.take(lambda h: True):
-            self._discard(holder, "pool closed")
-        for holder in self._borrowed.values():
-            if holder.leak_timer is not None:
-                holder.leak_timer.cancel()
+        self.maintenance.stop()
+        self._queue.fail_waiters(self.closed_error)
+        self.connector.stop(self.closed_error)
+        for slot in self._queue.take(_has_conn):
+            self.discard(slot, "pool closed")
+        for slot in self._borrowed.values():
+            if slot.leak_timer is not None:
+                slot.leak_timer.cancel()
             if not keep_borrowed:
-                self._discard(holder, "pool closed while borrowed")
+                self.discard(slot, "pool closed while borrowed")
         self._borrowed.clear()
         self._keyed.clear()
         self._key_of.clear()
@@ -1211,7 +832,7 @@ class PoolCore(Generic[ConnT]):
         return PoolStats(
             name=self.name,
             size=self._size,
-            idle=sum(1 for h in self._queue if h.conn is not None),
+            idle=len(self._queue),
             in_use=len(self._borrowed),
             waiting=self._queue.waiting,
             min_size=self._min_size,
@@ -1226,8 +847,15 @@ class PoolCore(Generic[ConnT]):
             returns_bad=c.returns_bad,
             leaks=c.leaks,
             connections_closed=c.connections_closed,
+            # Requests served at once are not recorded one by one: they waited 0.
+            wait_time_histogram=self.wait_hist.snapshot(c.requests - c.requests_waited),
+            use_time_histogram=self.use_hist.snapshot(),
+            connect_time_histogram=self.connect_hist.snapshot(),
         )
 
-    def _now(self) -> float:
-        # asyncio's default loops keep time with time.monotonic() too.
-        return monotonic()
+    def reset_stats(self) -> None:
+        """Zero the counters and histograms (``pop_stats()``)."""
+        self._stats = Counters()
+        self.wait_hist.clear()
+        self.use_hist.clear()
+        self.connect_hist.clear()

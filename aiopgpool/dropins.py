@@ -22,9 +22,13 @@ from collections.abc import Hashable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar, Generic, TypeVar
 
+import psycopg
+
+from .conninfo import ConnectTarget
 from .errors import PoolError
-from .options import check_timeout
-from .sync_pool import ConnectionPool, NullConnectionPool, SyncPoolFacade
+from .options import DEFAULTS, PoolOptions, check_timeout
+from .sync_lifecycle import BlockingLifecycle, SyncLifecycle
+from .sync_pool import SyncPoolFacade
 
 __all__ = [
     "AbstractConnectionPool",
@@ -83,17 +87,22 @@ class DropInBase(Generic[C]):
         **kwargs: Any,
     ) -> None:
         dsn, params = connect_arguments(args, dict(kwargs))
-        max_idle = check_timeout("expiration", expiration)
+        check_timeout("expiration", expiration)  # named as the caller named it
         self.minconn = minconn
         self.maxconn = maxconn
-        self._pool: SyncPoolFacade[C] = self._make_facade(
-            dsn,
-            params,
+        options = PoolOptions(
+            conninfo=dsn,
+            kwargs=params,
             min_size=0 if disable_pooling else minconn,
             max_size=maxconn,
-            max_idle=600.0 if max_idle is None else max_idle,
-            null=disable_pooling,
+            timeout=0,
+            max_idle=DEFAULTS.max_idle if expiration is None else expiration,
             name=name,
+            null=disable_pooling,
+        )
+        target = ConnectTarget(dsn, params, options.name)  # type: ignore[arg-type]
+        self._pool: SyncPoolFacade[C] = SyncPoolFacade(
+            self._make_lifecycle(target), options, target.describe()
         )
         try:
             self._pool.open(wait=True, timeout=OPEN_TIMEOUT, fail_fast=True)
@@ -108,18 +117,8 @@ class DropInBase(Generic[C]):
             self._pool.resize(min_kept, maxconn)
 
     @abstractmethod
-    def _make_facade(
-        self,
-        dsn: str,
-        params: dict[str, Any],
-        *,
-        min_size: int,
-        max_size: int,
-        max_idle: float,
-        null: bool,
-        name: str | None,
-    ) -> SyncPoolFacade[C]:
-        """The facade serving this pool's connections."""
+    def _make_lifecycle(self, target: ConnectTarget) -> BlockingLifecycle[C]:
+        """The lifecycle of this pool's connections."""
 
     @property
     def closed(self) -> bool:
@@ -146,7 +145,7 @@ class DropInBase(Generic[C]):
     def getconn(self, key: Hashable | None = None) -> C:
         """A connection (the same one for the same ``key``); PoolError when exhausted."""
         try:
-            return self._pool.getconn(key, timeout=0)
+            return self._pool.getconn(0, key=key)
         except PoolError as exc:
             raise self._translated(exc) from exc.__cause__
 
@@ -194,30 +193,8 @@ class DropInBase(Generic[C]):
 class AbstractConnectionPool(DropInBase[Any]):
     """psycopg2.pool.AbstractConnectionPool's contract, serving psycopg 3 connections."""
 
-    def _make_facade(
-        self,
-        dsn: str,
-        params: dict[str, Any],
-        *,
-        min_size: int,
-        max_size: int,
-        max_idle: float,
-        null: bool,
-        name: str | None,
-    ) -> SyncPoolFacade[Any]:
-        if null:
-            return NullConnectionPool(
-                dsn, kwargs=params, max_size=max_size, timeout=0, max_idle=max_idle, name=name
-            )
-        return ConnectionPool(
-            dsn,
-            kwargs=params,
-            min_size=min_size,
-            max_size=max_size,
-            timeout=0,
-            max_idle=max_idle,
-            name=name,
-        )
+    def _make_lifecycle(self, target: ConnectTarget) -> BlockingLifecycle[Any]:
+        return SyncLifecycle(target, psycopg.Connection, configure=None, reset=None, check=None)
 
 
 class SimpleConnectionPool(AbstractConnectionPool):

@@ -12,21 +12,25 @@ import contextlib
 import select
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
+from .conninfo import ConnectTarget
+from .slot import Baseline, never_quiet
+
 __all__ = [
     "CANCEL_TIMEOUT",
     "AsyncLifecycle",
-    "Baseline",
-    "Holder",
     "Lifecycle",
     "PsycopgLifecycle",
+    "Restore",
     "check_connection",
     "quiet_socket_test",
+    "what_to_restore",
 ]
 
 ConnT = TypeVar("ConnT")
@@ -37,50 +41,48 @@ INERROR = TransactionStatus.INERROR
 ACTIVE = TransactionStatus.ACTIVE
 OK = ConnStatus.OK
 
-Baseline = tuple[Any, ...]
-"""A connection's state as a return must find it: for psycopg 3,
-(transaction status, autocommit, isolation_level, read_only, deferrable),
-as configured for the pool (the status idle)."""
-
 _POLLIN = select.POLLIN
 # Seconds to wait for the server to take a cancel request for a query left
 # running on a returned connection.
 CANCEL_TIMEOUT = 5.0
 
+#: The attributes a return restores, in :data:`Baseline` order after the status.
+ATTRIBUTES = ("autocommit", "isolation_level", "read_only", "deferrable")
 
-class Holder(Generic[ConnT]):
-    """One slot of the pool: holds a connection, or nothing (a free slot)."""
 
-    __slots__ = (
-        "baseline",
-        "conn",
-        "created_at",
-        "expires_at",
-        "fresh_until",
-        "generation",
-        "leak_timer",
-        "quiet",
-        "returned_at",
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """What a returned connection needs before the next borrower may have it."""
+
+    discard: bool
+    """Broken, or a query still runs: it cannot be kept."""
+    cancel: bool
+    """A query still runs: cancel it on the server (then discard)."""
+    rollback: bool
+    """A transaction is open or failed: roll it back."""
+    attributes: tuple[tuple[str, Any], ...]
+    """(name, value) of each attribute to set back, names as in :data:`ATTRIBUTES`."""
+
+
+def what_to_restore(broken: bool, state: Baseline, baseline: Baseline) -> Restore:
+    """Decide what a returned connection needs, from its state and its baseline.
+
+    One pure function for every driver: ``state`` and ``baseline`` are
+    (libpq transaction status, autocommit, isolation_level, read_only,
+    deferrable), the status as libpq numbers it (psycopg 3 and psycopg2 both
+    use them); ``broken``: the connection is closed or failed.
+    """
+    status = state[0] if state else None
+    if broken or not state:
+        return Restore(True, False, False, ())
+    if status == ACTIVE:
+        return Restore(True, True, False, ())
+    changed = tuple(
+        (name, want)
+        for name, have, want in zip(ATTRIBUTES, state[1:], baseline[1:], strict=False)
+        if have != want
     )
-
-    def __init__(self) -> None:
-        self.conn: ConnT | None = None
-        self.baseline: Baseline = ()
-        self.created_at = 0.0
-        self.expires_at = float("inf")
-        self.returned_at = 0.0
-        # Until when it may be handed out untested: the earlier of its expiry
-        # and a short while after its last test (see core.SOCKET_TEST_INTERVAL).
-        self.fresh_until = 0.0
-        # The lifecycle's quiet_test() of the connection.
-        self.quiet: Callable[[], bool] = _never_quiet
-        self.generation = 0
-        self.leak_timer: Any = None
-
-    def clear(self) -> None:
-        """Forget the connection: an empty slot."""
-        self.conn = None
-        self.quiet = _never_quiet
+    return Restore(False, False, status in (INTRANS, INERROR), changed)
 
 
 def quiet_socket_test(fileno: Callable[[], int], idle: Callable[[], bool]) -> Callable[[], bool]:
@@ -98,7 +100,7 @@ def quiet_socket_test(fileno: Callable[[], int], idle: Callable[[], bool]) -> Ca
     try:
         poller.register(fileno(), _POLLIN)
     except Exception:
-        return _never_quiet
+        return never_quiet
 
     def is_quiet() -> bool:
         try:
@@ -109,8 +111,19 @@ def quiet_socket_test(fileno: Callable[[], int], idle: Callable[[], bool]) -> Ca
     return is_quiet
 
 
-def _never_quiet() -> bool:
-    return False
+_STATUS_WORDS = {
+    INTRANS: "in a transaction (rolled back)",
+    INERROR: "in a failed transaction (rolled back)",
+    ACTIVE: "with a query still running (cancelled, then discarded)",
+}
+
+
+def describe_status(status: object) -> str:
+    """Words for a libpq transaction status at return."""
+    for code, words in _STATUS_WORDS.items():
+        if status == code:
+            return words
+    return "broken (discarded)"
 
 
 class Lifecycle(ABC, Generic[ConnT]):
@@ -148,6 +161,11 @@ class Lifecycle(ABC, Generic[ConnT]):
     def is_bad_return(self, conn: ConnT) -> bool:
         """The borrower left it in a transaction, in error, mid-query or broken."""
 
+    def describe_state(self, conn: ConnT) -> str:
+        """Words for a bad return's state, for the WARNING it logs (never the conninfo)."""
+        state = self.state_of(conn)
+        return describe_status(state[0] if state else None)
+
     @abstractmethod
     async def clean(self, conn: ConnT, baseline: Baseline) -> bool:
         """Roll back and restore attributes; False when it must be discarded."""
@@ -176,8 +194,7 @@ async def check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.set_autocommit(False)
 
 
-_ATTRIBUTES = ("autocommit", "isolation_level", "read_only", "deferrable")
-_read_state_public = attrgetter("pgconn.transaction_status", *_ATTRIBUTES)
+_read_state_public = attrgetter("pgconn.transaction_status", *ATTRIBUTES)
 
 
 def baseline_of(conn: psycopg.BaseConnection[Any]) -> Baseline:
@@ -197,7 +214,7 @@ def state_reader(
     underscore (checked on their code, so a psycopg that changes them is
     read through the properties), it reads those attributes in one C call.
     """
-    for name in _ATTRIBUTES:
+    for name in ATTRIBUTES:
         prop = getattr(connection_class, name, None)
         fget = getattr(prop, "fget", None)
         if (
@@ -206,7 +223,7 @@ def state_reader(
             or fget.__code__.co_names != ("_" + name,)
         ):
             return _read_state_public
-    return attrgetter("pgconn.transaction_status", *("_" + name for name in _ATTRIBUTES))
+    return attrgetter("pgconn.transaction_status", *("_" + name for name in ATTRIBUTES))
 
 
 def configure_left_transaction() -> psycopg.ProgrammingError:
@@ -251,15 +268,13 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
 
     def __init__(
         self,
-        conninfo: str,
-        kwargs: dict[str, Any],
+        target: ConnectTarget,
         connection_class: type[psycopg.AsyncConnection[Any]],
         configure: AsyncCallback | None,
         reset: AsyncCallback | None,
         check: AsyncCallback | None,
     ) -> None:
-        self._conninfo = conninfo
-        self._kwargs = kwargs
+        self._target = target
         self._connection_class = connection_class
         self.state_of = state_reader(connection_class)
         self._configure = configure
@@ -269,7 +284,8 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         self.has_reset = reset is not None
 
     async def connect(self) -> tuple[psycopg.AsyncConnection[Any], Baseline]:
-        conn = await self._connection_class.connect(self._conninfo, **self._kwargs)
+        conninfo, kwargs = await self._target.resolve_async()
+        conn = await self._connection_class.connect(conninfo, **kwargs)
         try:
             if self._configure is not None:
                 await self._configure(conn)
@@ -282,26 +298,18 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
 
     async def clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn
-        if pgconn.status != OK:
-            return False
-        status = pgconn.transaction_status
-        if status == ACTIVE:
+        todo = what_to_restore(pgconn.status != OK, self.state_of(conn), baseline)
+        if todo.cancel:
             # Returned mid-query (its task was cancelled twice, or it was
             # handed back with a query running): stop the query on the server,
             # then discard the connection rather than drain it.
             await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        if todo.discard:
             return False
-        if status in (INTRANS, INERROR):
+        if todo.rollback:
             await conn.rollback()
-        _, autocommit, isolation_level, read_only, deferrable = baseline
-        if conn.autocommit != autocommit:
-            await conn.set_autocommit(autocommit)
-        if conn.isolation_level != isolation_level:
-            await conn.set_isolation_level(isolation_level)
-        if conn.read_only != read_only:
-            await conn.set_read_only(read_only)
-        if conn.deferrable != deferrable:
-            await conn.set_deferrable(deferrable)
+        for name, value in todo.attributes:
+            await getattr(conn, "set_" + name)(value)
         return pgconn.transaction_status == IDLE
 
     async def probe(self, conn: psycopg.AsyncConnection[Any]) -> None:

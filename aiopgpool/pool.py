@@ -1,25 +1,39 @@
-"""The public asyncio pools: :class:`AsyncConnectionPool` and :class:`AsyncNullConnectionPool`."""
+"""The public asyncio pools: :class:`AsyncConnectionPool` and :class:`AsyncNullConnectionPool`.
+
+A public pool holds a :class:`~aiopgpool.core.PoolCore` and shows the API
+and nothing else. ``getconn`` and ``putconn`` are the core's own coroutine
+functions, bound on each instance: no frame between a caller and the core.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, cast
 
 import psycopg
+from typing_extensions import Self, TypeVar
 
+from .conninfo import ConnectTarget
 from .core import PoolCore
-from .errors import PoolClosed
-from .lifecycle import INTRANS, AsyncCallback, AsyncLifecycle
-from .options import describe_target, make_name, prepare_connect_kwargs
+from .errors import PoolClosed, PoolError
+from .lifecycle import INTRANS, AsyncLifecycle, Lifecycle, check_connection
+from .options import DEFAULTS, PoolOptions
+from .stats import PoolStats, psycopg_pool_stats
 
 __all__ = ["AsyncConnectionPool", "AsyncNullConnectionPool"]
 
-AsyncConnection = psycopg.AsyncConnection[Any]
+ACT = TypeVar(
+    "ACT",
+    bound="psycopg.AsyncConnection[Any]",
+    default="psycopg.AsyncConnection[tuple[Any, ...]]",
+)
+AsyncCallback = Callable[[Any], Awaitable[Any]]
 
 
-class AsyncConnectionPool(PoolCore[AsyncConnection]):
+class AsyncConnectionPool(Generic[ACT]):
     """An asyncio pool of psycopg ``AsyncConnection`` objects.
 
     See the README and ``API.md`` for every option; in short::
@@ -29,65 +43,169 @@ class AsyncConnectionPool(PoolCore[AsyncConnection]):
                 await conn.execute("SELECT 1")
     """
 
-    _keeps_idle = True
+    _null = False
 
     def __init__(
         self,
-        conninfo: str = "",
+        conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
         *,
-        kwargs: dict[str, Any] | None = None,
-        min_size: int = 1,
-        max_size: int = 10,
-        timeout: float | None = 30.0,
-        max_waiting: int = 0,
-        max_idle: float | None = 600.0,
-        max_lifetime: float | None = 3600.0,
-        check: AsyncCallback | None = None,
-        configure: AsyncCallback | None = None,
-        reset: AsyncCallback | None = None,
-        reconnect_timeout: float | None = 300.0,
-        reconnect_failed: Callable[[Any], None] | None = None,
-        leak_timeout: float | None = None,
+        kwargs: dict[str, Any] | Callable[[], Any] | None = DEFAULTS.kwargs,
+        min_size: int = DEFAULTS.min_size,
+        max_size: int = DEFAULTS.max_size,
+        timeout: float | None = DEFAULTS.timeout,
+        max_waiting: int = DEFAULTS.max_waiting,
+        max_idle: float | None = DEFAULTS.max_idle,
+        max_lifetime: float | None = DEFAULTS.max_lifetime,
+        check: AsyncCallback | None = DEFAULTS.check,
+        configure: AsyncCallback | None = DEFAULTS.configure,
+        reset: AsyncCallback | None = DEFAULTS.reset,
+        reconnect_timeout: float | None = DEFAULTS.reconnect_timeout,
+        reconnect_failed: Callable[[Any], Any] | None = DEFAULTS.reconnect_failed,
+        leak_timeout: float | None = DEFAULTS.leak_timeout,
         name: str | None = None,
-        connection_class: type[AsyncConnection] = psycopg.AsyncConnection,
+        connection_class: type[ACT] = psycopg.AsyncConnection,  # type: ignore[assignment]
+        open: bool = False,
+        close_returns: bool = DEFAULTS.close_returns,
+        ping_after_idle: float | None = DEFAULTS.ping_after_idle,
     ) -> None:
-        name = make_name(name)
-        for label, func in (("check", check), ("configure", configure), ("reset", reset)):
-            if func is not None and not callable(func):
-                raise ValueError(f"{label} must be an async callable taking the connection")
-        lifecycle = AsyncLifecycle(
-            conninfo,
-            prepare_connect_kwargs(conninfo, kwargs, name),
-            connection_class,
-            configure=configure,
-            reset=reset,
-            check=check,
-        )
-        super().__init__(
-            lifecycle,
-            name=name,
-            target=describe_target(conninfo, kwargs),
+        options = PoolOptions(
+            conninfo=conninfo,
+            kwargs=kwargs,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
             max_waiting=max_waiting,
             max_idle=max_idle,
             max_lifetime=max_lifetime,
+            check=check,
+            configure=configure,
+            reset=reset,
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=reconnect_failed,
             leak_timeout=leak_timeout,
-            keep_idle=self._keeps_idle,
+            name=name,
+            close_returns=close_returns,
+            ping_after_idle=ping_after_idle,
+            null=self._null,
         )
+        if not (
+            isinstance(connection_class, type)
+            and issubclass(connection_class, psycopg.AsyncConnection)
+        ):
+            raise ValueError("connection_class must be a subclass of psycopg.AsyncConnection")
+        target = ConnectTarget(conninfo, kwargs, options.name)  # type: ignore[arg-type]
+        lifecycle = AsyncLifecycle(
+            target, connection_class, configure=configure, reset=reset, check=check
+        )
+        self._core: PoolCore[ACT] = PoolCore(
+            cast("Lifecycle[ACT]", lifecycle), options, target.describe(), owner=self
+        )
+        self.connection_class = connection_class
+        if type(self).getconn is AsyncConnectionPool.getconn:
+            # The core's coroutine functions themselves (subclasses that
+            # override them keep their own): no frame between caller and core.
+            self.getconn = self._core.getconn  # type: ignore[method-assign]
+        if type(self).putconn is AsyncConnectionPool.putconn:
+            self.putconn = self._core.putconn  # type: ignore[method-assign]
+        if open:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise PoolError(
+                    f"pool {options.name!r}: open=True needs a running event loop; "
+                    "create the pool inside a coroutine, or call 'await pool.open()' later"
+                ) from None
+            self._core.open_nowait()
 
-    def connection(self, timeout: float | None = None) -> _ConnectionContext:
-        """``async with pool.connection() as conn``: getconn, then putconn.
+    # -- attributes ----------------------------------------------------------------
 
-        Commits on success and rolls back on error, as ``async with conn``
-        does, but returns the connection to the pool instead of closing it.
+    @property
+    def name(self) -> str:
+        """The pool's name (logs, stats, application_name)."""
+        return self._core.name
+
+    @property
+    def min_size(self) -> int:
+        """The number of connections the pool keeps open, idle or not."""
+        return self._core.min_size
+
+    @property
+    def max_size(self) -> int:
+        """The most connections the pool opens at once."""
+        return self._core.max_size
+
+    @property
+    def closed(self) -> bool:
+        """True unless the pool is open: before ``open()`` and once closed."""
+        return self._core.closed
+
+    @property
+    def timeout(self) -> float | None:
+        """The default wait of ``getconn()`` and ``connection()``."""
+        return self._core.timeout
+
+    @property
+    def max_waiting(self) -> int:
+        """The most requests queued at once (0: no bound)."""
+        return self._core.max_waiting
+
+    @property
+    def max_idle(self) -> float | None:
+        """Idle connections above ``min_size`` close after this many seconds."""
+        return self._core.max_idle
+
+    @property
+    def max_lifetime(self) -> float | None:
+        """A connection is replaced after this age, when next idle."""
+        return self._core.max_lifetime
+
+    @property
+    def reconnect_timeout(self) -> float | None:
+        """How long failed connects are retried before ``reconnect_failed``."""
+        return self._core.reconnect_timeout
+
+    @property
+    def leak_timeout(self) -> float | None:
+        """A connection held longer than this is reported (None: off)."""
+        return self._core.leak_timeout
+
+    @property
+    def close_returns(self) -> bool:
+        """True when ``conn.close()`` on a borrowed connection gives it back."""
+        return self._core.options.close_returns
+
+    def __repr__(self) -> str:
+        return repr(self._core)
+
+    # -- opening and closing ---------------------------------------------------------
+
+    async def open(
+        self, wait: bool = False, timeout: float = 30.0, *, fail_fast: bool = False
+    ) -> None:
+        """Start the pool; ``wait=True`` waits for ``min_size`` connections (PoolTimeout).
+
+        ``fail_fast=True`` (with ``wait=True``): the first connection error is
+        raised at once, instead of retrying until ``timeout``.
         """
-        return _ConnectionContext(self, timeout)
+        await self._core.open(wait, timeout, fail_fast=fail_fast)
 
-    async def __aenter__(self) -> AsyncConnectionPool:
+    async def wait(self, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
+        """Wait until ``min_size`` connections are open, or raise PoolTimeout.
+
+        ``fail_fast=True``: raise the first connection error instead. A null
+        pool makes one real connection attempt.
+        """
+        await self._core.connector.wait(timeout, fail_fast=fail_fast)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Refuse new requests, wait up to ``timeout`` for borrowed connections, close."""
+        await self._core.close(timeout)
+
+    async def closeall(self) -> None:
+        """Close every connection now, borrowed ones included; the pool is closed."""
+        await self._core.closeall()
+
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -99,17 +217,78 @@ class AsyncConnectionPool(PoolCore[AsyncConnection]):
     ) -> None:
         await self.close()
 
+    # -- checkout and return ---------------------------------------------------------
 
-class _ConnectionContext:
+    async def getconn(self, timeout: float | None = None, *, key: Hashable | None = None) -> ACT:
+        """A connection, waiting up to ``timeout`` (default: the pool's) for one.
+
+        The same ``key`` while its connection is held returns that connection
+        again, without taking another slot.
+        """
+        return await self._core.getconn(timeout, key=key)
+
+    async def putconn(self, conn: ACT, key: Hashable | None = None, close: bool = False) -> None:
+        """Give a connection back; ``close=True`` discards it.
+
+        A connection left in a transaction or in error is rolled back, one left
+        mid-query or broken is discarded, and changed attributes (autocommit,
+        isolation level, read only, deferrable) are restored.
+        """
+        await self._core.putconn(conn, key, close)
+
+    def connection(self, timeout: float | None = None) -> _ConnectionContext[ACT]:
+        """``async with pool.connection() as conn``: getconn, then putconn.
+
+        Commits on success and rolls back on error, as ``async with conn``
+        does, but returns the connection to the pool instead of closing it.
+        """
+        return _ConnectionContext(self, timeout)
+
+    # -- the rest ----------------------------------------------------------------------
+
+    async def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the sizes (``max_size=None``: ``min_size``, as psycopg_pool)."""
+        await self._core.resize(min_size, max_size)
+
+    async def check(self) -> None:
+        """Make a round trip on every idle connection; replace those that fail."""
+        await self._core.maintenance.check()
+
+    async def drain(self) -> None:
+        """Replace every connection: idle ones now, borrowed ones when returned."""
+        await self._core.maintenance.drain()
+
+    async def purge_expired(self) -> int:
+        """Close idle connections idle longer than ``max_idle`` now; how many."""
+        return await self._core.maintenance.purge_expired()
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool's state, counters and histograms."""
+        return self._core.stats()
+
+    def get_stats(self) -> dict[str, int]:
+        """The counters with psycopg_pool's keys (``pool_min``, ``requests_num``, ...)."""
+        return psycopg_pool_stats(self._core.stats())
+
+    def pop_stats(self) -> dict[str, int]:
+        """:meth:`get_stats`, then reset the counters."""
+        stats = self.get_stats()
+        self._core.reset_stats()
+        return stats
+
+    check_connection = staticmethod(check_connection)
+
+
+class _ConnectionContext(Generic[ACT]):
     __slots__ = ("_conn", "_pool", "_timeout")
 
-    def __init__(self, pool: AsyncConnectionPool, timeout: float | None) -> None:
+    def __init__(self, pool: AsyncConnectionPool[ACT], timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
-        self._conn: AsyncConnection | None = None
+        self._conn: ACT | None = None
 
-    async def __aenter__(self) -> AsyncConnection:
-        self._conn = await self._pool.getconn(timeout=self._timeout)
+    async def __aenter__(self) -> ACT:
+        self._conn = await self._pool.getconn(self._timeout)
         return self._conn
 
     async def __aexit__(
@@ -131,17 +310,21 @@ class _ConnectionContext:
                 await self._pool.putconn(conn)
 
 
-class AsyncNullConnectionPool(AsyncConnectionPool):
+class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
     """The same interface, keeping no idle connection (pg_simple's ``disable_pooling``).
 
-    Each getconn connects and each putconn closes; ``max_size`` still bounds
-    how many connections are open at once, and extra requests wait in line.
-    ``min_size`` must be 0.
+    Each getconn connects and each putconn closes (before it returns);
+    ``max_size`` still bounds how many connections are open at once (0: no
+    bound), and extra requests wait in line. ``min_size`` must be 0.
     """
 
-    _keeps_idle = False
+    _null = True
 
-    def __init__(self, conninfo: str = "", *, min_size: int = 0, **options: Any) -> None:
-        if min_size != 0:
-            raise ValueError(f"min_size must be 0 for a null pool, got {min_size!r}")
-        super().__init__(conninfo, min_size=0, **options)
+    def __init__(
+        self,
+        conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
+        *,
+        min_size: int = 0,
+        **options: Any,
+    ) -> None:
+        super().__init__(conninfo, min_size=min_size, **options)

@@ -23,11 +23,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import contextlib
 
 from . import errors
+from .conninfo import ConnectTarget
 from .dropins import DropInBase, PersistentMixin
-from .lifecycle import Baseline, quiet_socket_test
-from .options import describe_target, make_name, prepare_connect_kwargs
+from .lifecycle import quiet_socket_test, what_to_restore
+from .slot import Baseline
 from .sync_lifecycle import BlockingLifecycle, SyncCallback
-from .sync_pool import SyncPoolFacade
 
 __all__ = [
     "AbstractConnectionPool",
@@ -44,8 +44,8 @@ Connection = Any  # psycopg2.extensions.connection (psycopg2 ships no type hints
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
 _INTRANS = ext.TRANSACTION_STATUS_INTRANS
-_INERROR = ext.TRANSACTION_STATUS_INERROR
-_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
+# psycopg2's names of the attributes a return restores, where they differ from psycopg's.
+_PSYCOPG2_NAMES = {"read_only": "readonly"}
 
 
 class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
@@ -53,18 +53,17 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
 
     def __init__(
         self,
-        dsn: str,
-        kwargs: dict[str, Any],
+        target: ConnectTarget,
         configure: SyncCallback | None = None,
         reset: SyncCallback | None = None,
         check: SyncCallback | None = None,
     ) -> None:
         super().__init__(configure, reset, check)
-        self._dsn = dsn
-        self._kwargs = kwargs
+        self._target = target
 
     def connect_blocking(self) -> tuple[Connection, Baseline]:
-        conn = psycopg2.connect(self._dsn, **self._kwargs)
+        dsn, kwargs = self._target.resolve()
+        conn = psycopg2.connect(dsn, **kwargs)
         try:
             if self._configure is not None:
                 self._configure(conn)
@@ -103,22 +102,15 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         return bool(conn.closed) or conn.info.transaction_status != _IDLE
 
     def clean_blocking(self, conn: Connection, baseline: Baseline) -> bool:
-        if conn.closed:
-            return False
-        if conn.info.transaction_status == _ACTIVE:
+        todo = what_to_restore(bool(conn.closed), self.state_of(conn), baseline)
+        if todo.cancel:
             conn.cancel()  # a query still runs (another thread uses it): stop it, then discard
+        if todo.discard:
             return False
-        if conn.info.transaction_status in (_INTRANS, _INERROR):
+        if todo.rollback:
             conn.rollback()
-        _, autocommit, isolation_level, readonly, deferrable = baseline
-        if conn.autocommit != autocommit:
-            conn.autocommit = autocommit
-        if conn.isolation_level != isolation_level:
-            conn.isolation_level = isolation_level
-        if conn.readonly != readonly:
-            conn.readonly = readonly
-        if conn.deferrable != deferrable:
-            conn.deferrable = deferrable
+        for name, value in todo.attributes:
+            setattr(conn, _PSYCOPG2_NAMES.get(name, name), value)
         return bool(conn.info.transaction_status == _IDLE)
 
     def probe_blocking(self, conn: Connection) -> None:
@@ -163,33 +155,8 @@ class AbstractConnectionPool(DropInBase[Connection]):
         errors.PoolClosed: PoolClosed,
     }
 
-    def _make_facade(
-        self,
-        dsn: str,
-        params: dict[str, Any],
-        *,
-        min_size: int,
-        max_size: int,
-        max_idle: float,
-        null: bool,
-        name: str | None,
-    ) -> SyncPoolFacade[Connection]:
-        name = make_name(name)
-        return SyncPoolFacade(
-            Psycopg2Lifecycle(dsn, prepare_connect_kwargs(dsn, params, name)),
-            name=name,
-            target=describe_target(dsn, params),
-            min_size=min_size,
-            max_size=max_size,
-            timeout=0,
-            max_waiting=0,
-            max_idle=max_idle,
-            max_lifetime=3600.0,
-            reconnect_timeout=300.0,
-            reconnect_failed=None,
-            leak_timeout=None,
-            keep_idle=not null,
-        )
+    def _make_lifecycle(self, target: ConnectTarget) -> BlockingLifecycle[Connection]:
+        return Psycopg2Lifecycle(target)
 
 
 class SimpleConnectionPool(AbstractConnectionPool):

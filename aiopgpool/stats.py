@@ -6,7 +6,14 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["DURATION_BOUNDS", "Counters", "Histogram", "HistogramRecorder", "PoolStats"]
+__all__ = [
+    "DURATION_BOUNDS",
+    "Counters",
+    "Histogram",
+    "HistogramRecorder",
+    "PoolStats",
+    "psycopg_pool_stats",
+]
 
 #: Upper bounds (seconds) of the buckets of every duration histogram: from
 #: 100 µs (an idle checkout) to 10 s (a timeout), about three per decade.
@@ -148,3 +155,27 @@ class Counters:
         self.returns_bad = 0
         self.leaks = 0
         self.connections_closed = 0
+
+
+def psycopg_pool_stats(stats: PoolStats) -> dict[str, int]:
+    """``stats`` under psycopg_pool's ``get_stats()`` keys (durations in whole ms).
+
+    Every key is present, zero or not (psycopg_pool leaves out counters still at zero).
+    """
+    return {
+        "pool_min": stats.min_size,
+        "pool_max": stats.max_size,
+        "pool_size": stats.size,
+        "pool_available": stats.idle,
+        "requests_waiting": stats.waiting,
+        "usage_ms": int(stats.use_time_histogram.sum * 1000),
+        "requests_num": stats.requests,
+        "requests_queued": stats.requests_waited,
+        "requests_wait_ms": int(stats.wait_time_total * 1000),
+        "requests_errors": stats.timeouts,
+        "returns_bad": stats.returns_bad,
+        "connections_num": stats.connections_created + stats.connections_failed,
+        "connections_ms": int(stats.connect_time_histogram.sum * 1000),
+        "connections_errors": stats.connections_failed,
+        "connections_lost": stats.connections_lost,
+    }

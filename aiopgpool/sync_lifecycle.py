@@ -20,20 +20,20 @@ from typing import Any, Generic, TypeVar
 import anyio.to_thread
 import psycopg
 
+from .conninfo import ConnectTarget
 from .lifecycle import (
-    ACTIVE,
     CANCEL_TIMEOUT,
     IDLE,
-    INERROR,
     INTRANS,
     OK,
-    Baseline,
     Lifecycle,
     PsycopgLifecycle,
     baseline_of,
     configure_left_transaction,
     state_reader,
+    what_to_restore,
 )
+from .slot import Baseline
 
 __all__ = ["BlockingLifecycle", "SyncLifecycle", "check_connection_blocking"]
 
@@ -90,7 +90,7 @@ class BlockingLifecycle(Lifecycle[C], Generic[C]):
     # -- the core's coroutines -----------------------------------------------------
 
     async def connect(self) -> tuple[C, Baseline]:
-        return await _abandonable(self.connect_blocking, lambda result: self.close(result[0]))
+        return await _run_or_dispose(self.connect_blocking, lambda result: self.close(result[0]))
 
     async def clean(self, conn: C, baseline: Baseline) -> bool:
         return await anyio.to_thread.run_sync(self.clean_blocking, conn, baseline)
@@ -103,7 +103,7 @@ class BlockingLifecycle(Lifecycle[C], Generic[C]):
             await anyio.to_thread.run_sync(self._check, conn)
 
 
-async def _abandonable(func: Callable[[], R], dispose: Callable[[R], None]) -> R:
+async def _run_or_dispose(func: Callable[[], R], dispose: Callable[[R], None]) -> R:
     """Run ``func`` in a worker thread; if the caller gives up, dispose of its late result.
 
     A connect can block for a long time (a black-holed network): the caller's
@@ -111,12 +111,12 @@ async def _abandonable(func: Callable[[], R], dispose: Callable[[R], None]) -> R
     caller left must not leak.
     """
     lock = threading.Lock()
-    state: dict[str, Any] = {"abandoned": False}
+    state: dict[str, Any] = {"gone": False}
 
     def run() -> R:
         result = func()
         with lock:
-            if state["abandoned"]:
+            if state["gone"]:
                 dispose(result)
             else:
                 state["result"] = result
@@ -126,7 +126,7 @@ async def _abandonable(func: Callable[[], R], dispose: Callable[[R], None]) -> R
         return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
     except BaseException:
         with lock:
-            state["abandoned"] = True
+            state["gone"] = True
             if "result" in state:
                 dispose(state["result"])
         raise
@@ -151,21 +151,20 @@ class SyncLifecycle(
 
     def __init__(
         self,
-        conninfo: str,
-        kwargs: dict[str, Any],
+        target: ConnectTarget,
         connection_class: type[psycopg.Connection[Any]],
         configure: SyncCallback | None,
         reset: SyncCallback | None,
         check: SyncCallback | None,
     ) -> None:
         BlockingLifecycle.__init__(self, configure, reset, check)
-        self._conninfo = conninfo
-        self._kwargs = kwargs
+        self._target = target
         self._connection_class = connection_class
         self.state_of = state_reader(connection_class)
 
     def connect_blocking(self) -> tuple[psycopg.Connection[Any], Baseline]:
-        conn = self._connection_class.connect(self._conninfo, **self._kwargs)
+        conninfo, kwargs = self._target.resolve()
+        conn = self._connection_class.connect(conninfo, **kwargs)
         try:
             if self._configure is not None:
                 self._configure(conn)
@@ -178,23 +177,16 @@ class SyncLifecycle(
 
     def clean_blocking(self, conn: psycopg.Connection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn
-        if pgconn.status != OK:
-            return False
-        if pgconn.transaction_status == ACTIVE:
+        todo = what_to_restore(pgconn.status != OK, self.state_of(conn), baseline)
+        if todo.cancel:
             # A query still runs (another thread uses it): stop it, then discard.
             conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        if todo.discard:
             return False
-        if pgconn.transaction_status in (INTRANS, INERROR):
+        if todo.rollback:
             conn.rollback()
-        _, autocommit, isolation_level, read_only, deferrable = baseline
-        if conn.autocommit != autocommit:
-            conn.autocommit = autocommit
-        if conn.isolation_level != isolation_level:
-            conn.isolation_level = isolation_level
-        if conn.read_only != read_only:
-            conn.read_only = read_only
-        if conn.deferrable != deferrable:
-            conn.deferrable = deferrable
+        for name, value in todo.attributes:
+            setattr(conn, name, value)
         return pgconn.transaction_status == IDLE
 
     def probe_blocking(self, conn: psycopg.Connection[Any]) -> None:

@@ -13,7 +13,6 @@ the caller's own thread so that 16 threads do not queue behind one loop:
 
 from __future__ import annotations
 
-import threading
 import time
 import traceback
 import weakref
@@ -21,115 +20,49 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from functools import partial
 from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, cast
 
 import psycopg
+from typing_extensions import TypeVar
 
 from .bridge import LoopThread
+from .conninfo import ConnectTarget
 from .core import PoolCore
-from .errors import PoolClosed, PoolError
-from .lifecycle import Holder
-from .options import describe_target, make_name, prepare_connect_kwargs
-from .stats import PoolStats
-from .sync_lifecycle import BlockingLifecycle, SyncCallback, SyncLifecycle
+from .errors import PoolClosed
+from .options import DEFAULTS, PoolOptions
+from .slot import Slot
+from .stats import PoolStats, psycopg_pool_stats
+from .sync_lifecycle import (
+    BlockingLifecycle,
+    SyncCallback,
+    SyncLifecycle,
+    check_connection_blocking,
+)
+from .threadport import ThreadPort, ThreadWaiter
 
 __all__ = ["ConnectionPool", "NullConnectionPool", "SyncPoolFacade"]
 
 C = TypeVar("C")
-T = TypeVar("T")
 Self = TypeVar("Self", bound="SyncPoolFacade[Any]")
-
-
-_PENDING, _DONE, _CANCELLED = 0, 1, 2
-
-
-class _ThreadWaiter(Generic[T]):
-    """A waiter for a thread, in the core's line: the lightest future that will do.
-
-    Every transition happens under the bridge's lock (in a caller thread, or
-    on the loop, which holds it while it runs), so the state needs no lock of
-    its own; the waiting thread sleeps on a lock that completing releases.
-    """
-
-    __slots__ = ("_exception", "_result", "_state", "_wake")
-
-    def __init__(self) -> None:
-        self._state = _PENDING
-        self._result: T | None = None
-        self._exception: BaseException | None = None
-        self._wake = threading.Lock()
-        self._wake.acquire()
-
-    def done(self) -> bool:
-        return self._state != _PENDING
-
-    def result(self) -> T:
-        if self._exception is not None:
-            raise self._exception
-        return self._result  # type: ignore[return-value]
-
-    def set_result(self, result: T, /) -> None:
-        self._result = result
-        self._state = _DONE
-        self._wake.release()
-
-    def set_exception(self, exception: BaseException, /) -> None:
-        self._exception = exception
-        self._state = _DONE
-        self._wake.release()
-
-    def cancel(self) -> bool:
-        if self._state != _PENDING:
-            return False
-        self._state = _CANCELLED
-        return True
-
-    def wait(self, timeout: float | None) -> bool:
-        """Sleep until completed or ``timeout`` seconds passed; True if completed."""
-        return self._wake.acquire(timeout=-1 if timeout is None else timeout)
 
 
 class SyncPoolFacade(Generic[C]):
     """Blocking pool methods over a pool core running in a background event loop."""
 
-    def __init__(
-        self,
-        lifecycle: BlockingLifecycle[C],
-        *,
-        name: str,
-        target: str,
-        min_size: int,
-        max_size: int,
-        timeout: float | None,
-        max_waiting: int,
-        max_idle: float | None,
-        max_lifetime: float | None,
-        reconnect_timeout: float | None,
-        reconnect_failed: Callable[[Any], None] | None,
-        leak_timeout: float | None,
-        keep_idle: bool,
-    ) -> None:
+    def __init__(self, lifecycle: BlockingLifecycle[C], options: PoolOptions, target: str) -> None:
         self._lifecycle = lifecycle
-        self._core: PoolCore[C] = PoolCore(
-            lifecycle,
-            name=name,
-            target=target,
-            min_size=min_size,
-            max_size=max_size,
-            timeout=timeout,
-            max_waiting=max_waiting,
-            max_idle=max_idle,
-            max_lifetime=max_lifetime,
-            reconnect_timeout=reconnect_timeout,
-            reconnect_failed=reconnect_failed,
-            leak_timeout=leak_timeout,
-            keep_idle=keep_idle,
-            owner=self,
+        self._core: PoolCore[C] = PoolCore(lifecycle, options, target, owner=self)
+        self._bridge = LoopThread(
+            options.name,  # type: ignore[arg-type]  # set by PoolOptions
+            keepalive=self._core,
+            on_exit=partial(self._core.close, 0),
         )
-        self._bridge = LoopThread(name, keepalive=self._core, on_exit=partial(self._core.close, 0))
+        self._port: ThreadPort[C] = ThreadPort(self._core, self._bridge.lock)
         # Dropped without close(): closed on its loop (borrowed connections
         # left to their borrowers), and its thread ends.
-        weakref.finalize(self, self._bridge.abandon, self._core.abandon).atexit = False
+        weakref.finalize(
+            self, self._bridge.stop_from_finalizer, self._core.close_dropped
+        ).atexit = False
 
     # -- attributes ------------------------------------------------------------------
 
@@ -150,8 +83,43 @@ class SyncPoolFacade(Generic[C]):
 
     @property
     def closed(self) -> bool:
-        """True once the pool is closed."""
+        """True unless the pool is open: before ``open()`` and once closed."""
         return self._core.closed
+
+    @property
+    def timeout(self) -> float | None:
+        """The default wait of ``getconn()`` and ``connection()``."""
+        return self._core.timeout
+
+    @property
+    def max_waiting(self) -> int:
+        """The most requests queued at once (0: no bound)."""
+        return self._core.max_waiting
+
+    @property
+    def max_idle(self) -> float | None:
+        """Idle connections above ``min_size`` close after this many seconds."""
+        return self._core.max_idle
+
+    @property
+    def max_lifetime(self) -> float | None:
+        """A connection is replaced after this age, when next idle."""
+        return self._core.max_lifetime
+
+    @property
+    def reconnect_timeout(self) -> float | None:
+        """How long failed connects are retried before ``reconnect_failed``."""
+        return self._core.reconnect_timeout
+
+    @property
+    def leak_timeout(self) -> float | None:
+        """A connection held longer than this is reported (None: off)."""
+        return self._core.leak_timeout
+
+    @property
+    def close_returns(self) -> bool:
+        """True when ``conn.close()`` on a borrowed connection gives it back."""
+        return self._core.options.close_returns
 
     def __repr__(self) -> str:
         return repr(self._core)
@@ -160,7 +128,7 @@ class SyncPoolFacade(Generic[C]):
 
     def open(self, wait: bool = False, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
         """Start the pool (and its loop thread); see ``AsyncConnectionPool.open``."""
-        if self._core.closed:
+        if self._core.state == "closed":
             raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
         self._bridge.check_caller()
         self._bridge.start()
@@ -181,7 +149,7 @@ class SyncPoolFacade(Generic[C]):
     def closeall(self) -> None:
         """Close every connection now, borrowed ones included; the pool is closed."""
         if not self._bridge.running:
-            if self._core.closed:
+            if self._core.state == "closed":
                 raise PoolClosed(f"pool {self.name!r} is already closed")
             self._bridge.check_caller()
             self._bridge.start()
@@ -194,10 +162,9 @@ class SyncPoolFacade(Generic[C]):
         """Refuse new requests, wait up to ``timeout`` for borrowed connections, close."""
         if not self._bridge.running:
             self._bridge.check_caller()
-            if not self._core.closed:
-                self._bridge.start()
-            else:
+            if self._core.state == "closed":
                 return
+            self._bridge.start()
         try:
             self._bridge.call(self._core.close, timeout)
         finally:
@@ -212,101 +179,82 @@ class SyncPoolFacade(Generic[C]):
     def _refuse_caller(self) -> NoReturn:
         """Raise why this thread cannot use the pool now (see ``LoopThread.serves_caller``)."""
         self._bridge.check_caller()
-        raise self._core._closed_error()
+        raise self._core.closed_error()
 
     # -- checkout and return ---------------------------------------------------------
 
-    def getconn(self, key: Hashable | None = None, timeout: float | None = None) -> C:
+    def getconn(self, timeout: float | None = None, *, key: Hashable | None = None) -> C:
         """A connection, waiting up to ``timeout`` (default: the pool's) for one.
 
-        The caller's thread waits on its own future in the core's line, so a
+        The caller's thread waits on its own waiter in the core's line, so a
         connection returned by another thread is handed over without going
         through the event loop; the loop is only needed to open or check one.
         """
         bridge = self._bridge
         if not bridge.serves_caller():  # _running_bridge(), inlined: the hot path
             self._refuse_caller()
-        core = self._core
+        port = self._port
         with bridge.lock:
-            # The socket test is a system call, which lets other threads run:
-            # it is made below, outside the lock they would queue on.
-            conn = core.try_getconn_nowait(key, test=False)
-            if conn is not None:
-                return conn
-            start = time.monotonic()
-            waiter: _ThreadWaiter[Holder[C]] = _ThreadWaiter()
-            got = core.request_nowait(key, waiter, timeout)
-            if got is not None and not isinstance(got, Holder):
-                return got  # a keyed connection already held
+            got = port.request_nowait(timeout, key)
+            if got is None:
+                start = time.monotonic()
+                waiter: ThreadWaiter[Slot[C]] = ThreadWaiter()
+                port.join_nowait(waiter)
         if got is None:
-            got, conn = self._wait(waiter, key, timeout, start)
+            got = self._wait(waiter, timeout, key, start)
+            if not isinstance(got, Slot):
+                return got
+        elif not isinstance(got, Slot):
+            return got  # the hot path: an idle connection, ready
         else:
-            try:
-                core.test_slot(got)  # the slot is this thread's own until checked out
-            except BaseException:  # interrupted (KeyboardInterrupt): give the slot back
-                with bridge.lock:
-                    core.release_slot_nowait(got)
-                raise
-            with bridge.lock:
-                conn = core.checkout_slot_nowait(got, key)
-        if conn is None:
-            # Leak reports show the borrower's stack: take it here, not on the loop.
-            stack = None if core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
-            conn = bridge.call(core.checkout_slot, got, key, timeout, start, stack)
-        return conn
+            start = time.monotonic()
+        # Leak reports show the borrower's stack: take it here, not on the loop.
+        stack = None if self._core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
+        return bridge.call(port.prepare, got, key, timeout, start, stack)
 
     def _wait(
         self,
-        waiter: _ThreadWaiter[Holder[C]],
-        key: Hashable | None,
+        waiter: ThreadWaiter[Slot[C]],
         timeout: float | None,
+        key: Hashable | None,
         start: float,
-    ) -> tuple[Holder[C], C | None]:
-        """Wait in the core's line; the slot got, and its connection if ready as it is."""
-        bridge, core = self._bridge, self._core
+    ) -> C | Slot[C]:
+        """Sleep in the core's line; the connection, or the slot to prepare."""
+        bridge, port = self._bridge, self._port
         try:
-            waiter.wait(core.wait_timeout(timeout))
+            waiter.sleep(port.wait_timeout(timeout))
         except BaseException:  # interrupted (KeyboardInterrupt): leave the line
             with bridge.lock:
-                try:
-                    holder = core.abandon_wait(waiter, time.monotonic() - start, timeout)
-                except PoolError:
-                    pass
-                else:
-                    core.release_slot_nowait(holder)
+                port.give_up_wait_nowait(waiter, time.monotonic() - start)
             raise
         with bridge.lock:
-            holder = core.abandon_wait(waiter, time.monotonic() - start, timeout)
-            return holder, core.checkout_slot_nowait(holder, key)
+            return port.end_wait_nowait(waiter, time.monotonic() - start, timeout, key)
 
     def putconn(self, conn: C, key: Hashable | None = None, close: bool = False) -> None:
         """Give a connection back (rolled back and restored first); ``close=True`` discards it.
 
         Once this returns the connection is no longer borrowed (its key is
-        free, a second return raises :class:`PoolError`), even when closing
-        it is left to the loop.
+        free, a second return raises :class:`PoolError`); a connection the
+        pool does not keep is closed before it returns.
         """
         bridge = self._bridge
         if not bridge.serves_caller():  # _running_bridge(), inlined: the hot path
             self._refuse_caller()
-        core = self._core
+        port = self._port
         lifecycle = self._lifecycle
+        close = close or self._core.null
         with bridge.lock:
-            # Waiters are this facade's threads: handing over to them is safe here.
-            if (
-                key is None
-                and not close
-                and not lifecycle.resets
-                and core.try_putconn_nowait(conn, handoff=True)
-            ):
+            slot = port.take_back_nowait(conn, key)  # PoolError: foreign, or returned twice
+            if not close and not lifecycle.resets and port.shelve_nowait(slot):
                 return
-            baseline = core.borrowed_baseline(conn)  # PoolError: foreign, or returned twice
-        bad = False
+        # The borrower's own blocking work, in its own thread.
+        bad = None
         if not close:
             try:
-                if not lifecycle.is_clean(conn, baseline):
-                    bad = lifecycle.is_bad_return(conn)
-                    close = not lifecycle.clean_blocking(conn, baseline)
+                if not lifecycle.is_clean(conn, slot.baseline):
+                    if lifecycle.is_bad_return(conn):
+                        bad = lifecycle.describe_state(conn)
+                    close = not lifecycle.clean_blocking(conn, slot.baseline)
                 if lifecycle.resets and not close:
                     close = not lifecycle.reset_blocking(conn)
             except Exception:
@@ -314,17 +262,17 @@ class SyncPoolFacade(Generic[C]):
         if close:
             lifecycle.close(conn)  # now, as psycopg2 does; the caller still owns it
         with bridge.lock:
-            if not close and core.try_putconn_nowait(conn, handoff=True, bad=bad):
+            if bad is not None:
+                port.note_bad_return_nowait(bad)
+            if not close and port.shelve_nowait(slot):
                 return
-            holder = core.take_return_nowait(conn, bad=bad)
-        # The rest (closing it, expiry, refilling) happens on the loop; the
-        # bookkeeping above already made the return final.
-        bridge.call_soon(core.finish_return, holder, close)
+        # The rest (counting the close, expiry, refilling) happens on the loop.
+        bridge.call_soon(port.finish_return, slot, close)
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[C]:
         """``with pool.connection() as conn``: getconn, commit or roll back, putconn."""
-        conn = self.getconn(timeout=timeout)
+        conn = self.getconn(timeout)
         try:
             yield conn
             if self._lifecycle.in_transaction(conn):
@@ -338,49 +286,63 @@ class SyncPoolFacade(Generic[C]):
         """The connection checked out under ``key``, if any."""
         bridge = self._running_bridge()
         with bridge.lock:
-            return self._core.held_by_key(key)
+            return self._port.held_by_key_nowait(key)
 
     # -- the rest, straight from the core ----------------------------------------------
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
-        """Change the pool's sizes (as ``AsyncConnectionPool.resize``)."""
+        """Change the sizes (``max_size=None``: ``min_size``, as psycopg_pool)."""
         self._running_bridge().call(self._core.resize, min_size, max_size)
 
     def wait(self, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
         """Wait until ``min_size`` connections are open, or raise PoolTimeout.
 
-        ``fail_fast=True``: raise the first connection error instead (see
-        ``AsyncConnectionPool.wait``).
+        ``fail_fast=True``: raise the first connection error instead. A null
+        pool makes one real connection attempt.
         """
-        self._running_bridge().call(partial(self._core.wait, timeout, fail_fast=fail_fast))
+        self._running_bridge().call(
+            partial(self._core.connector.wait, timeout, fail_fast=fail_fast)
+        )
 
     def check(self) -> None:
         """Make a round trip on every idle connection; replace those that fail."""
-        self._running_bridge().call(self._core.check)
+        self._running_bridge().call(self._core.maintenance.check)
 
     def drain(self) -> None:
         """Replace every connection: idle ones now, borrowed ones when returned."""
-        self._running_bridge().call(self._core.drain)
+        self._running_bridge().call(self._core.maintenance.drain)
 
     def purge_expired(self) -> int:
         """Close idle connections idle longer than ``max_idle`` now; returns how many."""
-        return self._running_bridge().call(self._core.purge_expired)
+        return self._running_bridge().call(self._core.maintenance.purge_expired)
 
     def stats(self) -> PoolStats:
-        """A snapshot of the pool's state and counters."""
+        """A snapshot of the pool's state, counters and histograms."""
         if not self._bridge.running:
             return self._core.stats()
-        return self._running_bridge().call(_stats_of, self._core)
+        with self._bridge.lock:  # the loop is parked: the core's state is still
+            return self._core.stats()
+
+    def get_stats(self) -> dict[str, int]:
+        """The counters with psycopg_pool's keys (``pool_min``, ``requests_num``, ...)."""
+        return psycopg_pool_stats(self.stats())
+
+    def pop_stats(self) -> dict[str, int]:
+        """:meth:`get_stats`, then reset the counters."""
+        if not self._bridge.running:
+            stats = self._core.stats()
+            self._core.reset_stats()
+        else:
+            with self._bridge.lock:
+                stats = self._core.stats()
+                self._core.reset_stats()
+        return psycopg_pool_stats(stats)
 
 
-async def _stats_of(core: PoolCore[Any]) -> PoolStats:
-    return core.stats()
+CT = TypeVar("CT", bound="psycopg.Connection[Any]", default="psycopg.Connection[tuple[Any, ...]]")
 
 
-Connection = psycopg.Connection[Any]
-
-
-class ConnectionPool(SyncPoolFacade[Connection]):
+class ConnectionPool(SyncPoolFacade[CT]):
     """A thread-safe pool of psycopg ``Connection`` objects.
 
     The same options as :class:`~aiopgpool.AsyncConnectionPool`, with sync
@@ -391,63 +353,77 @@ class ConnectionPool(SyncPoolFacade[Connection]):
                 conn.execute("SELECT 1")
     """
 
-    _keeps_idle = True
+    _null = False
 
     def __init__(
         self,
-        conninfo: str = "",
+        conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
         *,
-        kwargs: dict[str, Any] | None = None,
-        min_size: int = 1,
-        max_size: int = 10,
-        timeout: float | None = 30.0,
-        max_waiting: int = 0,
-        max_idle: float | None = 600.0,
-        max_lifetime: float | None = 3600.0,
-        check: SyncCallback | None = None,
-        configure: SyncCallback | None = None,
-        reset: SyncCallback | None = None,
-        reconnect_timeout: float | None = 300.0,
-        reconnect_failed: Callable[[Any], None] | None = None,
-        leak_timeout: float | None = None,
+        kwargs: dict[str, Any] | Callable[[], Any] | None = DEFAULTS.kwargs,
+        min_size: int = DEFAULTS.min_size,
+        max_size: int = DEFAULTS.max_size,
+        timeout: float | None = DEFAULTS.timeout,
+        max_waiting: int = DEFAULTS.max_waiting,
+        max_idle: float | None = DEFAULTS.max_idle,
+        max_lifetime: float | None = DEFAULTS.max_lifetime,
+        check: SyncCallback | None = DEFAULTS.check,
+        configure: SyncCallback | None = DEFAULTS.configure,
+        reset: SyncCallback | None = DEFAULTS.reset,
+        reconnect_timeout: float | None = DEFAULTS.reconnect_timeout,
+        reconnect_failed: Callable[[Any], Any] | None = DEFAULTS.reconnect_failed,
+        leak_timeout: float | None = DEFAULTS.leak_timeout,
         name: str | None = None,
-        connection_class: type[Connection] = psycopg.Connection,
+        connection_class: type[CT] = psycopg.Connection,  # type: ignore[assignment]
+        open: bool = False,
+        close_returns: bool = DEFAULTS.close_returns,
+        ping_after_idle: float | None = DEFAULTS.ping_after_idle,
     ) -> None:
-        name = make_name(name)
-        for label, func in (("check", check), ("configure", configure), ("reset", reset)):
-            if func is not None and not callable(func):
-                raise ValueError(f"{label} must be a callable taking the connection")
-        lifecycle = SyncLifecycle(
-            conninfo,
-            prepare_connect_kwargs(conninfo, kwargs, name),
-            connection_class,
-            configure=configure,
-            reset=reset,
-            check=check,
-        )
-        super().__init__(
-            lifecycle,
-            name=name,
-            target=describe_target(conninfo, kwargs),
+        options = PoolOptions(
+            conninfo=conninfo,
+            kwargs=kwargs,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
             max_waiting=max_waiting,
             max_idle=max_idle,
             max_lifetime=max_lifetime,
+            check=check,
+            configure=configure,
+            reset=reset,
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=reconnect_failed,
             leak_timeout=leak_timeout,
-            keep_idle=self._keeps_idle,
+            name=name,
+            close_returns=close_returns,
+            ping_after_idle=ping_after_idle,
+            null=self._null,
         )
+        if not (
+            isinstance(connection_class, type) and issubclass(connection_class, psycopg.Connection)
+        ):
+            raise ValueError("connection_class must be a subclass of psycopg.Connection")
+        target = ConnectTarget(conninfo, kwargs, options.name)  # type: ignore[arg-type]
+        lifecycle = SyncLifecycle(
+            target, connection_class, configure=configure, reset=reset, check=check
+        )
+        super().__init__(cast("BlockingLifecycle[CT]", lifecycle), options, target.describe())
+        self.connection_class = connection_class
+        if open:
+            self.open(wait=True)
+
+    check_connection = staticmethod(check_connection_blocking)
 
 
-class NullConnectionPool(ConnectionPool):
+class NullConnectionPool(ConnectionPool[CT]):
     """The sync twin of :class:`~aiopgpool.AsyncNullConnectionPool`: no idle connections."""
 
-    _keeps_idle = False
+    _null = True
 
-    def __init__(self, conninfo: str = "", *, min_size: int = 0, **options: Any) -> None:
-        if min_size != 0:
-            raise ValueError(f"min_size must be 0 for a null pool, got {min_size!r}")
-        super().__init__(conninfo, min_size=0, **options)
+    def __init__(
+        self,
+        conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
+        *,
+        min_size: int = 0,
+        **options: Any,
+    ) -> None:
+        super().__init__(conninfo, min_size=min_size, **options)

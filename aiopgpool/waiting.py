@@ -1,7 +1,7 @@
-"""The waiting logic: a hand-off queue of slot holders, FIFO for waiters, LIFO for items.
+"""The waiting logic: a hand-off queue of slots, FIFO for waiters, LIFO for ready items.
 
-The pool puts one holder per slot in this queue, so the queue *is* the
-semaphore (asyncpg's design): taking a holder is taking a slot. Unlike
+The pool puts its slots in this queue, so the queue *is* the semaphore
+(asyncpg's design): taking an item is taking a slot. Unlike
 :class:`asyncio.Queue`, whose wake-up-then-retry protocol lets a newcomer take
 an item from under a woken waiter, ``put`` hands the item straight to the
 longest waiter, so waiters are served strictly first come, first served, and a
@@ -9,8 +9,10 @@ waiter that is cancelled just as it is handed an item passes the item on to
 the next one. A getter takes an item with ``get_nowait``, or joins the line
 (``join``) and awaits the future it gets.
 
-Items nobody waits for are kept in a deque: "ready" items (connected holders)
-on top, most recently returned first; others (empty slots) at the bottom.
+Ready items nobody waits for (slots with a connection) are kept in a deque,
+most recently returned on top. Free items (slots without a connection) are
+only counted: an object is made when one is taken, so a pool's ``max_size``
+costs nothing until it is used (``max_size=10**9`` is as cheap as 10).
 
 Deadlines do not cost a timer per waiter: one timer, armed for the earliest
 deadline, sweeps the line when it fires and re-arms itself for the next one
@@ -46,7 +48,7 @@ class Waiter(Protocol[T]):
 
 
 class WaitTimeout(Exception):
-    """Raised by :meth:`HandoffQueue.get` when its timeout expires."""
+    """The exception a waiter's future gets when its deadline passes."""
 
 
 # The sweeping timer re-arms itself no sooner than this after it fired: a
@@ -56,20 +58,25 @@ _NEVER = float("inf")
 
 
 class HandoffQueue(Generic[T]):
-    """FIFO waiters, LIFO ready items, direct hand-off; single event loop, no locks."""
+    """FIFO waiters, LIFO ready items, direct hand-off; single event loop, no locks.
+
+    ``make_free()`` makes a free item; ``free`` items exist at first.
+    """
 
     __slots__ = (
-        "_is_ready",
+        "_free",
         "_items",
         "_loop",
+        "_make_free",
         "_sweep_at",
         "_sweeper",
         "_waiters",
         "_waiting",
     )
 
-    def __init__(self, is_ready: Callable[[T], bool]) -> None:
-        self._is_ready = is_ready
+    def __init__(self, make_free: Callable[[], T], free: int) -> None:
+        self._make_free = make_free
+        self._free = free
         self._items: deque[T] = deque()
         # (future, deadline) of waiting getters, oldest first. Entries whose
         # future is already done (timed out, cancelled, failed) are skipped
@@ -77,9 +84,13 @@ class HandoffQueue(Generic[T]):
         self._waiters: deque[tuple[Any, float]] = deque()
         # Futures in line not done yet: whoever completes one counts it out.
         self._waiting = 0
-        self._loop: asyncio.AbstractEventLoop | None = None  # bound at the first wait
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at = _NEVER
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop whose futures the waiters await."""
+        self._loop = loop
 
     def __len__(self) -> int:
         return len(self._items)
@@ -89,7 +100,7 @@ class HandoffQueue(Generic[T]):
 
     @property
     def items(self) -> deque[T]:
-        """The kept items, top last (the same deque for the queue's lifetime).
+        """The kept ready items, top last (the same deque for the queue's lifetime).
 
         For a caller's hot paths: ``pop()`` from it is :meth:`get_nowait`
         when it is not empty, and ``append()`` to it is :meth:`put` of a
@@ -107,20 +118,27 @@ class HandoffQueue(Generic[T]):
         """How many getters are waiting now."""
         return self._waiting
 
+    @property
+    def free(self) -> int:
+        """How many free items are kept (counted, not made)."""
+        return self._free
+
     def get_nowait(self) -> T | None:
-        """The top item, or None when there is none.
+        """The top ready item, else a free one, or None when there is none.
 
         Items only pile up while nobody waits (``put`` hands them over
         otherwise), so taking one here never jumps the queue.
         """
         items = self._items
-        return items.pop() if items else None
+        if items:
+            return items.pop()
+        if self._free:
+            self._free -= 1
+            return self._make_free()
+        return None
 
-    def put(self, item: T, ready: bool | None = None) -> None:
-        """Hand ``item`` to the longest waiter, or keep it (ready on top, others below).
-
-        ``ready``: whether ``item`` is ready, when the caller knows.
-        """
+    def put(self, item: T, ready: bool) -> None:
+        """Hand ``item`` to the longest waiter, or keep it (``ready``: on top; else counted)."""
         waiters = self._waiters
         while waiters:
             fut, _ = waiters.popleft()
@@ -128,22 +146,42 @@ class HandoffQueue(Generic[T]):
                 fut.set_result(item)
                 self._waiting -= 1
                 return
-        if ready or (ready is None and self._is_ready(item)):
+        if ready:
             self._items.append(item)
         else:
-            self._items.appendleft(item)
+            self._free += 1
+
+    def add_free(self, count: int) -> None:
+        """``count`` more free items: handed to waiters first."""
+        while count and self._waiting:
+            self.put(self._make_free(), False)
+            count -= 1
+        self._free += count
+
+    def take_free(self, count: int) -> int:
+        """Remove up to ``count`` free items; how many were removed."""
+        taken = min(count, self._free)
+        self._free -= taken
+        return taken
+
+    def take_free_one(self) -> T | None:
+        """A free item, or None when none is kept."""
+        if self._free:
+            self._free -= 1
+            return self._make_free()
+        return None
 
     def swap_top(self, item: T) -> T | None:
-        """Exchange ``item`` (not ready) for the top item if that one is ready."""
+        """Exchange ``item`` (no longer ready) for the top ready item, if any."""
         items = self._items
-        if items and self._is_ready(items[-1]):
+        if items:
             top = items.pop()
-            items.appendleft(item)
+            self._free += 1
             return top
         return None
 
     def take(self, predicate: Callable[[T], bool]) -> list[T]:
-        """Remove and return the kept items matching ``predicate`` (bottom first)."""
+        """Remove and return the kept ready items matching ``predicate`` (bottom first)."""
         taken = [item for item in self._items if predicate(item)]
         if taken:
             ids = {id(item) for item in taken}
@@ -151,13 +189,6 @@ class HandoffQueue(Generic[T]):
             self._items.clear()  # in place: see items
             self._items.extend(kept)
         return taken
-
-    def take_bottom(self) -> T | None:
-        """Remove and return the bottom item if it is not ready, else None."""
-        items = self._items
-        if items and not self._is_ready(items[0]):
-            return items.popleft()
-        return None
 
     def join(self, timeout: float | None, now: float) -> asyncio.Future[T]:
         """Join the line: a future completed with an item, or with :class:`WaitTimeout`.
@@ -169,8 +200,7 @@ class HandoffQueue(Generic[T]):
         frame more in the chain costs at each suspension and resumption.)
         """
         loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        assert loop is not None, "bind() the queue to its loop first"
         fut: asyncio.Future[T] = loop.create_future()
         if timeout is None:
             deadline = _NEVER
@@ -182,11 +212,11 @@ class HandoffQueue(Generic[T]):
         self._waiting += 1
         return fut
 
-    def withdraw(self, fut: asyncio.Future[T]) -> None:
+    def withdraw(self, fut: asyncio.Future[T], ready: Callable[[T], bool]) -> None:
         """A waiter stops awaiting ``fut`` (cancelled): leave the line, pass on its item.
 
         An item handed over in the same tick as the cancellation goes to the
-        next waiter.
+        next waiter; ``ready(item)`` says where it goes when nobody waits.
         """
         if fut.cancelled():
             self._waiting -= 1
@@ -194,7 +224,8 @@ class HandoffQueue(Generic[T]):
             fut.cancel()
             self._waiting -= 1
         elif fut.exception() is None:
-            self.put(fut.result())
+            item = fut.result()
+            self.put(item, ready(item))
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweeper is not None:
@@ -220,15 +251,14 @@ class HandoffQueue(Generic[T]):
             self._arm(loop, max(earliest, now + SWEEP_INTERVAL))
 
     def add_waiter(self, waiter: Waiter[T]) -> None:
-        """Put an outside waiter in line; it waits on its own (see :meth:`abandon`).
+        """Put an outside waiter in line; it waits on its own (see :meth:`leave`).
 
-        Only while no item is kept: a caller takes an item with
-        :meth:`get_nowait` first.
+        Only while no item is kept: a caller takes one with :meth:`get_nowait` first.
         """
         self._waiters.append((waiter, _NEVER))
         self._waiting += 1
 
-    def abandon(self, waiter: Waiter[T]) -> T | None:
+    def leave(self, waiter: Waiter[T]) -> T | None:
         """An outside waiter stops waiting: None if it got nothing, else the item it got.
 
         Raises the exception it was completed with (see :meth:`fail_waiters`).

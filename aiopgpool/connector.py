@@ -1,0 +1,293 @@
+"""Connecting: open a connection on a slot, retry with jittered backoff, fill to ``min_size``.
+
+The :class:`Connector` owns the failure streak (when failures began, the
+last error, whether ``reconnect_failed`` was called for it), the background
+fill tasks and the futures of callers of ``wait()``. The core calls it only
+from slow branches: a free slot, a refill, an explicit ``wait()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+from collections.abc import Callable
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from .backoff import Backoff
+from .errors import PoolClosed, PoolTimeout
+from .lifecycle import Lifecycle
+from .options import check_timeout
+from .slot import Slot, mark_tested
+
+if TYPE_CHECKING:
+    from .core import PoolCore
+
+__all__ = ["LIFETIME_JITTER", "MAX_CONCURRENT_CONNECTS", "Connector"]
+
+logger = logging.getLogger("aiopgpool")
+
+ConnT = TypeVar("ConnT")
+
+# Connections opened at the same time by one pool.
+MAX_CONCURRENT_CONNECTS = 16
+# A connection's max_lifetime is shortened by up to this fraction, so that
+# connections made together do not all expire together.
+LIFETIME_JITTER = 0.05
+
+
+class Connector(Generic[ConnT]):
+    """Opens the connections of one :class:`~aiopgpool.core.PoolCore`."""
+
+    __slots__ = (
+        "_connect_slots",
+        "_core",
+        "_fail_fast_watchers",
+        "_failing_since",
+        "_failure_reported",
+        "_filling",
+        "_last_error",
+        "_lifecycle",
+        "_size_watchers",
+        "_tasks",
+    )
+
+    def __init__(self, core: PoolCore[ConnT], lifecycle: Lifecycle[ConnT]) -> None:
+        self._core = core
+        self._lifecycle = lifecycle
+        self._connect_slots = asyncio.Semaphore(MAX_CONCURRENT_CONNECTS)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._size_watchers: list[asyncio.Future[None]] = []
+        self._fail_fast_watchers: list[asyncio.Future[None]] = []  # a subset of those
+        self._filling = 0
+        self._last_error: BaseException | None = None
+        self._failing_since: float | None = None
+        self._failure_reported = False
+
+    def failure_cause(self) -> BaseException | None:
+        """The last connection error while connecting fails, to chain to a PoolTimeout."""
+        return self._last_error if self._failing_since is not None else None
+
+    # -- one connection ----------------------------------------------------------------
+
+    async def connect(self, slot: Slot[ConnT], deadline: float | None, *, retry: bool) -> None:
+        """Open a connection on a free slot, retrying with backoff until ``deadline``."""
+        core = self._core
+        backoff = Backoff()
+        # One attempt never outlasts the pool's timeout: a connect stuck that
+        # long (a startup packet lost in a partition, no connect_timeout) is
+        # of no use to any waiter, and would hold its slot for good.
+        attempt_limit = core.timeout or None
+        while True:
+            if core.state == "closed":
+                raise core.closed_error()
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise PoolTimeout(
+                    f"pool {core.name!r}: could not connect before the deadline"
+                ) from self._last_error
+            limit = remaining
+            if attempt_limit is not None and (limit is None or attempt_limit < limit):
+                limit = attempt_limit
+            try:
+                # A cancel scope acts in this task: unlike asyncio.wait_for on
+                # Python < 3.12, it never swallows a cancellation of the caller
+                # that lands just as the connect completes.
+                with anyio.move_on_after(limit) as scope:
+                    await self._connect_once(slot)
+                if not scope.cancelled_caught:
+                    return
+                if limit is remaining:
+                    continue  # the deadline: raised above
+                self._failed(PoolTimeout(f"connection attempt took longer than {limit:g} s"))
+            except PoolClosed:
+                raise
+            except Exception as exc:
+                self._failed(exc)
+                if not retry:
+                    raise
+            delay = backoff.next()
+            if deadline is not None:
+                delay = min(delay, max(deadline - monotonic(), 0))
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self, slot: Slot[ConnT]) -> None:
+        core = self._core
+        async with self._connect_slots:
+            started = monotonic()
+            conn, baseline = await self._lifecycle.connect()
+        if core.state == "closed":
+            self._lifecycle.close(conn)
+            raise core.closed_error()
+        now = monotonic()
+        core.connect_hist.record(now - started)
+        slot.conn = conn
+        slot.baseline = baseline
+        slot.quiet = self._lifecycle.quiet_test(conn)
+        slot.created_at = slot.returned_at = now
+        max_lifetime = core.max_lifetime
+        slot.expires_at = (
+            float("inf")
+            if max_lifetime is None
+            else now + max_lifetime * (1 - LIFETIME_JITTER * random.random())
+        )
+        mark_tested(slot, now)
+        core.connected(slot)
+        core.stats_counters.connections_created += 1
+        if self._failing_since is not None:
+            logger.info("pool %r: connected again after failures", core.name)
+            self._failing_since = None
+            self._failure_reported = False
+            # The server is back: refill min_size now, not at the next maintenance.
+            self.fill()
+
+    def _failed(self, exc: BaseException) -> None:
+        core = self._core
+        core.stats_counters.connections_failed += 1
+        self._last_error = exc
+        for fut in self._fail_fast_watchers:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._fail_fast_watchers.clear()
+        now = monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        logger.warning("pool %r: connection attempt failed: %s", core.name, exc)
+        timeout = core.reconnect_timeout
+        if timeout is not None and now - self._failing_since >= timeout:
+            self.gave_up()
+
+    def gave_up(self) -> None:
+        """Report, once per streak of failures, that ``reconnect_timeout`` ran out."""
+        core = self._core
+        if self._failure_reported or self._failing_since is None:
+            return
+        self._failure_reported = True
+        logger.error(
+            "pool %r: could not connect for %g s (reconnect_timeout)",
+            core.name,
+            core.reconnect_timeout,
+        )
+        callback = core.options.reconnect_failed
+        owner = core.owner
+        if callback is None or owner is None:
+            return
+        try:
+            result = callback(owner)
+            if inspect.isawaitable(result):
+                self._spawn(self._await_callback(result))
+        except Exception:
+            logger.exception("pool %r: reconnect_failed callback raised", core.name)
+
+    async def _await_callback(self, result: Any) -> None:
+        try:
+            await result
+        except Exception:
+            logger.exception("pool %r: reconnect_failed callback raised", self._core.name)
+
+    # -- filling to min_size -------------------------------------------------------------
+
+    def fill(self) -> None:
+        """Start background connects until ``min_size`` connections exist or are coming."""
+        core = self._core
+        queue = core.queue
+        while core.state == "open" and core.size + self._filling < core.min_size:
+            slot = queue.take_free_one()
+            if slot is None:
+                return
+            self._filling += 1
+            self._spawn(self._fill_one(slot))
+
+    async def _fill_one(self, slot: Slot[ConnT]) -> None:
+        core = self._core
+        deadline = None
+        if core.reconnect_timeout is not None:
+            deadline = monotonic() + core.reconnect_timeout
+        try:
+            await self.connect(slot, deadline, retry=True)
+        except PoolTimeout:
+            self.gave_up()
+        except PoolClosed:
+            pass
+        finally:
+            self._filling -= 1
+            core.release_slot(slot)
+            self.notify_size()
+
+    def _spawn(self, coro: Any) -> None:
+        loop = self._core.loop
+        assert loop is not None
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- wait() ------------------------------------------------------------------------------
+
+    async def wait(self, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
+        """Wait until ``min_size`` connections are open, or raise :class:`PoolTimeout`.
+
+        ``fail_fast=True``: a connection attempt that fails meanwhile raises
+        its own error at once, as psycopg2's pools do when they connect at
+        construction (the drop-ins use it). A null pool makes one real
+        connection attempt (and closes the connection).
+        """
+        core = self._core
+        check_timeout("timeout", timeout, allow_none=False)
+        core.check_open()
+        core.check_loop()
+        if core.null:
+            await self._try_one(timeout, fail_fast)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._size_watchers.append(fut)
+        if fail_fast:
+            self._fail_fast_watchers.append(fut)
+        self.notify_size()
+        try:
+            with anyio.fail_after(timeout):
+                await fut
+        except TimeoutError:
+            raise PoolTimeout(
+                f"pool {core.name!r}: {core.size} of min_size {core.min_size} "
+                f"connections after {timeout:g} s"
+            ) from self._last_error
+        finally:
+            for watchers in (self._size_watchers, self._fail_fast_watchers):
+                if fut in watchers:
+                    watchers.remove(fut)
+
+    async def _try_one(self, timeout: float, fail_fast: bool) -> None:
+        """A null pool's wait(): open one connection within ``timeout``, then close it."""
+        core = self._core
+        slot: Slot[ConnT] = Slot()
+        try:
+            await self.connect(slot, monotonic() + timeout, retry=not fail_fast)
+        except PoolTimeout as exc:
+            raise PoolTimeout(
+                f"pool {core.name!r}: could not connect within {timeout:g} s"
+            ) from exc.__cause__
+        core.discard(slot, "wait() attempt")
+
+    def notify_size(self) -> None:
+        """Wake the callers of :meth:`wait` once ``min_size`` connections exist."""
+        core = self._core
+        if core.size >= core.min_size and self._size_watchers:
+            for fut in self._size_watchers:
+                if not fut.done():
+                    fut.set_result(None)
+            self._size_watchers.clear()
+            self._fail_fast_watchers.clear()
+
+    def stop(self, make_error: Callable[[], BaseException]) -> None:
+        """The pool closes: cancel background connects, fail the callers of ``wait()``."""
+        for fut in self._size_watchers:
+            if not fut.done():
+                fut.set_exception(make_error())
+        self._size_watchers.clear()
+        self._fail_fast_watchers.clear()
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,106 @@
+"""Where a pool connects: the conninfo and connect() keywords, resolved before each attempt.
+
+``conninfo`` and ``kwargs`` may be callables (the async pool also takes
+coroutine functions), called before every connection attempt, so rotating
+credentials need nothing else; an exception they raise counts as a failed
+attempt. The pool's ``name`` becomes ``application_name`` unless the user set
+one, so a pool's backends can be counted in ``pg_stat_activity``.
+
+Nothing here ever puts a password in a message: libpq's own parse errors may
+quote the string, so they are not chained.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict
+
+__all__ = ["ConnectTarget", "parse_conninfo"]
+
+# Keys of a conninfo worth showing in a repr or a log line.
+_SHOWN_KEYS = ("host", "hostaddr", "port", "dbname", "user")
+
+
+def parse_conninfo(conninfo: str) -> dict[str, Any]:
+    """The conninfo's parameters; ValueError (without the string) when it is not valid."""
+    if not isinstance(conninfo, str):
+        raise ValueError(f"conninfo must be a string, got {type(conninfo).__name__}")
+    try:
+        return conninfo_to_dict(conninfo)
+    except Exception:
+        # libpq's message may quote the string, password included: do not chain it.
+        raise ValueError("conninfo is not a valid libpq connection string or URL") from None
+
+
+def _check_kwargs(kwargs: object) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"kwargs must be a mapping, got {type(kwargs).__name__}")
+    return dict(kwargs)
+
+
+class ConnectTarget:
+    """The arguments of ``connect()`` for one pool, static or produced per attempt."""
+
+    __slots__ = ("_conninfo", "_kwargs", "_name", "_static")
+
+    def __init__(self, conninfo: str | Callable[[], Any], kwargs: Any, name: str) -> None:
+        self._conninfo = conninfo
+        self._kwargs = kwargs
+        self._name = name
+        self._static: tuple[str, dict[str, Any]] | None = None
+        if not callable(conninfo) and not callable(kwargs):
+            self._static = self._finish(conninfo, kwargs)
+
+    @property
+    def dynamic(self) -> bool:
+        """True when conninfo or kwargs are produced before each attempt."""
+        return self._static is None
+
+    def _finish(self, conninfo: object, kwargs: object) -> tuple[str, dict[str, Any]]:
+        if not isinstance(conninfo, str):
+            raise ValueError(
+                f"the conninfo callable must return a string, got {type(conninfo).__name__}"
+            )
+        params = parse_conninfo(conninfo)
+        out = _check_kwargs(kwargs)
+        if "application_name" not in params and "application_name" not in out:
+            out["application_name"] = self._name
+        return conninfo, out
+
+    def resolve(self) -> tuple[str, dict[str, Any]]:
+        """The conninfo and keywords for the next attempt (callables called; no awaitables)."""
+        if self._static is not None:
+            return self._static
+        conninfo = self._conninfo() if callable(self._conninfo) else self._conninfo
+        kwargs = self._kwargs() if callable(self._kwargs) else self._kwargs
+        return self._finish(conninfo, kwargs)
+
+    async def resolve_async(self) -> tuple[str, dict[str, Any]]:
+        """:meth:`resolve` for the async pool: the callables may be coroutine functions."""
+        if self._static is not None:
+            return self._static
+        conninfo = self._conninfo() if callable(self._conninfo) else self._conninfo
+        if inspect.isawaitable(conninfo):
+            conninfo = await conninfo
+        kwargs = self._kwargs() if callable(self._kwargs) else self._kwargs
+        if inspect.isawaitable(kwargs):
+            kwargs = await kwargs
+        return self._finish(conninfo, kwargs)
+
+    def describe(self) -> str:
+        """A password-free description of where the pool connects, for reprs and logs."""
+        if self._static is None:
+            return "(conninfo from a callable)"
+        conninfo, kwargs = self._static
+        try:
+            params = conninfo_to_dict(conninfo)
+        except Exception:
+            params = {}
+        params.update(kwargs)
+        parts = [f"{key}={params[key]}" for key in _SHOWN_KEYS if params.get(key) not in (None, "")]
+        return " ".join(parts) or "(default target)"

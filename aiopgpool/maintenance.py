@@ -1,0 +1,181 @@
+"""Maintenance: the periodic timer, idle expiry, ``purge_expired``, ``check``, ``drain``, leaks.
+
+Also the finalizer of a pool dropped while open. The timer holds its pool
+only weakly, so that a pool its users dropped without closing it can be
+collected (and :func:`close_dropped` then closes its idle connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+import weakref
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from .lifecycle import Lifecycle
+from .slot import Slot
+from .waiting import HandoffQueue
+
+if TYPE_CHECKING:
+    from .core import PoolCore
+
+__all__ = ["Maintenance", "close_dropped"]
+
+logger = logging.getLogger("aiopgpool")
+
+ConnT = TypeVar("ConnT")
+
+
+def _has_conn(slot: Slot[Any]) -> bool:
+    return slot.conn is not None
+
+
+def close_dropped(name: str, queue: HandoffQueue[Slot[Any]], lifecycle: Lifecycle[Any]) -> None:
+    """The finalizer of a pool dropped while open: close its idle connections.
+
+    Borrowed connections are left to their borrowers: nobody can return them.
+    """
+    idle = [slot.conn for slot in queue.take(_has_conn)]
+    if idle:
+        logger.warning(
+            "pool %r was dropped without close(): closing its %d idle connections",
+            name,
+            len(idle),
+        )
+    for conn in idle:
+        lifecycle.close(conn)
+
+
+def _tick(ref: weakref.ref[Maintenance[Any]]) -> None:
+    maintenance = ref()
+    if maintenance is not None:
+        maintenance.run()
+
+
+class Maintenance(Generic[ConnT]):
+    """The background upkeep of one :class:`~aiopgpool.core.PoolCore`."""
+
+    __slots__ = ("__weakref__", "_core", "_timer")
+
+    def __init__(self, core: PoolCore[ConnT]) -> None:
+        # Weakly: the core holds this object; no cycle, so a dropped pool goes at once.
+        self._core = cast("PoolCore[ConnT]", weakref.proxy(core))
+        self._timer: asyncio.TimerHandle | None = None
+
+    def schedule(self) -> None:
+        """Arm the timer for the next run (every half of the shortest period, 50 ms to 10 s)."""
+        core = self._core
+        periods = [p for p in (core.max_idle, core.max_lifetime) if p]
+        loop = core.loop
+        if not periods or loop is None:
+            return
+        interval = min(max(min(periods) / 2, 0.05), 10.0)
+        self._timer = loop.call_later(interval, _tick, weakref.ref(self))
+
+    def stop(self) -> None:
+        """Cancel the timer (the pool closes)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def run(self) -> None:
+        """One run: close expired and surplus idle connections, refill, re-arm."""
+        try:
+            core = self._core
+            if core.state != "open":
+                return
+        except ReferenceError:
+            return
+        try:
+            self.expire_idle(core.max_idle, keep_min=True)
+        finally:
+            self.schedule()
+
+    def expire_idle(self, max_idle: float | None, *, keep_min: bool) -> int:
+        """Close idle connections past their lifetime or idle longer than ``max_idle``."""
+        core = self._core
+        now = monotonic()
+        spare = core.size - core.min_size if keep_min else core.size
+
+        def expired(slot: Slot[ConnT]) -> bool:
+            nonlocal spare
+            if slot.expires_at <= now:
+                return True
+            if max_idle is not None and spare > 0 and now - slot.returned_at >= max_idle:
+                spare -= 1
+                return True
+            return False
+
+        taken = core.queue.take(expired)
+        for slot in taken:
+            core.discard(slot, "expired")
+            core.release_slot(slot)
+        core.connector.fill()
+        return len(taken)
+
+    async def purge_expired(self) -> int:
+        """Close idle connections idle longer than ``max_idle`` (or past max_lifetime) now.
+
+        Unlike the background shrinking, ``min_size`` does not protect them;
+        the pool then refills ``min_size`` with fresh connections. Returns how
+        many were closed.
+        """
+        self._core.check_open()
+        return self.expire_idle(self._core.max_idle, keep_min=False)
+
+    async def check(self) -> None:
+        """Make a round trip on every idle connection; replace those that fail."""
+        core = self._core
+        core.check_open()
+        core.check_loop()
+        taken = core.queue.take(_has_conn)
+        try:
+            while taken:
+                slot = taken.pop()
+                conn = slot.conn
+                assert conn is not None
+                try:
+                    await core.lifecycle.probe(conn)
+                except Exception as exc:
+                    core.discard(slot, f"check() failed ({exc.__class__.__name__})", lost=True)
+                finally:
+                    core.release_slot(slot)
+        finally:
+            for slot in taken:
+                core.release_slot(slot)
+        core.connector.fill()
+
+    async def drain(self) -> None:
+        """Replace every connection: idle ones now, borrowed ones when returned."""
+        core = self._core
+        core.check_open()
+        core.new_generation()
+        for slot in core.queue.take(_has_conn):
+            core.discard(slot, "drained")
+            core.release_slot(slot)
+        core.connector.fill()
+
+    # -- leaks ---------------------------------------------------------------------------
+
+    def watch_leak(self, slot: Slot[ConnT], stack: str | None) -> None:
+        """Report ``slot``'s borrower if it holds the connection past ``leak_timeout``."""
+        core = self._core
+        loop = core.loop
+        assert loop is not None and core.leak_timeout is not None
+        if stack is None:
+            stack = "".join(traceback.format_stack()[:-3])
+        slot.leak_timer = loop.call_later(core.leak_timeout, self._report_leak, slot, stack)
+
+    def _report_leak(self, slot: Slot[ConnT], stack: str) -> None:
+        core = self._core
+        slot.leak_timer = None
+        core.stats_counters.leaks += 1
+        logger.warning(
+            "pool %r: a connection has been held for more than %g s (leak_timeout); "
+            "borrowed at:\n%s",
+            core.name,
+            core.leak_timeout,
+            stack,
+        )

@@ -1,0 +1,234 @@
+"""The thread port: how the sync facade's caller threads reach a core without a thread hop.
+
+**The rule.** Every ``*_nowait`` method here touches the core's state from a
+caller thread. That is safe only while the caller holds the bridge's parking
+lock (:attr:`aiopgpool.bridge.LoopThread.lock`): the loop holds it whenever it
+runs Python code and releases it only while it waits for I/O, so a thread
+holding it knows the loop is parked. These methods never suspend, never
+schedule a callback on the loop, and complete only this port's own waiters
+(:class:`ThreadWaiter`, which are safe to complete from any thread holding
+the lock). Each asserts that the lock is held. The coroutines (``prepare``,
+``finish_return``) run on the loop, through the bridge.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from .slot import Slot
+
+if TYPE_CHECKING:
+    from .core import PoolCore
+
+__all__ = ["ThreadPort", "ThreadWaiter"]
+
+ConnT = TypeVar("ConnT")
+T = TypeVar("T")
+
+_PENDING, _DONE, _CANCELLED = 0, 1, 2
+
+
+class ThreadWaiter(Generic[T]):
+    """A caller thread's place in the core's line: the lightest future that will do.
+
+    Every transition happens under the bridge's lock (in a caller thread, or
+    on the loop, which holds it while it runs), so the state needs no lock of
+    its own; the waiting thread sleeps on a lock that completing releases.
+    """
+
+    __slots__ = ("_exception", "_result", "_state", "_wake")
+
+    def __init__(self) -> None:
+        self._state = _PENDING
+        self._result: T | None = None
+        self._exception: BaseException | None = None
+        self._wake = threading.Lock()
+        self._wake.acquire()
+
+    def done(self) -> bool:
+        """True once completed or cancelled."""
+        return self._state != _PENDING
+
+    def result(self) -> T:
+        """The item it was completed with; raises the exception it was completed with."""
+        if self._exception is not None:
+            raise self._exception
+        return self._result  # type: ignore[return-value]
+
+    def set_result(self, result: T, /) -> None:
+        """Complete it with ``result`` and wake the thread."""
+        self._result = result
+        self._state = _DONE
+        self._wake.release()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        """Complete it with ``exception`` and wake the thread."""
+        self._exception = exception
+        self._state = _DONE
+        self._wake.release()
+
+    def cancel(self) -> bool:
+        """Withdraw it; False when it was completed already."""
+        if self._state != _PENDING:
+            return False
+        self._state = _CANCELLED
+        return True
+
+    def sleep(self, timeout: float | None) -> bool:
+        """Sleep until completed or ``timeout`` seconds passed; True if completed."""
+        return self._wake.acquire(timeout=-1 if timeout is None else timeout)
+
+
+class ThreadPort(Generic[ConnT]):
+    """The facade-only protocol of a :class:`~aiopgpool.core.PoolCore` (see the module rule)."""
+
+    __slots__ = ("_core", "_lock")
+
+    def __init__(self, core: PoolCore[ConnT], lock: threading.Lock) -> None:
+        self._core = core
+        self._lock = lock
+
+    # -- checkout ----------------------------------------------------------------------
+
+    def request_nowait(
+        self, timeout: float | None, key: Hashable | None
+    ) -> ConnT | Slot[ConnT] | None:
+        """Start a checkout: a connection, a slot to :meth:`prepare` on the loop, or None.
+
+        None: the request must wait; the caller puts its waiter in line with
+        :meth:`join_nowait` in the same hold of the lock. Raises what
+        ``getconn`` raises at once (bad arguments, closed pool, exhausted with
+        ``timeout=0``, too many waiting).
+        """
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        core = self._core
+        if timeout is None and key is None and core._fast:
+            core._stats.requests += 1
+            idle = core._idle
+            if idle:
+                slot = idle.pop()
+                conn = core._lend_ready(slot)
+                if conn is not None:
+                    return conn
+                core._preparing += 1
+                return slot
+            kept = core.queue.take_free_one()
+        else:
+            conn = core._request(timeout, key)
+            if conn is not None:
+                return conn
+            kept = core.queue.get_nowait()
+        if kept is not None:
+            core._preparing += 1
+            return kept
+        core._wait_timeout(timeout)
+        core._stats.requests_waited += 1
+        return None
+
+    def join_nowait(self, waiter: ThreadWaiter[Slot[ConnT]]) -> None:
+        """Put ``waiter`` in line, right after :meth:`request_nowait` returned None.
+
+        It will be completed with a slot, or with an exception when the pool
+        closes; the thread ends its wait with :meth:`end_wait_nowait`.
+        """
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        self._core.queue.add_waiter(waiter)
+
+    def wait_timeout(self, timeout: float | None) -> float | None:
+        """How long a waiter put in line by :meth:`request_nowait` sleeps."""
+        timeout = self._core.effective_timeout(timeout)
+        return 10.0 if timeout == 0 else timeout
+
+    def end_wait_nowait(
+        self,
+        waiter: ThreadWaiter[Slot[ConnT]],
+        waited: float,
+        timeout: float | None,
+        key: Hashable | None,
+    ) -> ConnT | Slot[ConnT]:
+        """A wait ended: the connection (ready as it is), or the slot to :meth:`prepare`.
+
+        Raises :class:`~aiopgpool.PoolTimeout` when the waiter got nothing
+        (it leaves the line), or the exception the pool completed it with.
+        """
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        core = self._core
+        core._waited(waited)
+        slot = core.queue.leave(waiter)
+        if slot is None:
+            core._stats.timeouts += 1
+            raise core._timeout_error(timeout) from core.connector.failure_cause()
+        if key is None and core._fast and slot.conn is not None:
+            conn = core._lend_ready(slot)
+            if conn is not None:
+                return conn
+        core._preparing += 1
+        return slot
+
+    def give_up_wait_nowait(self, waiter: ThreadWaiter[Slot[ConnT]], waited: float) -> None:
+        """The waiting thread was interrupted: leave the line, pass on any slot it got."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        core = self._core
+        core._waited(waited)
+        try:
+            slot = core.queue.leave(waiter)
+        except Exception:
+            return
+        if slot is not None:
+            core.release_slot(slot)
+
+    async def prepare(
+        self,
+        slot: Slot[ConnT],
+        key: Hashable | None,
+        timeout: float | None,
+        start: float,
+        stack: str | None,
+    ) -> ConnT:
+        """On the loop: check, replace or connect a slot from :meth:`request_nowait`, lend it.
+
+        ``start`` is the ``time.monotonic()`` at which the request began;
+        ``stack`` the borrower's stack, for leak reports.
+        """
+        core = self._core
+        return core.lend(await core._prepare(slot, start, timeout), key, stack)
+
+    # -- return ------------------------------------------------------------------------
+
+    def take_back_nowait(self, conn: ConnT, key: Hashable | None) -> Slot[ConnT]:
+        """Take a connection back: from now on it is not borrowed (its key is free).
+
+        The calling thread then owns it until :meth:`shelve_nowait` or
+        :meth:`finish_return`. Raises :class:`~aiopgpool.PoolError` for a
+        connection that is not borrowed from this pool.
+        """
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        return self._core.take_back(conn, key)
+
+    def shelve_nowait(self, slot: Slot[ConnT]) -> bool:
+        """Put an unchanged connection straight back (or hand it to a waiter); False: not now."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        return self._core.shelve(slot)
+
+    def note_bad_return_nowait(self, description: str) -> None:
+        """Count (and log) a connection returned in a transaction, in error or mid-query."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        self._core.note_bad_return(description)
+
+    async def finish_return(self, slot: Slot[ConnT], close: bool) -> None:
+        """On the loop: the rest of a return begun with :meth:`take_back_nowait`."""
+        await self._core.return_slow(slot, close)
+
+    def held_by_key_nowait(self, key: Hashable) -> ConnT | None:
+        """The connection checked out under ``key``, if any."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        return self._core.held_by_key(key)
+
+    def release_nowait(self, slot: Slot[ConnT]) -> None:
+        """Give back a slot from :meth:`request_nowait` that will not be prepared."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        core = self._core
+        core._preparing -= 1
+        core.release_slot(slot)
