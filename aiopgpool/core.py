@@ -23,7 +23,7 @@ Design, in short:
   last 10 ms, and returns; ``putconn`` sees the connection idle with its
   attributes unchanged and pushes it back. No lock, no task, no server round
   trip. Each is written once (:meth:`PoolCore._lend_ready`,
-  :meth:`PoolCore._shelve`) and shared with the thread port.
+  :meth:`PoolCore.give_back`) and shared with the thread port.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from bisect import bisect_left
 from collections.abc import Hashable
 from time import monotonic
 from typing import Any, Generic, TypeVar
@@ -393,11 +392,8 @@ class PoolCore(Generic[ConnT]):
             and self.ping_after_idle is None
         )
 
-    def lend(self, slot: Slot[ConnT], key: Hashable | None, stack: str | None = None) -> ConnT:
-        """Check out a prepared slot's connection (to ``key``, if given)."""
-        return self._lend(slot, key, stack)
-
     def _lend(self, slot: Slot[ConnT], key: Hashable | None, stack: str | None = None) -> ConnT:
+        """Check out a prepared slot's connection (to ``key``, if given)."""
         conn = slot.conn
         assert conn is not None
         slot.borrowed_at = monotonic()
@@ -564,12 +560,18 @@ class PoolCore(Generic[ConnT]):
         mid-query or broken is discarded, and changed attributes (autocommit,
         isolation level, read only, deferrable) are restored.
         """
-        slot = self.take_back(conn, key)
-        if close or not self._shelve(slot, conn):
+        slot = self.give_back(conn, key, close)
+        if slot is not None:
             await self.return_slow(slot, close)
 
-    def take_back(self, conn: ConnT, key: Hashable | None) -> Slot[ConnT]:
-        """Take ``conn`` out of the borrowed (its key freed); PoolError if it is not ours."""
+    def give_back(self, conn: ConnT, key: Hashable | None, close: bool) -> Slot[ConnT] | None:
+        """Take a borrowed connection back: None when that was all (the hot path).
+
+        Else its slot, for :meth:`return_slow`. Either way ``conn`` is no
+        longer borrowed (its key is free). Raises :class:`PoolError` for a
+        connection not borrowed here, or returned under another key. It never
+        suspends nor schedules; it may complete a waiter's future.
+        """
         try:
             slot = self._borrowed.pop(conn)
         except (KeyError, TypeError):  # TypeError: unhashable, so certainly not ours
@@ -577,48 +579,41 @@ class PoolCore(Generic[ConnT]):
         if slot.conn is not conn:
             raise self._not_borrowed(conn, slot)
         if self._key_of or key is not None:
-            held = self._key_of.get(conn)
-            if key is not None and held != key:
-                self._borrowed[conn] = slot
-                raise PoolError(
-                    f"pool {self.name!r}: this connection was taken "
-                    + ("without a key" if held is None else f"under key {held!r}")
-                    + f", not {key!r}"
-                )
-            if held is not None:
-                del self._key_of[conn]
-                del self._keyed[held]
+            self._unkey(conn, slot, key)
         if slot.leak_timer is not None:
             slot.leak_timer.cancel()
             slot.leak_timer = None
-        used = monotonic() - slot.borrowed_at
-        use = self.use_hist  # HistogramRecorder.record(), inlined: every return
-        use.counts[bisect_left(use.bounds, used)] += 1
-        use.sum += used
+        now = monotonic()
+        used = int((now - slot.borrowed_at) * 1e6)  # HistogramRecorder.record(), inlined
+        use = self.use_hist
+        use.counts[used.bit_length()] += 1
+        use.total_us += used
+        if (
+            not close
+            and self._fast
+            and self._state_of(conn) == slot.baseline
+            and slot.expires_at > now
+        ):
+            slot.returned_at = now
+            if self._line:
+                self._queue.put(slot, True)
+            else:
+                self._idle.append(slot)  # self._queue.put(slot, True)
+            return None
         return slot
 
-    def _shelve(self, slot: Slot[ConnT], conn: ConnT) -> bool:
-        """The return hot path: put an unchanged, unexpired connection straight back.
-
-        False when the return needs work (see :meth:`return_slow`). It never
-        suspends nor schedules; it may complete a waiter's future.
-        """
-        if self._fast and self._state_of(conn) == slot.baseline:
-            now = monotonic()
-            if slot.expires_at > now:
-                slot.returned_at = now
-                if self._line:
-                    self._queue.put(slot, True)
-                else:
-                    self._idle.append(slot)  # self._queue.put(slot, True)
-                return True
-        return False
-
-    def shelve(self, slot: Slot[ConnT]) -> bool:
-        """:meth:`_shelve` for a slot taken back with :meth:`take_back` (the thread port)."""
-        conn = slot.conn
-        assert conn is not None
-        return self._shelve(slot, conn)
+    def _unkey(self, conn: ConnT, slot: Slot[ConnT], key: Hashable | None) -> None:
+        held = self._key_of.get(conn)
+        if key is not None and held != key:
+            self._borrowed[conn] = slot
+            raise PoolError(
+                f"pool {self.name!r}: this connection was taken "
+                + ("without a key" if held is None else f"under key {held!r}")
+                + f", not {key!r}"
+            )
+        if held is not None:
+            del self._key_of[conn]
+            del self._keyed[held]
 
     async def return_slow(self, slot: Slot[ConnT], close: bool) -> None:
         """The rest of a return that needs work: clean, reset, expire or discard."""

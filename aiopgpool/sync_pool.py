@@ -244,30 +244,32 @@ class SyncPoolFacade(Generic[C]):
         lifecycle = self._lifecycle
         close = close or self._core.null
         with bridge.lock:
-            slot = port.take_back_nowait(conn, key)  # PoolError: foreign, or returned twice
-            if not close and not lifecycle.resets and port.shelve_nowait(slot):
-                return
-        # The borrower's own blocking work, in its own thread.
-        bad = None
-        if not close:
-            try:
-                if not lifecycle.is_clean(conn, slot.baseline):
-                    if lifecycle.is_bad_return(conn):
-                        bad = lifecycle.describe_state(conn)
-                    close = not lifecycle.clean_blocking(conn, slot.baseline)
-                if lifecycle.resets and not close:
-                    close = not lifecycle.reset_blocking(conn)
-            except Exception:
-                close = True
-        if close:
-            lifecycle.close(conn)  # now, as psycopg2 does; the caller still owns it
-        with bridge.lock:
-            if bad is not None:
-                port.note_bad_return_nowait(bad)
-            if not close and port.shelve_nowait(slot):
-                return
-        # The rest (counting the close, expiry, refilling) happens on the loop.
-        bridge.call_soon(port.finish_return, slot, close)
+            baseline = port.borrowed_nowait(conn).baseline  # PoolError: foreign, returned twice
+            quick = not close and not lifecycle.resets and lifecycle.is_clean(conn, baseline)
+            if quick:
+                slot = port.give_back_nowait(conn, key, False)
+        if not quick:
+            # The borrower's own blocking work, in its own thread.
+            bad = None
+            if not close:
+                try:
+                    if not lifecycle.is_clean(conn, baseline):
+                        if lifecycle.is_bad_return(conn):
+                            bad = lifecycle.describe_state(conn)
+                        close = not lifecycle.clean_blocking(conn, baseline)
+                    if lifecycle.resets and not close:
+                        close = not lifecycle.reset_blocking(conn)
+                except Exception:
+                    close = True
+            if close:
+                lifecycle.close(conn)  # now, as psycopg2 does; the caller still owns it
+            with bridge.lock:
+                if bad is not None:
+                    port.note_bad_return_nowait(bad)
+                slot = port.give_back_nowait(conn, key, close)
+        if slot is not None:
+            # The rest (counting a close, expiry, refilling) happens on the loop.
+            bridge.call_soon(port.finish_return, slot, close)
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[C]:

@@ -193,24 +193,26 @@ class ThreadPort(Generic[ConnT]):
         ``stack`` the borrower's stack, for leak reports.
         """
         core = self._core
-        return core.lend(await core._prepare(slot, start, timeout), key, stack)
+        return core._lend(await core._prepare(slot, start, timeout), key, stack)
 
     # -- return ------------------------------------------------------------------------
 
-    def take_back_nowait(self, conn: ConnT, key: Hashable | None) -> Slot[ConnT]:
-        """Take a connection back: from now on it is not borrowed (its key is free).
+    def borrowed_nowait(self, conn: ConnT) -> Slot[ConnT]:
+        """The slot of a borrowed connection (it stays borrowed); PoolError if not ours."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        return self._core.borrowed_slot(conn)
 
-        The calling thread then owns it until :meth:`shelve_nowait` or
-        :meth:`finish_return`. Raises :class:`~aiopgpool.PoolError` for a
-        connection that is not borrowed from this pool.
+    def give_back_nowait(
+        self, conn: ConnT, key: Hashable | None, close: bool
+    ) -> Slot[ConnT] | None:
+        """Take a connection back: None when that was all, else the slot to :meth:`finish_return`.
+
+        From now on the connection is not borrowed (its key is free), and a
+        slot returned is this thread's until it passes it on. Raises
+        :class:`~aiopgpool.PoolError` for a connection not borrowed from this pool.
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
-        return self._core.take_back(conn, key)
-
-    def shelve_nowait(self, slot: Slot[ConnT]) -> bool:
-        """Put an unchanged connection straight back (or hand it to a waiter); False: not now."""
-        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
-        return self._core.shelve(slot)
+        return self._core.give_back(conn, key, close)
 
     def note_bad_return_nowait(self, description: str) -> None:
         """Count (and log) a connection returned in a transaction, in error or mid-query."""
@@ -218,7 +220,7 @@ class ThreadPort(Generic[ConnT]):
         self._core.note_bad_return(description)
 
     async def finish_return(self, slot: Slot[ConnT], close: bool) -> None:
-        """On the loop: the rest of a return begun with :meth:`take_back_nowait`."""
+        """On the loop: the rest of a return begun with :meth:`give_back_nowait`."""
         await self._core.return_slow(slot, close)
 
     def held_by_key_nowait(self, key: Hashable) -> ConnT | None:
