@@ -137,7 +137,7 @@ class Connector(Generic[ConnT]):
         )
         mark_tested(slot, now)
         core.connected(slot)
-        core.stats_counters.connections_created += 1
+        core.counters.connections_created += 1
         if self._failing_since is not None:
             logger.info("pool %r: connected again after failures", core.name)
             self._failing_since = None
@@ -147,7 +147,7 @@ class Connector(Generic[ConnT]):
 
     def _failed(self, exc: BaseException) -> None:
         core = self._core
-        core.stats_counters.connections_failed += 1
+        core.counters.connections_failed += 1
         self._last_error = exc
         for fut in self._fail_fast_watchers:
             if not fut.done():
@@ -173,7 +173,7 @@ class Connector(Generic[ConnT]):
             core.reconnect_timeout,
         )
         callback = core.options.reconnect_failed
-        owner = core.owner
+        owner = core.owner_ref()
         if callback is None or owner is None:
             return
         try:

@@ -171,7 +171,7 @@ class Maintenance(Generic[ConnT]):
     def _report_leak(self, slot: Slot[ConnT], stack: str) -> None:
         core = self._core
         slot.leak_timer = None
-        core.stats_counters.leaks += 1
+        core.counters.leaks += 1
         logger.warning(
             "pool %r: a connection has been held for more than %g s (leak_timeout); "
             "borrowed at:\n%s",

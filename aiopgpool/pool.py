@@ -199,11 +199,11 @@ class AsyncConnectionPool(Generic[ACT]):
 
     async def close(self, timeout: float = 5.0) -> None:
         """Refuse new requests, wait up to ``timeout`` for borrowed connections, close."""
-        await self._core.close(timeout)
+        await self._core.closing.close(timeout)
 
     async def closeall(self) -> None:
         """Close every connection now, borrowed ones included; the pool is closed."""
-        await self._core.closeall()
+        await self._core.closing.closeall()
 
     async def __aenter__(self) -> Self:
         await self.open()

@@ -55,13 +55,13 @@ class SyncPoolFacade(Generic[C]):
         self._bridge = LoopThread(
             options.name,  # type: ignore[arg-type]  # set by PoolOptions
             keepalive=self._core,
-            on_exit=partial(self._core.close, 0),
+            on_exit=partial(self._core.closing.close, 0),
         )
         self._port: ThreadPort[C] = ThreadPort(self._core, self._bridge.lock)
         # Dropped without close(): closed on its loop (borrowed connections
         # left to their borrowers), and its thread ends.
         weakref.finalize(
-            self, self._bridge.stop_from_finalizer, self._core.close_dropped
+            self, self._bridge.stop_from_finalizer, self._core.closing.close_dropped
         ).atexit = False
 
     # -- attributes ------------------------------------------------------------------
@@ -154,7 +154,7 @@ class SyncPoolFacade(Generic[C]):
             self._bridge.check_caller()
             self._bridge.start()
         try:
-            self._bridge.call(self._core.closeall)
+            self._bridge.call(self._core.closing.closeall)
         finally:
             self._bridge.stop()
 
@@ -166,7 +166,7 @@ class SyncPoolFacade(Generic[C]):
                 return
             self._bridge.start()
         try:
-            self._bridge.call(self._core.close, timeout)
+            self._bridge.call(self._core.closing.close, timeout)
         finally:
             self._bridge.stop()
 

@@ -105,7 +105,7 @@ class ThreadPort(Generic[ConnT]):
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         core = self._core
         if timeout is None and key is None and core._fast:
-            core._stats.requests += 1
+            core.counters.requests += 1
             idle = core._idle
             if idle:
                 slot = idle.pop()
@@ -124,7 +124,7 @@ class ThreadPort(Generic[ConnT]):
             core._preparing += 1
             return kept
         core._wait_timeout(timeout)
-        core._stats.requests_waited += 1
+        core.counters.requests_waited += 1
         return None
 
     def join_nowait(self, waiter: ThreadWaiter[Slot[ConnT]]) -> None:
@@ -158,7 +158,7 @@ class ThreadPort(Generic[ConnT]):
         core._waited(waited)
         slot = core.queue.leave(waiter)
         if slot is None:
-            core._stats.timeouts += 1
+            core.counters.timeouts += 1
             raise core._timeout_error(timeout) from core.connector.failure_cause()
         if key is None and core._fast and slot.conn is not None:
             conn = core._lend_ready(slot)
@@ -193,7 +193,7 @@ class ThreadPort(Generic[ConnT]):
         ``stack`` the borrower's stack, for leak reports.
         """
         core = self._core
-        return core._lend(await core._prepare(slot, start, timeout), key, stack)
+        return core._lend(await core.validation.prepare(slot, start, timeout), key, stack)
 
     # -- return ------------------------------------------------------------------------
 
