@@ -42,7 +42,7 @@ from .lifecycle import Lifecycle
 from .maintenance import Maintenance, close_dropped
 from .options import PoolOptions, check_key, check_sizes, check_timeout
 from .slot import Slot
-from .stats import Counters, HistogramRecorder, PoolStats
+from .stats import Counters, HistogramRecorder, PoolStats, snapshot
 from .validation import Validation
 from .waiting import HandoffQueue, WaitTimeout
 
@@ -75,7 +75,6 @@ class PoolCore(Generic[ConnT]):
     __slots__ = (
         "__weakref__",
         "_borrowed",
-        "_excess",
         "_fast",
         "_idle",
         "_key_of",
@@ -89,6 +88,7 @@ class PoolCore(Generic[ConnT]):
         "connect_hist",
         "connector",
         "counters",
+        "excess",
         "generation",
         "leak_timeout",
         "lifecycle",
@@ -142,7 +142,7 @@ class PoolCore(Generic[ConnT]):
         # The queue's own deques, for the two hottest paths (see HandoffQueue.items).
         self._idle = self.queue.items
         self._line = self.queue.line
-        self._excess = 0  # slots to drop as they come back, after a shrinking resize
+        self.excess = 0  # slots to drop as they come back, after a shrinking resize
         self.size = 0  # open connections: idle, borrowed, or being checked
         # Borrowed connections and their slots (its size: how many are in use).
         self._borrowed: dict[ConnT, Slot[ConnT]] = {}
@@ -345,7 +345,7 @@ class PoolCore(Generic[ConnT]):
         self._fast = (
             self.state == OPEN
             and not self.null
-            and not self._excess
+            and not self.excess
             and not lifecycle.has_check
             and not lifecycle.has_reset
             and self.leak_timeout is None
@@ -377,7 +377,7 @@ class PoolCore(Generic[ConnT]):
             # transit (refilling, being returned) and will come back; those
             # already promised to the waiters ahead of us do not count.
             in_transit = (
-                self._capacity(self.max_size) - len(self._borrowed) - self._preparing - self._excess
+                self._capacity(self.max_size) - len(self._borrowed) - self._preparing - self.excess
             )
             if in_transit <= self.queue.waiting:
                 self.counters.timeouts += 1
@@ -401,8 +401,8 @@ class PoolCore(Generic[ConnT]):
             if slot.conn is not None:
                 self.discard(slot, "pool closed")
             return
-        if self._excess:
-            self._excess -= 1
+        if self.excess:
+            self.excess -= 1
             self.update_fast()
             if slot.conn is not None:
                 self.discard(slot, "pool resized")
@@ -439,12 +439,12 @@ class PoolCore(Generic[ConnT]):
         """
         slot = self.give_back(conn, key, close)
         if slot is not None:
-            await self.return_slow(slot, close)
+            await self.validation.restore(slot, close)
 
     def give_back(self, conn: ConnT, key: Hashable | None, close: bool) -> Slot[ConnT] | None:
         """Take a borrowed connection back: None when that was all (the hot path).
 
-        Else its slot, for :meth:`return_slow`. Either way ``conn`` is no
+        Else its slot, for ``validation.restore()``. Either way ``conn`` is no
         longer borrowed (its key is free). Raises :class:`PoolError` for a
         connection not borrowed here, or returned under another key. It never
         suspends nor schedules; it may complete a waiter's future.
@@ -492,48 +492,8 @@ class PoolCore(Generic[ConnT]):
             del self._key_of[conn]
             del self._keyed[held]
 
-    async def return_slow(self, slot: Slot[ConnT], close: bool) -> None:
-        """The rest of a return that needs work: clean, reset, expire or discard."""
-        conn = slot.conn
-        assert conn is not None
-        lifecycle = self.lifecycle
-        try:
-            if close:
-                self.discard(slot, "closed by its borrower")
-            elif self.state != OPEN or self.null or self._excess:
-                self.discard(slot, "not kept")
-            elif slot.generation != self.generation:
-                self.discard(slot, "drained")
-            else:
-                self.check_loop()
-                if lifecycle.is_bad_return(conn):
-                    self.note_bad_return(lifecycle.describe_state(conn))
-                if not lifecycle.is_clean(conn, slot.baseline) and not await lifecycle.clean(
-                    conn, slot.baseline
-                ):
-                    self.discard(slot, "could not be cleaned after return")
-                elif lifecycle.has_reset and not await lifecycle.reset(conn):
-                    logger.warning("pool %r: reset left a connection unusable", self.name)
-                    self.discard(slot, "reset left it unusable")
-                elif slot.expires_at <= monotonic():
-                    self.discard(slot, "max_lifetime reached")
-        except BaseException as exc:
-            # Cleaning failed or was interrupted (the borrower cancelled again):
-            # the connection is in an unknown state, so it goes; the slot stays.
-            self.discard(slot, f"cleaning failed ({exc.__class__.__name__})")
-            if not isinstance(exc, Exception):
-                raise
-            logger.warning("pool %r: discarded a returned connection: %s", self.name, exc)
-        finally:
-            slot.returned_at = monotonic()
-            self._after_return(slot)
-
-    def note_bad_return(self, description: str) -> None:
-        """Count (and log at WARNING) a connection returned in a bad state."""
-        self.counters.returns_bad += 1
-        logger.warning("pool %r: a connection was returned %s", self.name, description)
-
-    def _after_return(self, slot: Slot[ConnT]) -> None:
+    def after_return(self, slot: Slot[ConnT]) -> None:
+        """A return is over: the slot goes back; closing or refilling follow."""
         self.release_slot(slot)
         if self.state == CLOSING and not self._borrowed:
             self.closing.all_returned()
@@ -576,8 +536,6 @@ class PoolCore(Generic[ConnT]):
             raise self._not_borrowed(conn, None)
         return slot
 
-    # -- the queue, for the collaborators --------------------------------------------
-
     def new_generation(self) -> None:
         """Mark every connection open now as to be replaced (drain)."""
         self.generation += 1
@@ -600,8 +558,8 @@ class PoolCore(Generic[ConnT]):
         self.min_size = min_size
         self.max_size = max_size
         if grow > 0:
-            cancel = min(grow, self._excess)
-            self._excess -= cancel
+            cancel = min(grow, self.excess)
+            self.excess -= cancel
             self.queue.add_free(grow - cancel)
         elif grow < 0:
             # Free slots go first, then the least recently used idle connections;
@@ -614,37 +572,24 @@ class PoolCore(Generic[ConnT]):
                 for slot in idle[shrink:]:
                     self.queue.put(slot, True)
                 shrink -= min(shrink, len(idle))
-            self._excess += shrink
+            self.excess += shrink
         self.update_fast()
         self.connector.fill()
 
     # -- stats -----------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        """A snapshot of the pool's state and counters."""
-        c = self.counters
-        return PoolStats(
-            name=self.name,
-            size=self.size,
-            idle=len(self.queue),
-            in_use=len(self._borrowed),
-            waiting=self.queue.waiting,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            requests=c.requests,
-            requests_waited=c.requests_waited,
-            wait_time_total=c.wait_time_total,
-            timeouts=c.timeouts,
-            connections_created=c.connections_created,
-            connections_failed=c.connections_failed,
-            connections_lost=c.connections_lost,
-            returns_bad=c.returns_bad,
-            leaks=c.leaks,
-            connections_closed=c.connections_closed,
-            # Requests served at once are not recorded one by one: they waited 0.
-            wait_time_histogram=self.wait_hist.snapshot(c.requests - c.requests_waited),
-            use_time_histogram=self.use_hist.snapshot(),
-            connect_time_histogram=self.connect_hist.snapshot(),
+        """A snapshot of the pool's state, counters and histograms."""
+        return snapshot(
+            self.name,
+            self.size,
+            len(self.queue),
+            len(self._borrowed),
+            self.queue.waiting,
+            self.min_size,
+            self.max_size,
+            self.counters,
+            (self.wait_hist, self.use_hist, self.connect_hist),
         )
 
     def reset_stats(self) -> None:

@@ -12,6 +12,7 @@ __all__ = [
     "HistogramRecorder",
     "PoolStats",
     "psycopg_pool_stats",
+    "snapshot",
 ]
 
 #: Upper bounds (seconds) of the buckets of every duration histogram:
@@ -150,6 +151,44 @@ class Counters:
         self.returns_bad = 0
         self.leaks = 0
         self.connections_closed = 0
+
+
+def snapshot(
+    name: str,
+    size: int,
+    idle: int,
+    in_use: int,
+    waiting: int,
+    min_size: int,
+    max_size: int,
+    c: Counters,
+    histograms: tuple[HistogramRecorder, HistogramRecorder, HistogramRecorder],
+) -> PoolStats:
+    """A :class:`PoolStats` from a pool's state, counters and (wait, use, connect) histograms."""
+    wait, use, connect = histograms
+    return PoolStats(
+        name=name,
+        size=size,
+        idle=idle,
+        in_use=in_use,
+        waiting=waiting,
+        min_size=min_size,
+        max_size=max_size,
+        requests=c.requests,
+        requests_waited=c.requests_waited,
+        wait_time_total=c.wait_time_total,
+        timeouts=c.timeouts,
+        connections_created=c.connections_created,
+        connections_failed=c.connections_failed,
+        connections_lost=c.connections_lost,
+        returns_bad=c.returns_bad,
+        leaks=c.leaks,
+        connections_closed=c.connections_closed,
+        # Requests served at once are not recorded one by one: they waited 0.
+        wait_time_histogram=wait.snapshot(c.requests - c.requests_waited),
+        use_time_histogram=use.snapshot(),
+        connect_time_histogram=connect.snapshot(),
+    )
 
 
 def psycopg_pool_stats(stats: PoolStats) -> dict[str, int]:

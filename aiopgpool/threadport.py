@@ -217,11 +217,11 @@ class ThreadPort(Generic[ConnT]):
     def note_bad_return_nowait(self, description: str) -> None:
         """Count (and log) a connection returned in a transaction, in error or mid-query."""
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
-        self._core.note_bad_return(description)
+        self._core.validation.note_bad_return(description)
 
     async def finish_return(self, slot: Slot[ConnT], close: bool) -> None:
         """On the loop: the rest of a return begun with :meth:`give_back_nowait`."""
-        await self._core.return_slow(slot, close)
+        await self._core.validation.restore(slot, close)
 
     def held_by_key_nowait(self, key: Hashable) -> ConnT | None:
         """The connection checked out under ``key``, if any."""

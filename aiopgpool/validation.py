@@ -1,13 +1,16 @@
-"""Validation: the slow path of checkout, which makes a slot's connection fit to lend.
+"""Validation: the slow paths of checkout and return, which keep connections fit to lend.
 
-A slot taken for a request may hold an idle connection whose socket test is
-due, one idle past ``ping_after_idle``, or none. :class:`Validation` tests
-(or probes) it, runs the user's ``check``, replaces it when it fails, or
-opens a connection on a free slot, within the request's deadline.
+On the way out, a slot taken for a request may hold an idle connection
+whose socket test is due, one idle past ``ping_after_idle``, or none:
+:meth:`Validation.prepare` tests (or probes) it, runs the user's ``check``,
+replaces it when it fails, or opens a connection on a free slot, within the
+request's deadline. On the way back, :meth:`Validation.restore` rolls back,
+restores attributes, runs the user's ``reset``, or discards.
 """
 
 from __future__ import annotations
 
+import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
     from .core import PoolCore
 
 __all__ = ["Validation"]
+
+logger = logging.getLogger("aiopgpool")
 
 ConnT = TypeVar("ConnT")
 
@@ -114,3 +119,46 @@ class Validation(Generic[ConnT]):
             core.discard(slot, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
             return False
         return True
+
+    async def restore(self, slot: Slot[ConnT], close: bool) -> None:
+        """The rest of a return that needs work: clean, reset, expire or discard."""
+        core = self._core
+        conn = slot.conn
+        assert conn is not None
+        lifecycle = core.lifecycle
+        try:
+            if close:
+                core.discard(slot, "closed by its borrower")
+            elif core.state != "open" or core.null or core.excess:
+                core.discard(slot, "not kept")
+            elif slot.generation != core.generation:
+                core.discard(slot, "drained")
+            else:
+                core.check_loop()
+                if lifecycle.is_bad_return(conn):
+                    self.note_bad_return(lifecycle.describe_state(conn))
+                if not lifecycle.is_clean(conn, slot.baseline) and not await lifecycle.clean(
+                    conn, slot.baseline
+                ):
+                    core.discard(slot, "could not be cleaned after return")
+                elif lifecycle.has_reset and not await lifecycle.reset(conn):
+                    logger.warning("pool %r: reset left a connection unusable", core.name)
+                    core.discard(slot, "reset left it unusable")
+                elif slot.expires_at <= monotonic():
+                    core.discard(slot, "max_lifetime reached")
+        except BaseException as exc:
+            # Cleaning failed or was interrupted (the borrower cancelled again):
+            # the connection is in an unknown state, so it goes; the slot stays.
+            core.discard(slot, f"cleaning failed ({exc.__class__.__name__})")
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("pool %r: discarded a returned connection: %s", core.name, exc)
+        finally:
+            slot.returned_at = monotonic()
+            core.after_return(slot)
+
+    def note_bad_return(self, description: str) -> None:
+        """Count (and log at WARNING) a connection returned in a bad state."""
+        core = self._core
+        core.counters.returns_bad += 1
+        logger.warning("pool %r: a connection was returned %s", core.name, description)
