@@ -15,7 +15,7 @@ from .dropins import (
     ThreadedConnectionPool,
 )
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
-from .lifecycle import check_connection
+from .lifecycle import check_connection, discard_session
 from .pool import AsyncConnectionPool, AsyncNullConnectionPool
 from .stats import Histogram, PoolStats
 from .sync_pool import ConnectionPool, NullConnectionPool
@@ -37,6 +37,7 @@ __all__ = [
     "TooManyRequests",
     "check_connection",
     "config_pool",
+    "discard_session",
     "get_pool",
 ]
 __version__ = "0.1.0"

@@ -108,6 +108,7 @@ class PoolCore(Generic[ConnT]):
         "reconnect_timeout",
         "size",
         "state",
+        "threaded",
         "timeout",
         "use_hist",
         "validation",
@@ -156,6 +157,8 @@ class PoolCore(Generic[ConnT]):
         self.use_hist = HistogramRecorder()
         self.connect_hist = HistogramRecorder()
         self._fast = False
+        # Driven by a ThreadPort: callers come from threads, some running loops of their own.
+        self.threaded = False
         self.connector: Connector[ConnT] = Connector(self, lifecycle)
         self.maintenance: Maintenance[ConnT] = Maintenance(self)
         self.validation: Validation[ConnT] = Validation(self)
@@ -222,12 +225,13 @@ class PoolCore(Generic[ConnT]):
     def check_loop(self) -> None:
         """Raise :class:`PoolError` when called from another loop than the pool's own.
 
-        Called wherever the pool suspends or schedules, never on the idle hot path.
+        Called wherever the pool suspends or schedules, never on the idle hot
+        path. Without a running loop (the sync facade's threads) it passes.
         """
         try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            loop = None
+            return
         if loop is not self.loop and self.loop is not None:
             raise PoolError(
                 f"pool {self.name!r} was opened on event loop {self.loop!r} and is used from "
@@ -449,6 +453,8 @@ class PoolCore(Generic[ConnT]):
         connection not borrowed here, or returned under another key. It never
         suspends nor schedules; it may complete a waiter's future.
         """
+        if self._line and not self.threaded:
+            self.check_loop()  # a waiter's future may be completed: on the pool's loop only
         try:
             slot = self._borrowed.pop(conn)
         except (KeyError, TypeError):  # TypeError: unhashable, so certainly not ours

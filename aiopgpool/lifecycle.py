@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ __all__ = [
     "CANCEL_TIMEOUT",
     "AsyncLifecycle",
     "Lifecycle",
+    "PoolLink",
     "PsycopgLifecycle",
     "Restore",
     "check_connection",
+    "discard_session",
     "quiet_socket_test",
     "what_to_restore",
 ]
@@ -182,6 +185,53 @@ class Lifecycle(ABC, Generic[ConnT]):
         return True
 
 
+async def discard_session(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A ready-made ``reset=``: leave no server session state to the next borrower.
+
+    Runs ``DISCARD ALL`` (outside a transaction): settings made with ``SET``
+    (those of ``configure`` too), ``SET ROLE``, ``LISTEN``, prepared
+    statements, temporary tables, advisory locks and cursors all go. psycopg
+    sees the command and forgets its own prepared statements, so its cache
+    stays consistent. Costs one round trip per return.
+    """
+    autocommit = conn.autocommit
+    if not autocommit:
+        await conn.set_autocommit(True)
+    try:
+        await conn.execute("DISCARD ALL")
+    finally:
+        if not autocommit and not conn.closed:
+            await conn.set_autocommit(False)
+
+
+class PoolLink:
+    """What a pooled psycopg 3 connection's ``_pool`` attribute points to.
+
+    psycopg's ``conn.close()`` calls ``_pool.putconn(conn)`` instead of
+    closing when ``_pool.close_returns`` is true, and ``with conn:`` leaves a
+    connection with a ``_pool`` open. The pool is referenced weakly: a
+    connection outliving its pool closes for real.
+    """
+
+    __slots__ = ("_pool", "close_returns")
+
+    def __init__(self, pool: Any, close_returns: bool) -> None:
+        self._pool = weakref.ref(pool)
+        self.close_returns = close_returns
+
+    def putconn(self, conn: Any) -> Any:
+        """Give ``conn`` back to its pool (what the pool's putconn returns)."""
+        pool = self._pool()
+        if pool is None:
+            conn.pgconn.finish()
+            return _nothing() if isinstance(conn, psycopg.AsyncConnection) else None
+        return pool.putconn(conn)
+
+
+async def _nothing() -> None:
+    return None
+
+
 async def check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     """A ready-made ``check=``: one round trip; raises if the connection is unusable."""
     autocommit = conn.autocommit
@@ -242,6 +292,15 @@ PgConnT = TypeVar("PgConnT", bound="psycopg.BaseConnection[Any]")
 class PsycopgLifecycle(Lifecycle[PgConnT]):
     """The inspection shared by psycopg 3 connections, sync or async: none of it blocks."""
 
+    #: Set on every connection as its ``_pool`` (see :class:`PoolLink`).
+    link: PoolLink | None = None
+
+    def linked(self, conn: PgConnT) -> PgConnT:
+        """``conn``, made to know its pool (``close_returns``, ``with conn``)."""
+        if self.link is not None:
+            setattr(conn, "_pool", self.link)  # noqa: B010 (psycopg types it as its own pool)
+        return conn
+
     def close(self, conn: PgConnT) -> None:
         # close() has no suspension point for AsyncConnection either:
         # pgconn.finish() is a non-blocking write of Terminate. Calling it
@@ -294,7 +353,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         except BaseException:
             await conn.close()
             raise
-        return conn, baseline_of(conn)
+        return self.linked(conn), baseline_of(conn)
 
     async def clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn

@@ -19,7 +19,7 @@ from typing_extensions import Self, TypeVar
 from .conninfo import ConnectTarget
 from .core import PoolCore
 from .errors import PoolClosed, PoolError
-from .lifecycle import INTRANS, AsyncLifecycle, Lifecycle, check_connection
+from .lifecycle import INTRANS, AsyncLifecycle, Lifecycle, PoolLink, check_connection
 from .options import DEFAULTS, PoolOptions
 from .stats import PoolStats, psycopg_pool_stats
 
@@ -97,6 +97,7 @@ class AsyncConnectionPool(Generic[ACT]):
         lifecycle = AsyncLifecycle(
             target, connection_class, configure=configure, reset=reset, check=check
         )
+        lifecycle.link = PoolLink(self, close_returns)
         self._core: PoolCore[ACT] = PoolCore(
             cast("Lifecycle[ACT]", lifecycle), options, target.describe(), owner=self
         )

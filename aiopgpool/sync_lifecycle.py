@@ -35,7 +35,12 @@ from .lifecycle import (
 )
 from .slot import Baseline
 
-__all__ = ["BlockingLifecycle", "SyncLifecycle", "check_connection_blocking"]
+__all__ = [
+    "BlockingLifecycle",
+    "SyncLifecycle",
+    "check_connection_blocking",
+    "discard_session_blocking",
+]
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -144,6 +149,18 @@ def check_connection_blocking(conn: psycopg.Connection[Any]) -> None:
             conn.autocommit = False
 
 
+def discard_session_blocking(conn: psycopg.Connection[Any]) -> None:
+    """The sync twin of :func:`aiopgpool.discard_session`: ``DISCARD ALL`` as ``reset=``."""
+    autocommit = conn.autocommit
+    if not autocommit:
+        conn.autocommit = True
+    try:
+        conn.execute("DISCARD ALL")
+    finally:
+        if not autocommit and not conn.closed:
+            conn.autocommit = False
+
+
 class SyncLifecycle(
     PsycopgLifecycle[psycopg.Connection[Any]], BlockingLifecycle[psycopg.Connection[Any]]
 ):
@@ -173,7 +190,7 @@ class SyncLifecycle(
         except BaseException:
             conn.close()
             raise
-        return conn, baseline_of(conn)
+        return self.linked(conn), baseline_of(conn)
 
     def clean_blocking(self, conn: psycopg.Connection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn

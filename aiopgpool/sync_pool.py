@@ -29,6 +29,7 @@ from .bridge import LoopThread
 from .conninfo import ConnectTarget
 from .core import PoolCore
 from .errors import PoolClosed
+from .lifecycle import PoolLink
 from .options import DEFAULTS, PoolOptions
 from .slot import Slot
 from .stats import PoolStats, psycopg_pool_stats
@@ -409,6 +410,7 @@ class ConnectionPool(SyncPoolFacade[CT]):
             target, connection_class, configure=configure, reset=reset, check=check
         )
         super().__init__(cast("BlockingLifecycle[CT]", lifecycle), options, target.describe())
+        lifecycle.link = PoolLink(self, close_returns)
         self.connection_class = connection_class
         if open:
             self.open(wait=True)

@@ -89,6 +89,7 @@ class ThreadPort(Generic[ConnT]):
     def __init__(self, core: PoolCore[ConnT], lock: threading.Lock) -> None:
         self._core = core
         self._lock = lock
+        core.threaded = True
 
     # -- checkout ----------------------------------------------------------------------
 
