@@ -128,6 +128,7 @@ class Connector(Generic[ConnT]):
         slot.conn = conn
         slot.baseline = baseline
         slot.quiet = self._lifecycle.quiet_test(conn)
+        slot.server = self._lifecycle.server_of(conn)
         slot.created_at = slot.returned_at = now
         max_lifetime = core.max_lifetime
         slot.expires_at = (

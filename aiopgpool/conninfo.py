@@ -18,10 +18,23 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
-__all__ = ["ConnectTarget", "parse_conninfo"]
+__all__ = ["KEEPALIVE_DEFAULTS", "ConnectTarget", "parse_conninfo"]
 
 # Keys of a conninfo worth showing in a repr or a log line.
-_SHOWN_KEYS = ("host", "hostaddr", "port", "dbname", "user")
+_SHOWN_KEYS = ("host", "hostaddr", "port", "dbname", "user", "target_session_attrs")
+
+#: TCP keepalives set on every connection whose conninfo sets none of its
+#: own: a connection a NAT or a firewall dropped silently is found dead after
+#: about 15 + 3 x 5 = 30 s of silence, instead of the system's two hours.
+KEEPALIVE_DEFAULTS = {
+    "keepalives": "1",
+    "keepalives_idle": "15",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+_KEEPALIVE_KEYS = frozenset(KEEPALIVE_DEFAULTS)
+# target_session_attrs values that promise a writable primary.
+_PRIMARY_ATTRS = frozenset({"read-write", "primary"})
 
 
 def parse_conninfo(conninfo: str) -> dict[str, Any]:
@@ -46,15 +59,22 @@ def _check_kwargs(kwargs: object) -> dict[str, Any]:
 class ConnectTarget:
     """The arguments of ``connect()`` for one pool, static or produced per attempt."""
 
-    __slots__ = ("_conninfo", "_kwargs", "_name", "_static")
+    __slots__ = ("_conninfo", "_kwargs", "_name", "_static", "wants_primary")
 
     def __init__(self, conninfo: str | Callable[[], Any], kwargs: Any, name: str) -> None:
         self._conninfo = conninfo
         self._kwargs = kwargs
         self._name = name
         self._static: tuple[str, dict[str, Any]] | None = None
+        #: The conninfo asks for a writable primary (``target_session_attrs``):
+        #: the pool then follows role changes (a callable conninfo: its kwargs decide).
+        self.wants_primary = False
         if not callable(conninfo) and not callable(kwargs):
             self._static = self._finish(conninfo, kwargs)
+            params = {**parse_conninfo(self._static[0]), **self._static[1]}
+            self.wants_primary = params.get("target_session_attrs") in _PRIMARY_ATTRS
+        elif not callable(kwargs) and kwargs:
+            self.wants_primary = kwargs.get("target_session_attrs") in _PRIMARY_ATTRS
 
     @property
     def dynamic(self) -> bool:
@@ -70,6 +90,8 @@ class ConnectTarget:
         out = _check_kwargs(kwargs)
         if "application_name" not in params and "application_name" not in out:
             out["application_name"] = self._name
+        if _KEEPALIVE_KEYS.isdisjoint(params) and _KEEPALIVE_KEYS.isdisjoint(out):
+            out.update(KEEPALIVE_DEFAULTS)
         return conninfo, out
 
     def resolve(self) -> tuple[str, dict[str, Any]]:

@@ -66,6 +66,14 @@ def _has_conn(slot: Slot[Any]) -> bool:
     return slot.conn is not None
 
 
+def _server_words(server: Any) -> str:
+    try:
+        host, port = (part.decode() for part in server)
+    except Exception:
+        return repr(server)
+    return f"{host}:{port}"
+
+
 class PoolCore(Generic[ConnT]):
     """The pool machinery shared by every pool class; see the module docstring."""
 
@@ -541,6 +549,42 @@ class PoolCore(Generic[ConnT]):
         if slot is None or slot.conn is not conn:
             raise self._not_borrowed(conn, None)
         return slot
+
+    def forget_server(self, server: Any, reason: str, *, refill: bool = True) -> None:
+        """``server`` is no longer a writable primary: replace every connection to it.
+
+        Idle ones go now, borrowed ones when they come back; new connections
+        go through the conninfo again (``target_session_attrs`` finds the
+        primary). ``refill=False``: the caller is not on the loop, and a
+        return it finishes there refills.
+        """
+        idle = self.queue.take(lambda slot: slot.server == server)
+        borrowed = [slot for slot in self._borrowed.values() if slot.server == server]
+        logger.warning(
+            "pool %r: server %s is no longer a writable primary (%s): replacing its "
+            "%d idle and %d borrowed connections",
+            self.name,
+            _server_words(server),
+            reason,
+            len(idle),
+            len(borrowed),
+        )
+        for slot in borrowed:
+            slot.generation = -1  # an old generation: discarded on return
+        for slot in idle:
+            self.discard(slot, f"server no longer primary ({reason})")
+            self.release_slot(slot)
+        if refill:
+            self.connector.fill()
+
+    def test_server(self, server: Any, *, refill: bool = True) -> None:
+        """A connection to ``server`` broke: test its idle ones now, replace the dead."""
+        for slot in self.queue.take(lambda slot: slot.server == server):
+            if not slot.quiet():
+                self.discard(slot, "dead (its server dropped another connection)", lost=True)
+            self.release_slot(slot)
+        if refill:
+            self.connector.fill()
 
     def new_generation(self) -> None:
         """Mark every connection open now as to be replaced (drain)."""

@@ -45,6 +45,9 @@ ACTIVE = TransactionStatus.ACTIVE
 OK = ConnStatus.OK
 
 _POLLIN = select.POLLIN
+# ParameterStatus names a server reports when it stops being a writable primary.
+_IN_HOT_STANDBY = b"in_hot_standby"
+_READ_ONLY = b"default_transaction_read_only"
 # Seconds to wait for the server to take a cancel request for a query left
 # running on a returned connection.
 CANCEL_TIMEOUT = 5.0
@@ -164,6 +167,17 @@ class Lifecycle(ABC, Generic[ConnT]):
     def is_bad_return(self, conn: ConnT) -> bool:
         """The borrower left it in a transaction, in error, mid-query or broken."""
 
+    #: Follow role changes: the pool's conninfo asks for a writable primary.
+    tracks_role = False
+
+    def server_of(self, conn: ConnT) -> Any:
+        """The server ``conn`` reached, as a hashable (None: not known)."""
+        return None
+
+    def role_lost(self, conn: ConnT) -> str | None:
+        """Why ``conn``'s server is no longer a writable primary, from what it reported, or None."""
+        return None
+
     def describe_state(self, conn: ConnT) -> str:
         """Words for a bad return's state, for the WARNING it logs (never the conninfo)."""
         state = self.state_of(conn)
@@ -247,12 +261,6 @@ async def check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
 _read_state_public = attrgetter("pgconn.transaction_status", *ATTRIBUTES)
 
 
-def baseline_of(conn: psycopg.BaseConnection[Any]) -> Baseline:
-    """The clean state of a freshly configured psycopg 3 connection, to restore on return."""
-    baseline: Baseline = _read_state_public(conn)
-    return baseline
-
-
 def state_reader(
     connection_class: type[psycopg.BaseConnection[Any]],
 ) -> Callable[[Any], Baseline]:
@@ -295,6 +303,36 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
     #: Set on every connection as its ``_pool`` (see :class:`PoolLink`).
     link: PoolLink | None = None
 
+    def follow_role(self, state_of: Callable[[Any], Baseline], wants_primary: bool) -> None:
+        """Set ``state_of`` (and role tracking, when the conninfo wants a writable primary).
+
+        A tracking pool's state includes the two ParameterStatus values that
+        say a server stopped being a writable primary, so that a return seeing
+        them changed leaves the hot path: no cost to any other pool.
+        """
+        self.tracks_role = wants_primary
+        if not wants_primary:
+            self.state_of = state_of
+            return
+
+        def tracked_state(conn: Any) -> Baseline:
+            status = conn.pgconn.parameter_status
+            return (*state_of(conn), status(_IN_HOT_STANDBY), status(_READ_ONLY))
+
+        self.state_of = tracked_state
+
+    def server_of(self, conn: PgConnT) -> Any:
+        pgconn = conn.pgconn
+        return (pgconn.host, pgconn.port)
+
+    def role_lost(self, conn: PgConnT) -> str | None:
+        status = conn.pgconn.parameter_status
+        if status(_IN_HOT_STANDBY) == b"on":
+            return "in_hot_standby=on"
+        if status(_READ_ONLY) == b"on":
+            return "default_transaction_read_only=on"
+        return None
+
     def linked(self, conn: PgConnT) -> PgConnT:
         """``conn``, made to know its pool (``close_returns``, ``with conn``)."""
         if self.link is not None:
@@ -335,7 +373,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
     ) -> None:
         self._target = target
         self._connection_class = connection_class
-        self.state_of = state_reader(connection_class)
+        self.follow_role(state_reader(connection_class), target.wants_primary)
         self._configure = configure
         self._reset = reset
         self._check = check
@@ -353,7 +391,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         except BaseException:
             await conn.close()
             raise
-        return self.linked(conn), baseline_of(conn)
+        return self.linked(conn), self.state_of(conn)
 
     async def clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn

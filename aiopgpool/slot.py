@@ -47,6 +47,7 @@ class Slot(Generic[ConnT]):
         "leak_timer",
         "quiet",
         "returned_at",
+        "server",
     )
 
     def __init__(self) -> None:
@@ -63,6 +64,8 @@ class Slot(Generic[ConnT]):
         self.quiet: Callable[[], bool] = never_quiet
         self.generation = 0
         self.leak_timer: Any = None
+        # The server the connection reached (host, port), for role tracking.
+        self.server: Any = None
 
     def clear(self) -> None:
         """Forget the connection: a free slot."""

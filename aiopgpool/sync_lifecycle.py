@@ -28,7 +28,6 @@ from .lifecycle import (
     OK,
     Lifecycle,
     PsycopgLifecycle,
-    baseline_of,
     configure_left_transaction,
     state_reader,
     what_to_restore,
@@ -177,7 +176,7 @@ class SyncLifecycle(
         BlockingLifecycle.__init__(self, configure, reset, check)
         self._target = target
         self._connection_class = connection_class
-        self.state_of = state_reader(connection_class)
+        self.follow_role(state_reader(connection_class), target.wants_primary)
 
     def connect_blocking(self) -> tuple[psycopg.Connection[Any], Baseline]:
         conninfo, kwargs = self._target.resolve()
@@ -190,7 +189,7 @@ class SyncLifecycle(
         except BaseException:
             conn.close()
             raise
-        return self.linked(conn), baseline_of(conn)
+        return self.linked(conn), self.state_of(conn)
 
     def clean_blocking(self, conn: psycopg.Connection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn

@@ -245,19 +245,24 @@ class SyncPoolFacade(Generic[C]):
         lifecycle = self._lifecycle
         close = close or self._core.null
         with bridge.lock:
-            baseline = port.borrowed_nowait(conn).baseline  # PoolError: foreign, returned twice
+            borrowed = port.borrowed_nowait(conn)  # PoolError: foreign, or returned twice
+            baseline = borrowed.baseline
             quick = not close and not lifecycle.resets and lifecycle.is_clean(conn, baseline)
             if quick:
                 slot = port.give_back_nowait(conn, key, False)
         if not quick:
             # The borrower's own blocking work, in its own thread.
-            bad = None
+            bad = lost = None
+            broken = False
             if not close:
                 try:
                     if not lifecycle.is_clean(conn, baseline):
                         if lifecycle.is_bad_return(conn):
                             bad = lifecycle.describe_state(conn)
-                        close = not lifecycle.clean_blocking(conn, baseline)
+                        broken = close = not lifecycle.clean_blocking(conn, baseline)
+                    if lifecycle.tracks_role and not close:
+                        lost = lifecycle.role_lost(conn)
+                        close = lost is not None
                     if lifecycle.resets and not close:
                         close = not lifecycle.reset_blocking(conn)
                 except Exception:
@@ -268,6 +273,8 @@ class SyncPoolFacade(Generic[C]):
                 if bad is not None:
                     port.note_bad_return_nowait(bad)
                 slot = port.give_back_nowait(conn, key, close)
+                if lifecycle.tracks_role and (lost is not None or broken):
+                    port.server_trouble_nowait(borrowed.server, lost)
         if slot is not None:
             # The rest (counting a close, expiry, refilling) happens on the loop.
             bridge.call_soon(port.finish_return, slot, close)

@@ -220,6 +220,15 @@ class ThreadPort(Generic[ConnT]):
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         self._core.validation.note_bad_return(description)
 
+    def server_trouble_nowait(self, server: object, lost: str | None) -> None:
+        """A returned connection broke (``lost`` None) or showed its server is no longer primary."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        # No refill from here (a caller thread): the return it finishes on the loop refills.
+        if lost is None:
+            self._core.test_server(server, refill=False)
+        else:
+            self._core.forget_server(server, lost, refill=False)
+
     async def finish_return(self, slot: Slot[ConnT], close: bool) -> None:
         """On the loop: the rest of a return begun with :meth:`give_back_nowait`."""
         await self._core.validation.restore(slot, close)

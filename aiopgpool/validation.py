@@ -140,7 +140,12 @@ class Validation(Generic[ConnT]):
                 if not lifecycle.is_clean(conn, slot.baseline) and not await lifecycle.clean(
                     conn, slot.baseline
                 ):
+                    if lifecycle.tracks_role:
+                        core.test_server(slot.server)
                     core.discard(slot, "could not be cleaned after return")
+                elif lifecycle.tracks_role and (lost := lifecycle.role_lost(conn)):
+                    core.forget_server(slot.server, lost)
+                    core.discard(slot, f"server no longer primary ({lost})")
                 elif lifecycle.has_reset and not await lifecycle.reset(conn):
                     logger.warning("pool %r: reset left a connection unusable", core.name)
                     core.discard(slot, "reset left it unusable")
