@@ -388,7 +388,7 @@ class TcpProxy:
         try:
             if self._mode == "forward" and not await self._connect_upstream(link):
                 return
-            await self._client_to_upstream(link)
+            await self._pump(link, to_upstream=True)
         except asyncio.CancelledError:
             self._close_link(link, rst=False, abort=True)
             raise
@@ -409,40 +409,20 @@ class TcpProxy:
             _abort_with_rst(up_w)
             return False
         link.up_r, link.up_w = up_r, up_w
-        self._spawn(self._upstream_to_client(link))
+        self._spawn(self._pump(link, to_upstream=False))
         return True
 
-    async def _client_to_upstream(self, link: _Link) -> None:
-        while not link.closed:
-            try:
-                data = await link.client_r.read(_CHUNK)
-            except (OSError, asyncio.IncompleteReadError):
-                data = b""
-            if link.closed:
-                return
-            if not data:
-                self._side_gone(link)
-                return
-            if self._mode != "forward":
-                continue  # dropped
-            if link.broken:
-                self._close_link(link, rst=False)
-                return
-            if link.up_w is None and not await self._connect_upstream(link):
-                return
-            assert link.up_w is not None
-            try:
-                link.up_w.write(data)
-                await link.up_w.drain()
-            except OSError:
-                self._side_gone(link)
-                return
+    async def _pump(self, link: _Link, *, to_upstream: bool) -> None:
+        """Copy bytes one way, client to upstream or back, while ``link`` lives.
 
-    async def _upstream_to_client(self, link: _Link) -> None:
-        assert link.up_r is not None
+        The client-to-upstream pump makes the upstream connection when the first bytes
+        arrive after a blackhole accepted the client; it then starts the other pump.
+        """
+        reader = link.client_r if to_upstream else link.up_r
+        assert reader is not None
         while not link.closed:
             try:
-                data = await link.up_r.read(_CHUNK)
+                data = await reader.read(_CHUNK)
             except (OSError, asyncio.IncompleteReadError):
                 data = b""
             if link.closed:
@@ -455,9 +435,13 @@ class TcpProxy:
             if link.broken:
                 self._close_link(link, rst=False)
                 return
+            if to_upstream and link.up_w is None and not await self._connect_upstream(link):
+                return
+            writer = link.up_w if to_upstream else link.client_w
+            assert writer is not None
             try:
-                link.client_w.write(data)
-                await link.client_w.drain()
+                writer.write(data)
+                await writer.drain()
             except OSError:
                 self._side_gone(link)
                 return
