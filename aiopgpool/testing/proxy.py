@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import struct
 import threading
@@ -34,6 +33,8 @@ from typing import Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from aiopgpool.testing.process import check_loopback
+
 __all__ = ["Mode", "TcpProxy"]
 
 Mode = Literal["forward", "blackhole", "reset"]
@@ -41,25 +42,6 @@ _MODES: tuple[Mode, ...] = ("forward", "blackhole", "reset")
 _CHUNK = 64 * 1024
 _CONNECT_TIMEOUT = 5.0
 _CONTROL_TIMEOUT = 10.0
-
-
-def _check_loopback(host: str, what: str) -> str:
-    """Return ``host`` as an IP literal if it is a loopback address, else raise ValueError."""
-    if host == "localhost":
-        return "127.0.0.1"
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"TcpProxy {what} address {host!r} is not a loopback IP address "
-            "(only 127.0.0.0/8, ::1 or 'localhost' are allowed)"
-        ) from None
-    if not addr.is_loopback:
-        raise ValueError(
-            f"TcpProxy {what} address {host!r} is not loopback "
-            "(only 127.0.0.0/8, ::1 or 'localhost' are allowed)"
-        )
-    return str(addr)
 
 
 def _abort_with_rst(writer: asyncio.StreamWriter | None) -> None:
@@ -123,13 +105,13 @@ class TcpProxy:
     """
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
-        self.target_host = _check_loopback(target_host, "target")
+        self.target_host = check_loopback(target_host, "TcpProxy target")
         if isinstance(target_port, bool) or not isinstance(target_port, int):
             raise ValueError(f"TcpProxy target port must be an int, got {target_port!r}")
         if not 0 < target_port < 65536:
             raise ValueError(f"TcpProxy target port {target_port} is out of range")
         self.target_port = target_port
-        self.host = _check_loopback(listen_host, "listen")
+        self.host = check_loopback(listen_host, "TcpProxy listen")
         self._port: int | None = None
         self._mode: Mode = "forward"
         self._links: set[_Link] = set()
