@@ -5,17 +5,23 @@ the settings every throwaway server gets, and :func:`count_backends` /
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import mirakuru
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from aiopgpool.testing.process import SERVER_USER, wait_until
+from aiopgpool.testing.process import SERVER_USER, Daemon, Runner, wait_until
 
 __all__ = [
     "BASE_SETTINGS",
+    "Closing",
+    "DaemonServer",
     "NoServerAvailable",
     "PostgresServer",
     "accepts_connections",
@@ -42,14 +48,32 @@ _PG_STATES = frozenset(
     }
 )
 
-_S = TypeVar("_S", bound="PostgresServer")
+_S = TypeVar("_S", bound="Closing")
 
 
 class NoServerAvailable(RuntimeError):
     """No PostgreSQL server could be provided; the message says how to provide one."""
 
 
-class PostgresServer:
+class Closing:
+    """A context manager whose exit calls :meth:`close`."""
+
+    def close(self) -> None:
+        """Release everything (idempotent)."""
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PostgresServer(Closing):
     """A PostgreSQL server the tests can connect to (base class of every provider's kind).
 
     ``dsn`` is a libpq conninfo string without a password.  ``controllable`` is True
@@ -83,19 +107,96 @@ class PostgresServer:
     def close(self) -> None:
         """Stop the server and remove everything it owns (idempotent)."""
 
-    def __enter__(self: _S) -> _S:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.host}:{self.port}>"
+
+
+class DaemonServer(PostgresServer):
+    """A server whose daemon this process runs (a postmaster, a pgbouncer), in a
+    directory of its own: controllable, and stopped and removed by :meth:`close`, by
+    garbage collection or at interpreter exit, whichever comes first.
+
+    A subclass prepares its directory, calls :meth:`_adopt` with its :class:`Daemon`,
+    and implements :meth:`_run`.
+    """
+
+    controllable = True
+    log_path: Path
+    _pidfile: Path
+    _runner: Runner
+    _proc: Daemon
+    _finalizer: weakref.finalize[[], Any]
+    _lock: threading.RLock
+
+    def _adopt(self, daemon: Daemon) -> None:
+        self._proc = daemon
+        self._lock = threading.RLock()
+        self._finalizer = weakref.finalize(self, daemon.cleanup)
+
+    def _run(self) -> mirakuru.TCPExecutor:
+        """Run the daemon; return its executor once it is ready."""
+        raise NotImplementedError
+
+    def _read_pid(self, executor: mirakuru.TCPExecutor) -> int | None:
+        """The daemon's pid: from its pidfile, else mirakuru's child unless under runuser."""
+        try:
+            return int(self._pidfile.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            proc = executor.process
+            return proc.pid if proc is not None and self._runner.os_user is None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the daemon runs."""
+        executor = self._proc.executor
+        return executor is not None and executor.running()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return not self._finalizer.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The daemon's process id while it runs."""
+        return self._proc.pid if self.running else None
+
+    def log_text(self, offset: int = 0) -> str:
+        """The daemon's log (its stdout and stderr) from byte ``offset``."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        """Start (on the same port and data as before, after a stop); return once ready."""
+        with self._lock, self._proc.lock:
+            if self.closed:
+                raise RuntimeError(f"{self!r} is closed")
+            if self.running:
+                return
+            if self._proc.executor is not None:  # died on its own: reap it
+                self._proc.stop()
+            executor = self._run()
+            self._proc.executor = executor
+            self._proc.pid = self._read_pid(executor)
+
+    def stop(self) -> None:
+        """Stop the daemon with its stop signal (clients are disconnected); return once it
+        has exited and its port no longer accepts connections.  A no-op when stopped."""
+        with self._lock:
+            self._proc.stop()
+
+    def close(self) -> None:
+        """Stop the daemon and remove its directory (idempotent)."""
+        with self._lock:
+            self._finalizer()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
 
 def accepts_connections(dsn: str) -> bool:

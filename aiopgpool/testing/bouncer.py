@@ -12,15 +12,13 @@ import os
 import re
 import shutil
 import signal
-import threading
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import mirakuru
 
-from aiopgpool.testing.base import PostgresServer
+from aiopgpool.testing.base import DaemonServer, PostgresServer
 from aiopgpool.testing.process import (
     DIR_PREFIX,
     LOOPBACK,
@@ -29,6 +27,7 @@ from aiopgpool.testing.process import (
     Runner,
     check_loopback,
     pick_port,
+    release_port,
 )
 
 __all__ = ["HOW_TO", "PGBOUNCER_ENV_VAR", "PgBouncer", "PoolMode", "find_pgbouncer"]
@@ -61,7 +60,7 @@ def find_pgbouncer() -> Path | None:
     return None
 
 
-class PgBouncer(PostgresServer):
+class PgBouncer(DaemonServer):
     """PgBouncer in front of ``server`` (which must listen on loopback).
 
     ``dsn`` connects through the bouncer as the ``postgres`` user to the ``postgres``
@@ -72,8 +71,6 @@ class PgBouncer(PostgresServer):
     :meth:`stop` (an immediate shutdown, SIGTERM), :meth:`start` and :meth:`restart`
     work on the same port; :meth:`close` stops it and removes its directory.
     """
-
-    controllable = True
 
     def __init__(
         self,
@@ -101,31 +98,34 @@ class PgBouncer(PostgresServer):
             if not _SETTING_NAME.match(name) or "\n" in value:
                 raise ValueError(f"not a PgBouncer setting: {name!r} = {value!r}")
         self._runner = Runner.detect()
-        self._lock = threading.RLock()
+        self._runner.check_reachable(self.binary)
         base_dir, lock_fd = self._runner.private_dir(DIR_PREFIX + "bouncer-")
+        self.port = pick_port()
         try:
             self.base_dir = base_dir
             self.config_path = base_dir / "pgbouncer.ini"
             self.log_path = base_dir / "pgbouncer.log"
-            self.port = pick_port()
+            self._pidfile = base_dir / "pgbouncer.pid"
             self._write_config(target, server.port, extra)
             self._runner.own(base_dir)
         except BaseException:
             shutil.rmtree(base_dir, ignore_errors=True)
             os.close(lock_fd)
+            release_port(self.port)
             raise
         # SIGTERM is an immediate shutdown, after which pgbouncer exits with code 1.
-        self._proc = Daemon(
-            "PgBouncer",
-            base_dir,
-            lock_fd,
-            self.host,
-            self.port,
-            shutdown_timeout,
-            signal.SIGTERM,
-            1,
+        self._adopt(
+            Daemon(
+                "PgBouncer",
+                base_dir,
+                lock_fd,
+                self.host,
+                self.port,
+                shutdown_timeout=shutdown_timeout,
+                stop_signal=signal.SIGTERM,
+                stopped_exit_code=1,
+            )
         )
-        self._finalizer = weakref.finalize(self, self._proc.cleanup)
         try:
             self.start()
         except BaseException:
@@ -148,7 +148,7 @@ class PgBouncer(PostgresServer):
             "max_client_conn": "1000",
             "default_pool_size": "20",
             "ignore_startup_parameters": "extra_float_digits",
-            "pidfile": str(self.base_dir / "pgbouncer.pid"),
+            "pidfile": str(self._pidfile),
             **extra,
         }
         lines = ["[databases]", f"* = host={target} port={target_port}", "", "[pgbouncer]"]
@@ -160,58 +160,17 @@ class PgBouncer(PostgresServer):
         """The conninfo of the admin console (``SHOW POOLS``, ``SHOW CONFIG``, ...)."""
         return f"host={self.host} port={self.port} user={SERVER_USER} dbname=pgbouncer"
 
-    @property
-    def running(self) -> bool:
-        """True while pgbouncer runs."""
-        executor = self._proc.executor
-        return executor is not None and executor.running()
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` ran."""
-        return not self._finalizer.alive
-
-    def log_text(self) -> str:
-        """pgbouncer's log (its stderr)."""
+    def _run(self) -> mirakuru.TCPExecutor:
+        """Run pgbouncer; return once it listens."""
+        command = self._runner.wrap([str(self.binary), str(self.config_path)], daemon=True)
         try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        """Start pgbouncer (on the same port after a stop); return once it listens."""
-        with self._lock, self._proc.lock:
-            if self.closed:
-                raise RuntimeError(f"{self!r} is closed")
-            if self.running:
-                return
-            if self._proc.executor is not None:  # died on its own: reap it
-                self._proc.stop()
-            command = self._runner.wrap([str(self.binary), str(self.config_path)], daemon=True)
-            try:
-                executor = self._proc.launch(command, self.log_path, self.startup_timeout)
-            except mirakuru.ExecutorError as exc:
-                tail = "\n".join(self.log_text().strip().splitlines()[-20:])
-                raise RuntimeError(
-                    f"PgBouncer ({self.binary}) did not start on {self.host}:{self.port}:"
-                    f" {exc}\n--- its log ({self.log_path}) ---\n{tail}"
-                ) from exc
-            self._proc.executor = executor
-            try:
-                self._proc.pid = int((self.base_dir / "pgbouncer.pid").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                process = executor.process
-                self._proc.pid = process.pid if process and self._runner.os_user is None else None
-
-    def stop(self) -> None:
-        """Immediate shutdown (SIGTERM): clients are disconnected; return once it is down."""
-        with self._lock:
-            self._proc.stop()
-
-    def close(self) -> None:
-        """Stop pgbouncer and remove its directory (idempotent)."""
-        with self._lock:
-            self._finalizer()
+            return self._proc.launch(command, self.log_path, self.startup_timeout)
+        except mirakuru.ExecutorError as exc:
+            tail = "\n".join(self.log_text().strip().splitlines()[-20:])
+            raise RuntimeError(
+                f"PgBouncer ({self.binary}) did not start on {self.host}:{self.port}:"
+                f" {exc}\n--- its log ({self.log_path}) ---\n{tail}"
+            ) from exc
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "running" if self.running else "stopped"

@@ -15,17 +15,15 @@ Example::
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from aiopgpool.testing.base import NoServerAvailable
+from aiopgpool.testing.base import Closing, NoServerAvailable
 from aiopgpool.testing.local import LocalCluster
 from aiopgpool.testing.process import LOOPBACK, SERVER_USER, wait_until
 from aiopgpool.testing.providers import find_server_bindir, how_to_provide_server
@@ -68,23 +66,10 @@ class _Standby(LocalCluster):
         ]
         if self._slot is not None:
             argv += ["-S", self._slot, "-C"]
-        result = subprocess.run(
-            self._runner.wrap(argv),
-            cwd=self.base_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=300,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"pg_basebackup from port {self._primary.port} failed with exit code"
-                f" {result.returncode}:\n{result.stdout.strip()}"
-            )
+        self._runner.run(argv, self.base_dir, f"pg_basebackup from port {self._primary.port}")
 
 
-class ReplicatedCluster:
+class ReplicatedCluster(Closing):
     """A primary and ``standbys`` streaming standbys (1 or 2 is typical), each on its own
     free loopback port, with trust authentication and a replication slot per standby
     (``slots=False``: none).
@@ -251,17 +236,6 @@ class ReplicatedCluster:
                 node.close()
             except Exception:
                 log.exception("closing %r failed", node)
-
-    def __enter__(self) -> ReplicatedCluster:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         ports = ", ".join(

@@ -14,8 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -24,8 +22,8 @@ import mirakuru
 
 from aiopgpool.testing.base import (
     BASE_SETTINGS,
+    DaemonServer,
     NoServerAvailable,
-    PostgresServer,
     accepts_connections,
 )
 from aiopgpool.testing.process import (
@@ -122,7 +120,7 @@ class _PostmasterExecutor(mirakuru.TCPExecutor):
         return port_accepting(self.host, self.port) and accepts_connections(self._dsn)
 
 
-class LocalCluster(PostgresServer):
+class LocalCluster(DaemonServer):
     """A throwaway cluster from the local server binaries, on a free loopback port.
 
     The data directory is a copy of a template made by initdb once per process
@@ -140,7 +138,6 @@ class LocalCluster(PostgresServer):
     the next process that makes a cluster removes the directory.
     """
 
-    controllable = True
     how_to: ClassVar[str] = HOW_TO
     """What to do when no binaries are found (the provider's line of the how-to text)."""
 
@@ -183,7 +180,6 @@ class LocalCluster(PostgresServer):
         self.startup_timeout = startup_timeout
         self._runner = Runner.detect()
         self._runner.check_reachable(self.bindir)
-        self._lock = threading.RLock()
         self._started_once = False
         base_dir, lock_fd = self._runner.private_dir(DIR_PREFIX)
         self.port = 0
@@ -203,10 +199,19 @@ class LocalCluster(PostgresServer):
             shutil.rmtree(base_dir, ignore_errors=True)
             os.close(lock_fd)
             raise
-        self._proc = Daemon(
-            "PostgreSQL", base_dir, lock_fd, self.host, self.port, shutdown_timeout, signal.SIGINT
+        self._pidfile = self.data_dir / "postmaster.pid"
+        # SIGINT is a fast shutdown: clients are disconnected.
+        self._adopt(
+            Daemon(
+                "PostgreSQL",
+                base_dir,
+                lock_fd,
+                self.host,
+                self.port,
+                shutdown_timeout,
+                signal.SIGINT,
+            )
         )
-        self._finalizer = weakref.finalize(self, self._proc.cleanup)
 
     def _make_data_dir(self) -> None:
         """Fill ``self.data_dir``: a copy of the initdb template of these binaries."""
@@ -224,70 +229,37 @@ class LocalCluster(PostgresServer):
         with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
 
-    @property
-    def running(self) -> bool:
-        """True while the postmaster runs."""
-        executor = self._proc.executor
-        return executor is not None and executor.running()
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` ran."""
-        return not self._finalizer.alive
-
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's process id while it runs."""
-        return self._proc.pid if self.running else None
-
-    def log_text(self, offset: int = 0) -> str:
-        """The server log (stdout and stderr of the postmaster) from byte ``offset``."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        """Start the server (the same port and data as before, after a stop); wait until ready."""
-        with self._lock, self._proc.lock:
-            if self.closed:
-                raise RuntimeError(f"{self!r} is closed")
-            if self.running:
-                return
-            if self._proc.executor is not None:  # died on its own: reap it
-                self._proc.stop()
-            # The first start may retry on another port if someone took the chosen one.
-            attempts = 1 if self._started_once else 3
-            for attempt in range(1, attempts + 1):
-                offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-                try:
-                    executor = self._launch()
-                except (
-                    mirakuru.AlreadyRunning,
-                    mirakuru.ProcessExitedWithError,
-                    mirakuru.TimeoutExpired,
-                ) as exc:
-                    output = self.log_text(offset)
-                    taken = isinstance(exc, mirakuru.AlreadyRunning) or (
-                        "Address already in use" in output
-                    )
-                    if taken and attempt < attempts:
-                        log.info("port %d is taken; trying another one", self.port)
-                        self.port = self._proc.port = pick_port(self.port)
-                        continue
-                    tail = "\n".join(output.strip().splitlines()[-30:])
-                    raise RuntimeError(
-                        f"PostgreSQL ({self.bindir}) did not start on {self.host}:{self.port}:"
-                        f" {_why(exc, self.startup_timeout)}\n"
-                        f"--- server log ({self.log_path}) ---\n{tail}"
-                    ) from exc
-                break
-            self._proc.executor = executor
-            self._proc.pid = self._read_pm_pid(executor)
-            self._started_once = True
-            log.debug("PostgreSQL started on %s:%d (pid %s)", self.host, self.port, self.pid)
+    def _run(self) -> mirakuru.TCPExecutor:
+        """Run the postmaster; return once it accepts connections."""
+        # The first start may retry on another port if someone took the chosen one.
+        attempts = 1 if self._started_once else 3
+        for attempt in range(1, attempts + 1):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                executor = self._launch()
+            except (
+                mirakuru.AlreadyRunning,
+                mirakuru.ProcessExitedWithError,
+                mirakuru.TimeoutExpired,
+            ) as exc:
+                output = self.log_text(offset)
+                taken = isinstance(exc, mirakuru.AlreadyRunning) or (
+                    "Address already in use" in output
+                )
+                if taken and attempt < attempts:
+                    log.info("port %d is taken; trying another one", self.port)
+                    self.port = self._proc.port = pick_port(self.port)
+                    continue
+                tail = "\n".join(output.strip().splitlines()[-30:])
+                raise RuntimeError(
+                    f"PostgreSQL ({self.bindir}) did not start on {self.host}:{self.port}:"
+                    f" {_why(exc, self.startup_timeout)}\n"
+                    f"--- server log ({self.log_path}) ---\n{tail}"
+                ) from exc
+            break
+        self._started_once = True
+        log.debug("PostgreSQL started on %s:%d", self.host, self.port)
+        return executor
 
     def _launch(self) -> mirakuru.TCPExecutor:
         """Run the postmaster under mirakuru; return once it accepts connections."""
@@ -299,31 +271,6 @@ class LocalCluster(PostgresServer):
             _PostmasterExecutor,
             dsn=self.dsn,
         )
-
-    def _read_pm_pid(self, executor: mirakuru.TCPExecutor) -> int | None:
-        try:
-            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            proc = executor.process
-            return proc.pid if proc is not None and self._runner.os_user is None else None
-
-    def stop(self) -> None:
-        """Fast shutdown: SIGINT to the postmaster; clients are disconnected.
-
-        Returns once the postmaster has exited and the port no longer accepts
-        connections.  A no-op when not running.
-        """
-        with self._lock:
-            self._proc.stop()
-
-    def close(self) -> None:
-        """Stop the server and remove its temporary directory (idempotent)."""
-        with self._lock:
-            self._finalizer()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "running" if self.running else "stopped"
-        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
 
 def _why(exc: mirakuru.ExecutorError, timeout: float) -> str:

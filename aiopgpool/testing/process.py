@@ -120,6 +120,23 @@ class Runner:
             cmd = [str(self.setpriv), "--pdeathsig", "KILL", "--", *cmd]
         return cmd
 
+    def run(self, argv: Sequence[str], cwd: Path, what: str, timeout: float = 300.0) -> None:
+        """Run ``argv`` as the server's OS user; RuntimeError with its output if it fails
+        (``what`` names it in the message)."""
+        result = subprocess.run(
+            self.wrap(argv),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{what} failed with exit code {result.returncode}:\n{result.stdout.strip()}"
+            )
+
     def own(self, path: Path) -> None:
         """Give ``path`` (recursively) to the server's OS user when running as root."""
         if self.os_user is None:

@@ -72,20 +72,7 @@ def template_data_dir(bindir: Path, runner: Runner) -> Path:
             argv.append("--wal-segsize=1")  # 1 MB instead of 16 MB of WAL to copy per cluster
         started = time.monotonic()
         try:
-            result = subprocess.run(
-                runner.wrap(argv),
-                cwd=base,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=300,
-            )
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"initdb ({bindir}) failed with exit code {result.returncode}:\n"
-                    + result.stdout.strip()
-                )
+            runner.run(argv, base, f"initdb ({bindir})")
         except BaseException:
             shutil.rmtree(base, ignore_errors=True)
             os.close(lock_fd)
