@@ -16,7 +16,8 @@ import mirakuru
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from aiopgpool.testing.process import SERVER_USER, Daemon, Runner, wait_until
+from aiopgpool.testing.daemon import Daemon
+from aiopgpool.testing.process import SERVER_USER, Runner, wait_until
 
 __all__ = [
     "BASE_SETTINGS",

@@ -19,11 +19,11 @@ from typing import Literal
 import mirakuru
 
 from aiopgpool.testing.base import DaemonServer, PostgresServer
+from aiopgpool.testing.daemon import Daemon
 from aiopgpool.testing.process import (
     DIR_PREFIX,
     LOOPBACK,
     SERVER_USER,
-    Daemon,
     Runner,
     check_loopback,
     pick_port,

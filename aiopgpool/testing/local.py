@@ -26,10 +26,10 @@ from aiopgpool.testing.base import (
     NoServerAvailable,
     accepts_connections,
 )
+from aiopgpool.testing.daemon import Daemon
 from aiopgpool.testing.process import (
     DIR_PREFIX,
     LOOPBACK,
-    Daemon,
     Runner,
     pick_port,
     port_accepting,
