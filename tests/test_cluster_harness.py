@@ -133,7 +133,9 @@ def test_make_read_only_in_place_and_back(rc: ReplicatedCluster) -> None:
         rc.make_writable(primary)
 
 
-def test_promote_flips_recovery_and_moves_the_primary(pair: ReplicatedCluster) -> None:
+def test_promote_flips_recovery_moves_the_primary_and_rejoin_follows(
+    pair: ReplicatedCluster,
+) -> None:
     old, standby = pair.primary, pair.standbys[0]
     pair.stop(old)
     assert not old.running and not _accepting(old)
@@ -151,6 +153,17 @@ def test_promote_flips_recovery_and_moves_the_primary(pair: ReplicatedCluster) -
     pair.restart(standby)
     assert not pair.in_recovery(standby)
 
+    port = old.port
+    pair.rejoin(old)  # a standby of the new primary, on the same port
+    assert old.port == port and pair.in_recovery(old)
+    with psycopg.connect(standby.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO after_failover VALUES (3)")
+    pair.wait_caught_up()
+    assert _one(old.dsn, "SELECT sum(x) FROM after_failover") == 3
+    assert _one(standby.dsn, "SELECT slot_name FROM pg_replication_slots") == f"node_{port}"
+    with pytest.raises(ValueError, match="primary"):
+        pair.rejoin(standby)
+
 
 def test_close_removes_every_node() -> None:
     with ReplicatedCluster(standbys=1, slots=False) as cluster:
@@ -165,22 +178,21 @@ def test_close_removes_every_node() -> None:
 
 
 def test_a_failed_standby_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    started: list[LocalCluster] = []
-    real = LocalCluster.started.__func__  # type: ignore[attr-defined]
+    made: list[LocalCluster] = []
+    real = cluster_module._Node._make_data_dir
 
-    def recording(cls: type[LocalCluster], *args: Any, **kwargs: Any) -> LocalCluster:
-        started.append(real(cls, *args, **kwargs))
-        return started[-1]
+    def failing_standby(self: Any) -> None:
+        made.append(self)
+        if self.source is not None:
+            raise RuntimeError("pg_basebackup failed (on purpose)")
+        real(self)
 
-    def failing(self: LocalCluster) -> None:
-        raise RuntimeError("pg_basebackup failed (on purpose)")
-
-    monkeypatch.setattr(LocalCluster, "started", classmethod(recording))
-    monkeypatch.setattr(cluster_module._Standby, "_make_data_dir", failing)
+    monkeypatch.setattr(cluster_module._Node, "_make_data_dir", failing_standby)
     with pytest.raises(RuntimeError, match="on purpose"):
         ReplicatedCluster(standbys=1)
-    (primary,) = started
+    primary, standby = made
     assert primary.closed and not primary.base_dir.exists() and not _accepting(primary)
+    assert not standby.base_dir.exists()
 
 
 def test_bad_arguments() -> None:

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -45,28 +46,32 @@ CLUSTER_SETTINGS: Mapping[str, str] = {
 """postgresql.conf values of every node (the caller's settings override them)."""
 
 
-class _Standby(LocalCluster):
-    """A node whose data directory is a ``pg_basebackup -R`` of a running primary."""
+class _Node(LocalCluster):
+    """A node: a copy of the initdb template when it has no ``source``, else a
+    ``pg_basebackup -R`` of the running ``source`` (through replication slot ``slot``)."""
 
     def __init__(
         self,
-        primary: LocalCluster,
+        source: LocalCluster | None,
         slot: str | None,
         settings: Mapping[str, str],
         **options: Any,
     ) -> None:
-        self._primary, self._slot = primary, slot
-        super().__init__(settings, bindir=primary.bindir, **options)
+        self.source, self.slot = source, slot
+        super().__init__(settings, **options)
 
     def _make_data_dir(self) -> None:
+        if self.source is None:
+            super()._make_data_dir()
+            return
         argv = [
             str(self.bindir / "pg_basebackup"),
             *("-D", str(self.data_dir), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
-            *("-h", LOOPBACK, "-p", str(self._primary.port), "-U", SERVER_USER),
+            *("-h", LOOPBACK, "-p", str(self.source.port), "-U", SERVER_USER),
         ]
-        if self._slot is not None:
-            argv += ["-S", self._slot, "-C"]
-        self._runner.run(argv, self.base_dir, f"pg_basebackup from port {self._primary.port}")
+        if self.slot is not None:
+            argv += ["-S", self.slot, "-C"]
+        self._runner.run(argv, self.base_dir, f"pg_basebackup from port {self.source.port}")
 
 
 class ReplicatedCluster(Closing):
@@ -100,17 +105,17 @@ class ReplicatedCluster(Closing):
             )
         self.settings = {**CLUSTER_SETTINGS, **(settings or {})}
         self.nodes: list[LocalCluster] = []
+        self._slots = slots
         try:
-            primary = LocalCluster.started(
-                self.settings, bindir=found, startup_timeout=startup_timeout
-            )
-            self.nodes.append(primary)
-            self.primary: LocalCluster = primary
-            for n in range(1, standbys + 1):
-                slot = f"standby_{n}" if slots else None
-                standby = _Standby(primary, slot, self.settings, startup_timeout=startup_timeout)
-                self.nodes.append(standby)
-                standby.start()
+            for n in range(standbys + 1):
+                source = self.nodes[0] if n else None
+                slot = f"standby_{n}" if n and slots else None
+                node = _Node(
+                    source, slot, self.settings, bindir=found, startup_timeout=startup_timeout
+                )
+                self.nodes.append(node)
+                node.start()
+            self.primary: LocalCluster = self.nodes[0]
         except BaseException:
             self.close()
             raise
@@ -152,13 +157,35 @@ class ReplicatedCluster(Closing):
         """Promote standby ``node`` (``pg_promote``); return once it is out of recovery.
 
         It becomes :attr:`primary`.  Nothing else changes: the old primary, if it
-        runs, is still a primary too, and the other standbys still follow it.
+        runs, is still a primary too, and the other standbys still follow it, until
+        :meth:`rejoin` makes them standbys of the new one.
         """
         with _connect(node) as conn:
             conn.execute("SELECT pg_promote(true, %s)", (max(1, int(timeout)),))
         if not wait_until(lambda: not self.in_recovery(node), timeout, 0.05):
             raise TimeoutError(f"{node!r} is still in recovery {timeout:g} s after pg_promote")
         self.primary = node
+
+    def rejoin(self, node: LocalCluster) -> None:
+        """Make ``node`` (an old primary after :meth:`promote`, say) a streaming standby of
+        the current primary, on its port: stop it, replace its data with a new base
+        backup of the primary (through a new slot when the cluster uses slots), start it."""
+        if node is self.primary or not isinstance(node, _Node):
+            raise ValueError(f"{node!r} is the primary or not a node of {self!r}")
+        node.stop()
+        shutil.rmtree(node.data_dir)
+        node.source = self.primary
+        if self._slots:
+            node.slot = f"node_{node.port}"
+            with _connect(self.primary) as conn:
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                    " WHERE slot_name = %s AND NOT active",
+                    (node.slot,),
+                )
+        node._fill_data_dir()
+        node._runner.own(node.data_dir)
+        node.start()
 
     def pause_replay(self, node: LocalCluster, timeout: float = 10.0) -> None:
         """Pause WAL replay on standby ``node``; return once it is paused."""

@@ -188,11 +188,9 @@ class LocalCluster(DaemonServer):
             self.data_dir = base_dir / "data"
             self.socket_dir = base_dir / "sock"
             self.log_path = base_dir / "postgres.log"
-            self._make_data_dir()
-            self.data_dir.chmod(0o700)
             self.socket_dir.mkdir(mode=0o700)
             self.log_path.touch(mode=0o600)
-            self._write_conf()
+            self._fill_data_dir()
             self._runner.own(base_dir)
             self.port = pick_port()
         except BaseException:
@@ -212,6 +210,12 @@ class LocalCluster(DaemonServer):
                 signal.SIGINT,
             )
         )
+
+    def _fill_data_dir(self) -> None:
+        """Make the data directory (:meth:`_make_data_dir`) with this cluster's settings."""
+        self._make_data_dir()
+        self.data_dir.chmod(0o700)
+        self._write_conf()
 
     def _make_data_dir(self) -> None:
         """Fill ``self.data_dir``: a copy of the initdb template of these binaries."""
