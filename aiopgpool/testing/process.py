@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ipaddress
 import logging
@@ -262,6 +263,16 @@ def lock_dir(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _remove_dir(path: Path, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # not in a forked child
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_at_exit(path: Path) -> None:
+    """Remove ``path`` when this process exits (its lock goes with the process)."""
+    atexit.register(_remove_dir, path, os.getpid())
 
 
 def sweep_stale_dirs(parent: Path) -> None:

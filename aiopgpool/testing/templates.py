@@ -3,7 +3,6 @@ copied for every new cluster (initdb takes about a second; a copy a few millisec
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -17,6 +16,7 @@ from aiopgpool.testing.process import (
     DIR_PREFIX,
     SERVER_USER,
     Runner,
+    remove_at_exit,
     sweep_stale_dirs,
     temp_parent,
 )
@@ -34,11 +34,6 @@ def _supports_small_wal(bindir: Path) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return "--wal-segsize" in out
-
-
-def _remove_template(base: Path, owner_pid: int) -> None:
-    if os.getpid() == owner_pid:  # not in a forked child
-        shutil.rmtree(base, ignore_errors=True)
 
 
 _TEMPLATE_LOCK = threading.Lock()
@@ -77,7 +72,7 @@ def template_data_dir(bindir: Path, runner: Runner) -> Path:
             shutil.rmtree(base, ignore_errors=True)
             os.close(lock_fd)
             raise
-        atexit.register(_remove_template, base, os.getpid())  # the lock goes with the process
+        remove_at_exit(base)
         log.debug("initdb template %s made in %.2f s", data, time.monotonic() - started)
         _TEMPLATES[key] = data
         return data
