@@ -556,13 +556,13 @@ def test_as_root_without_a_postgres_os_user_servers_run_as_nobody(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A fresh machine with no system PostgreSQL has no ``postgres`` OS user either."""
-    bindir = find_server_bindir()
-    assert bindir is not None, how_to_provide_server(None)
     detect = process.Runner.detect
     without_postgres = ("no-such-user-aiopgpool", process.FALLBACK_OS_USER)
     monkeypatch.setattr(
         process.Runner, "detect", classmethod(lambda cls, os_users=(): detect(without_postgres))
     )
+    bindir = find_server_bindir()  # (a copy of the wheel's that nobody can reach, if need be)
+    assert bindir is not None, how_to_provide_server(None)
     with LocalCluster.started(bindir=bindir) as c:
         assert c.data_dir.stat().st_uid == process.Runner.detect().uid != 0
         with psycopg.connect(c.dsn, autocommit=True, connect_timeout=5) as conn:
