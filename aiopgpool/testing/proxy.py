@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import struct
 import threading
@@ -34,6 +33,8 @@ from typing import Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from aiopgpool.testing.process import check_loopback
+
 __all__ = ["Mode", "TcpProxy"]
 
 Mode = Literal["forward", "blackhole", "reset"]
@@ -41,25 +42,6 @@ _MODES: tuple[Mode, ...] = ("forward", "blackhole", "reset")
 _CHUNK = 64 * 1024
 _CONNECT_TIMEOUT = 5.0
 _CONTROL_TIMEOUT = 10.0
-
-
-def _check_loopback(host: str, what: str) -> str:
-    """Return ``host`` as an IP literal if it is a loopback address, else raise ValueError."""
-    if host == "localhost":
-        return "127.0.0.1"
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"TcpProxy {what} address {host!r} is not a loopback IP address "
-            "(only 127.0.0.0/8, ::1 or 'localhost' are allowed)"
-        ) from None
-    if not addr.is_loopback:
-        raise ValueError(
-            f"TcpProxy {what} address {host!r} is not loopback "
-            "(only 127.0.0.0/8, ::1 or 'localhost' are allowed)"
-        )
-    return str(addr)
 
 
 def _abort_with_rst(writer: asyncio.StreamWriter | None) -> None:
@@ -123,13 +105,13 @@ class TcpProxy:
     """
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
-        self.target_host = _check_loopback(target_host, "target")
+        self.target_host = check_loopback(target_host, "TcpProxy target")
         if isinstance(target_port, bool) or not isinstance(target_port, int):
             raise ValueError(f"TcpProxy target port must be an int, got {target_port!r}")
         if not 0 < target_port < 65536:
             raise ValueError(f"TcpProxy target port {target_port} is out of range")
         self.target_port = target_port
-        self.host = _check_loopback(listen_host, "listen")
+        self.host = check_loopback(listen_host, "TcpProxy listen")
         self._port: int | None = None
         self._mode: Mode = "forward"
         self._links: set[_Link] = set()
@@ -388,7 +370,7 @@ class TcpProxy:
         try:
             if self._mode == "forward" and not await self._connect_upstream(link):
                 return
-            await self._client_to_upstream(link)
+            await self._pump(link, to_upstream=True)
         except asyncio.CancelledError:
             self._close_link(link, rst=False, abort=True)
             raise
@@ -409,40 +391,20 @@ class TcpProxy:
             _abort_with_rst(up_w)
             return False
         link.up_r, link.up_w = up_r, up_w
-        self._spawn(self._upstream_to_client(link))
+        self._spawn(self._pump(link, to_upstream=False))
         return True
 
-    async def _client_to_upstream(self, link: _Link) -> None:
-        while not link.closed:
-            try:
-                data = await link.client_r.read(_CHUNK)
-            except (OSError, asyncio.IncompleteReadError):
-                data = b""
-            if link.closed:
-                return
-            if not data:
-                self._side_gone(link)
-                return
-            if self._mode != "forward":
-                continue  # dropped
-            if link.broken:
-                self._close_link(link, rst=False)
-                return
-            if link.up_w is None and not await self._connect_upstream(link):
-                return
-            assert link.up_w is not None
-            try:
-                link.up_w.write(data)
-                await link.up_w.drain()
-            except OSError:
-                self._side_gone(link)
-                return
+    async def _pump(self, link: _Link, *, to_upstream: bool) -> None:
+        """Copy bytes one way, client to upstream or back, while ``link`` lives.
 
-    async def _upstream_to_client(self, link: _Link) -> None:
-        assert link.up_r is not None
+        The client-to-upstream pump makes the upstream connection when the first bytes
+        arrive after a blackhole accepted the client; it then starts the other pump.
+        """
+        reader = link.client_r if to_upstream else link.up_r
+        assert reader is not None
         while not link.closed:
             try:
-                data = await link.up_r.read(_CHUNK)
+                data = await reader.read(_CHUNK)
             except (OSError, asyncio.IncompleteReadError):
                 data = b""
             if link.closed:
@@ -455,9 +417,13 @@ class TcpProxy:
             if link.broken:
                 self._close_link(link, rst=False)
                 return
+            if to_upstream and link.up_w is None and not await self._connect_upstream(link):
+                return
+            writer = link.up_w if to_upstream else link.client_w
+            assert writer is not None
             try:
-                link.client_w.write(data)
-                await link.client_w.drain()
+                writer.write(data)
+                await writer.drain()
             except OSError:
                 self._side_gone(link)
                 return
