@@ -9,6 +9,7 @@ connections, so waiting, fairness, timeouts and stats stay the core's.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import weakref
 from abc import ABC, abstractmethod
@@ -38,6 +39,8 @@ __all__ = [
 
 ConnT = TypeVar("ConnT")
 
+logger = logging.getLogger("aiopgpool")
+
 IDLE = TransactionStatus.IDLE
 INTRANS = TransactionStatus.INTRANS
 INERROR = TransactionStatus.INERROR
@@ -45,6 +48,8 @@ ACTIVE = TransactionStatus.ACTIVE
 OK = ConnStatus.OK
 
 _POLLIN = select.POLLIN
+# Asked of every new connection: is there a pooler between us and the server?
+BACKEND_PID_QUERY = "SELECT pg_backend_pid()"
 # ParameterStatus names a server reports when it stops being a writable primary.
 _IN_HOT_STANDBY = b"in_hot_standby"
 _READ_ONLY = b"default_transaction_read_only"
@@ -303,6 +308,32 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
     #: Set on every connection as its ``_pool`` (see :class:`PoolLink`).
     link: PoolLink | None = None
 
+    #: A connection of this pool reached its server through a pooler (see :meth:`through_pooler`).
+    pooler_seen = False
+
+    def through_pooler(self, conn: PgConnT, backend_pid: int, kwargs: dict[str, Any]) -> None:
+        """Adapt ``conn`` when a pooler (PgBouncer) stands between it and the server.
+
+        ``backend_pid`` is ``pg_backend_pid()`` as the server answered it: a
+        pooler gives its clients a key of its own, so the pid libpq got at
+        startup differs. Behind a pooler in transaction mode, statements
+        psycopg prepares on one server connection are missing on the next, so
+        automatic preparing is turned off (unless ``kwargs`` set
+        ``prepare_threshold``: for PgBouncer >= 1.21 with
+        ``max_prepared_statements``).
+        """
+        if backend_pid == conn.pgconn.backend_pid:
+            return
+        if "prepare_threshold" not in kwargs:
+            conn.prepare_threshold = None
+        if not self.pooler_seen:
+            self.pooler_seen = True
+            logger.info(
+                "connected through a connection pooler (the backend pid differs from the "
+                "startup key): psycopg's automatic prepared statements are off%s",
+                "" if "prepare_threshold" not in kwargs else " (unless prepare_threshold is set)",
+            )
+
     def follow_role(self, state_of: Callable[[Any], Baseline], wants_primary: bool) -> None:
         """Set ``state_of`` (and role tracking, when the conninfo wants a writable primary).
 
@@ -384,6 +415,11 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         conninfo, kwargs = await self._target.resolve_async()
         conn = await self._connection_class.connect(conninfo, **kwargs)
         try:
+            autocommit = conn.autocommit
+            await conn.set_autocommit(True)
+            cur = await conn.execute(BACKEND_PID_QUERY)
+            self.through_pooler(conn, (await cur.fetchone() or (0,))[0], kwargs)
+            await conn.set_autocommit(autocommit)
             if self._configure is not None:
                 await self._configure(conn)
                 if conn.pgconn.transaction_status != IDLE:

@@ -22,6 +22,7 @@ import psycopg
 
 from .conninfo import ConnectTarget
 from .lifecycle import (
+    BACKEND_PID_QUERY,
     CANCEL_TIMEOUT,
     IDLE,
     INTRANS,
@@ -182,6 +183,11 @@ class SyncLifecycle(
         conninfo, kwargs = self._target.resolve()
         conn = self._connection_class.connect(conninfo, **kwargs)
         try:
+            autocommit = conn.autocommit
+            conn.autocommit = True
+            row = conn.execute(BACKEND_PID_QUERY).fetchone()
+            self.through_pooler(conn, (row or (0,))[0], kwargs)
+            conn.autocommit = autocommit
             if self._configure is not None:
                 self._configure(conn)
                 if conn.pgconn.transaction_status != IDLE:
