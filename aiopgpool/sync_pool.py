@@ -199,10 +199,10 @@ class SyncPoolFacade(Generic[C]):
             got = port.request_nowait(timeout, key)
             if got is None:
                 start = time.monotonic()
-                waiter: ThreadWaiter[Slot[C]] = ThreadWaiter()
+                waiter = ThreadWaiter(self._core, key, start)
                 port.join_nowait(waiter)
         if got is None:
-            got = self._wait(waiter, timeout, key, start)
+            got = self._wait(waiter, timeout)
             if not isinstance(got, Slot):
                 return got
         elif not isinstance(got, Slot):
@@ -213,23 +213,18 @@ class SyncPoolFacade(Generic[C]):
         stack = None if self._core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
         return bridge.call(port.prepare, got, key, timeout, start, stack)
 
-    def _wait(
-        self,
-        waiter: ThreadWaiter[Slot[C]],
-        timeout: float | None,
-        key: Hashable | None,
-        start: float,
-    ) -> C | Slot[C]:
+    def _wait(self, waiter: ThreadWaiter[C], timeout: float | None) -> C | Slot[C]:
         """Sleep in the core's line; the connection, or the slot to prepare."""
         bridge, port = self._bridge, self._port
         try:
-            waiter.sleep(port.wait_timeout(timeout))
+            if waiter.sleep(port.wait_timeout(timeout)):
+                return waiter.result()  # finished by whoever woke us: no lock needed
         except BaseException:  # interrupted (KeyboardInterrupt): leave the line
             with bridge.lock:
-                port.give_up_wait_nowait(waiter, time.monotonic() - start)
+                port.give_up_wait_nowait(waiter)
             raise
         with bridge.lock:
-            return port.end_wait_nowait(waiter, time.monotonic() - start, timeout, key)
+            return port.end_wait_nowait(waiter, timeout)
 
     def putconn(self, conn: C, key: Hashable | None = None, close: bool = False) -> None:
         """Give a connection back (rolled back and restored first); ``close=True`` discards it.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
+from time import monotonic
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .slot import Slot
@@ -25,24 +26,30 @@ if TYPE_CHECKING:
 __all__ = ["ThreadPort", "ThreadWaiter"]
 
 ConnT = TypeVar("ConnT")
-T = TypeVar("T")
 
 _PENDING, _DONE, _CANCELLED = 0, 1, 2
 
 
-class ThreadWaiter(Generic[T]):
+class ThreadWaiter(Generic[ConnT]):
     """A caller thread's place in the core's line: the lightest future that will do.
 
     Every transition happens under the bridge's lock (in a caller thread, or
     on the loop, which holds it while it runs), so the state needs no lock of
     its own; the waiting thread sleeps on a lock that completing releases.
+    Whoever hands it a slot also finishes the checkout (counts the wait,
+    lends the connection if it is ready, else counts the slot as being
+    prepared), under the lock it already holds: the woken thread then needs
+    no lock at all, instead of queueing on the one its waker still holds.
     """
 
-    __slots__ = ("_exception", "_result", "_state", "_wake")
+    __slots__ = ("_core", "_exception", "_key", "_result", "_start", "_state", "_wake")
 
-    def __init__(self) -> None:
+    def __init__(self, core: PoolCore[ConnT], key: Hashable | None, start: float) -> None:
+        self._core = core
+        self._key = key
+        self._start = start
         self._state = _PENDING
-        self._result: T | None = None
+        self._result: ConnT | Slot[ConnT] | None = None
         self._exception: BaseException | None = None
         self._wake = threading.Lock()
         self._wake.acquire()
@@ -51,14 +58,23 @@ class ThreadWaiter(Generic[T]):
         """True once completed or cancelled."""
         return self._state != _PENDING
 
-    def result(self) -> T:
-        """The item it was completed with; raises the exception it was completed with."""
+    def result(self) -> ConnT | Slot[ConnT]:
+        """The connection lent (or the slot to prepare); raises what it was completed with."""
         if self._exception is not None:
             raise self._exception
-        return self._result  # type: ignore[return-value]
+        assert self._result is not None
+        return self._result
 
-    def set_result(self, result: T, /) -> None:
-        """Complete it with ``result`` and wake the thread."""
+    def set_result(self, slot: Slot[ConnT], /) -> None:
+        """Take ``slot`` (handed over under the lock): lend it if ready, and wake the thread."""
+        core = self._core
+        core._waited(monotonic() - self._start)
+        result: ConnT | Slot[ConnT] | None = None
+        if self._key is None and core._fast and slot.conn is not None:
+            result = core._lend_ready(slot)
+        if result is None:
+            core._preparing += 1
+            result = slot
         self._result = result
         self._state = _DONE
         self._wake.release()
@@ -128,11 +144,12 @@ class ThreadPort(Generic[ConnT]):
         core.counters.requests_waited += 1
         return None
 
-    def join_nowait(self, waiter: ThreadWaiter[Slot[ConnT]]) -> None:
+    def join_nowait(self, waiter: ThreadWaiter[ConnT]) -> None:
         """Put ``waiter`` in line, right after :meth:`request_nowait` returned None.
 
-        It will be completed with a slot, or with an exception when the pool
-        closes; the thread ends its wait with :meth:`end_wait_nowait`.
+        It will be completed with a connection or a slot, or with an exception
+        when the pool closes; a thread that stops sleeping without it calls
+        :meth:`end_wait_nowait`.
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         self._core.queue.add_waiter(waiter)
@@ -143,42 +160,38 @@ class ThreadPort(Generic[ConnT]):
         return 10.0 if timeout == 0 else timeout
 
     def end_wait_nowait(
-        self,
-        waiter: ThreadWaiter[Slot[ConnT]],
-        waited: float,
-        timeout: float | None,
-        key: Hashable | None,
+        self, waiter: ThreadWaiter[ConnT], timeout: float | None
     ) -> ConnT | Slot[ConnT]:
-        """A wait ended: the connection (ready as it is), or the slot to :meth:`prepare`.
+        """The thread slept its time out: what it got meanwhile, or :class:`~aiopgpool.PoolTimeout`.
 
-        Raises :class:`~aiopgpool.PoolTimeout` when the waiter got nothing
-        (it leaves the line), or the exception the pool completed it with.
+        Also raises the exception the pool completed it with.
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         core = self._core
-        core._waited(waited)
-        slot = core.queue.leave(waiter)
-        if slot is None:
+        if core.queue.leave(waiter):
+            core._waited(monotonic() - waiter._start)
             core.counters.timeouts += 1
             raise core._timeout_error(timeout) from core.connector.failure_cause()
-        if key is None and core._fast and slot.conn is not None:
-            conn = core._lend_ready(slot)
-            if conn is not None:
-                return conn
-        core._preparing += 1
-        return slot
+        return waiter.result()
 
-    def give_up_wait_nowait(self, waiter: ThreadWaiter[Slot[ConnT]], waited: float) -> None:
-        """The waiting thread was interrupted: leave the line, pass on any slot it got."""
+    def give_up_wait_nowait(self, waiter: ThreadWaiter[ConnT]) -> None:
+        """The waiting thread was interrupted: leave the line, pass on what it got."""
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         core = self._core
-        core._waited(waited)
+        if core.queue.leave(waiter):
+            core._waited(monotonic() - waiter._start)
+            return
         try:
-            slot = core.queue.leave(waiter)
+            got = waiter.result()
         except Exception:
             return
-        if slot is not None:
-            core.release_slot(slot)
+        if isinstance(got, Slot):
+            core._preparing -= 1
+            core.release_slot(got)
+        else:
+            slot = core.give_back(got, None, False)
+            if slot is not None:
+                core.release_slot(slot)
 
     async def prepare(
         self,

@@ -31,16 +31,15 @@ from typing import Any, Generic, Protocol, TypeVar
 __all__ = ["HandoffQueue", "WaitTimeout", "Waiter"]
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
-class Waiter(Protocol[T]):
-    """What the queue needs of a waiter: an asyncio or a concurrent.futures Future."""
+class Waiter(Protocol[T_contra]):
+    """What the queue needs of a waiter: an asyncio Future, or a thread's waiter."""
 
     def done(self) -> bool: ...
 
-    def result(self) -> T: ...
-
-    def set_result(self, result: T, /) -> None: ...
+    def set_result(self, result: T_contra, /) -> None: ...
 
     def set_exception(self, exception: BaseException, /) -> None: ...
 
@@ -258,15 +257,15 @@ class HandoffQueue(Generic[T]):
         self._waiters.append((waiter, _NEVER))
         self._waiting += 1
 
-    def leave(self, waiter: Waiter[T]) -> T | None:
-        """An outside waiter stops waiting: None if it got nothing, else the item it got.
+    def leave(self, waiter: Waiter[T]) -> bool:
+        """An outside waiter stops waiting: True if it left with nothing.
 
-        Raises the exception it was completed with (see :meth:`fail_waiters`).
+        False: it was completed already (with an item or an exception).
         """
         if waiter.cancel():
             self._waiting -= 1
-            return None
-        return waiter.result()
+            return True
+        return False
 
     def fail_waiters(self, make_exc: Callable[[], BaseException]) -> None:
         """Wake every waiter with an exception (used when the pool closes)."""
