@@ -81,11 +81,7 @@ async def run_async_burst(adapter: AsyncAdapter, tasks: int) -> Measurement:
 
     async def one(i: int) -> None:
         t0 = perf_counter()
-        conn = await adapter.acquire()
-        try:
-            await adapter.select1(conn)
-        finally:
-            await adapter.release(conn)
+        await adapter.query_once()
         latencies[i] = perf_counter() - t0
 
     cpu0 = process_time()

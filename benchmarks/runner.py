@@ -38,6 +38,7 @@ from benchmarks.cases import (
     run_async_fixed,
     run_sync_fixed,
 )
+from benchmarks.environment import describe
 from benchmarks.metrics import Measurement, Sample, summarize
 from benchmarks.plan import POOL_SIZE, Case, Plan, PoolSpec, Settings
 
@@ -60,12 +61,6 @@ def shuffled(items: Sequence[T], round_no: int) -> list[T]:
     order = list(items)
     random.Random(f"round {round_no}").shuffle(order)
     return order
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line description of an exception, for tables and JSON."""
-    text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-    return " ".join(text.split())[:300]
 
 
 def _skip_reason(exc: BaseException) -> str:
