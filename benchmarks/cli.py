@@ -1,4 +1,4 @@
-"""The command line: ``python -m benchmarks [throughput | reliability] [options]``.
+"""The command line: ``python -m benchmarks [throughput | reliability | cycles] [options]``.
 
 ``throughput`` is the default: ``python -m benchmarks --quick`` is
 ``python -m benchmarks throughput --quick``.
@@ -16,6 +16,7 @@ from types import ModuleType
 COMMANDS: dict[str, tuple[str, str]] = {
     "throughput": ("throughput", "ops/s against the peers and the floor (the default)"),
     "reliability": ("reliability.command", "server restarts and network cuts, pool by pool"),
+    "cycles": ("cycles.command", "instructions per checkout/return, counted with callgrind"),
 }
 DEFAULT = "throughput"
 
