@@ -26,8 +26,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.cycles.subjects import SUBJECTS, Subject
+from benchmarks.plan import PoolSpec, all_pools
 
+#: The subjects: the throughput command's async and sync pools (psycopg2's is left out:
+#: it is not in the comparison this command was made for).
+SUBJECTS: dict[str, PoolSpec] = {
+    p.key: p for p in all_pools() if p.family in ("async", "sync") and p.name != "psycopg2"
+}
 #: Connections in every subject's pool (the waited op: TASKS tasks on them).
 POOL_SIZE = 2
 TASKS = 20
@@ -94,7 +99,7 @@ async def _waited_async(get: Any, put: Any, n: int) -> None:
     await asyncio.gather(*(worker() for _ in range(TASKS)))
 
 
-def run_async(subject: Subject, dsn: str, plain: list[int], waited: list[int]) -> None:
+def run_async(subject: PoolSpec, dsn: str, plain: list[int], waited: list[int]) -> None:
     """Open the async subject, warm up, run the four segments, close."""
     loop = asyncio.new_event_loop()
     adapter = subject.adapter()
@@ -137,7 +142,7 @@ def _waited_sync(get: Any, put: Any, n: int) -> None:
         t.join()
 
 
-def run_sync(subject: Subject, dsn: str, plain: list[int], waited: list[int]) -> None:
+def run_sync(subject: PoolSpec, dsn: str, plain: list[int], waited: list[int]) -> None:
     """Open the sync subject, warm up, run the four segments, close."""
     adapter = subject.adapter()
     adapter.open(dsn, POOL_SIZE, POOL_SIZE)
@@ -168,7 +173,7 @@ def main(argv: list[str]) -> int:
     plain = [int(x) for x in plain_arg.split(",")]
     waited = [int(x) for x in waited_arg.split(",")]
     patched: list[str] = []
-    if rest and subject.is_aiopgpool:
+    if rest and subject.name == "aiopgpool":
         patched = set_socket_test_interval(float(rest[0]))
     runner = run_async if subject.family == "async" else run_sync
     runner(subject, dsn, plain, waited)

@@ -41,8 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cycles.child import POOL_SIZE, SEGMENT_FUNCTION, TASKS
-from benchmarks.cycles.subjects import SUBJECTS, Subject
+from benchmarks.cycles.child import POOL_SIZE, SEGMENT_FUNCTION, SUBJECTS, TASKS
 from benchmarks.environment import (
     ServerUnavailable,
     command_line,
@@ -51,6 +50,7 @@ from benchmarks.environment import (
     redact_dsn,
     server_info,
 )
+from benchmarks.plan import PoolSpec
 
 DESCRIPTION = (
     "Count the instructions of one checkout/return cycle (plain: a connection idle;"
@@ -124,7 +124,7 @@ def _summary(path: Path) -> int:
 
 
 def measure(
-    subject: Subject,
+    subject: PoolSpec,
     dsn: str,
     counts: tuple[tuple[int, int], tuple[int, int]],
     valgrind: str,
@@ -233,7 +233,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             server = {"source": source, "dsn": redact_dsn(dsn), **server_info(dsn)}
             for key in keys:
                 subject = SUBJECTS[key]
-                interval = NEVER if subject.is_aiopgpool else None
+                aiopgpool = subject.name == "aiopgpool"
+                interval = NEVER if aiopgpool else None
                 for i in range(args.repeat):
                     print(f"{key} run {i + 1}/{args.repeat} ...", end=" ", flush=True)
                     try:
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
                     print(
                         f"plain {m.plain:,.0f}, waited {m.waited:,.0f} ({m.wall_s} s)", flush=True
                     )
-                if subject.is_aiopgpool and not args.no_socket_test and key in results:
+                if aiopgpool and not args.no_socket_test and key in results:
                     print(f"{key} with a socket test at every checkout ...", end=" ", flush=True)
                     m = measure(subject, dsn, counts, args.valgrind, ALWAYS)
                     socket_tests[key] = m

@@ -102,6 +102,29 @@ def _with_connect_timeout(dsn: str, s: Settings) -> str:
     return make_conninfo(dsn, connect_timeout=str(s.connect_timeout))
 
 
+async def _fault(
+    rec: Recorder,
+    name: str,
+    begin: Callable[[], Any],
+    lasts: float,
+    end: Callable[[], Any],
+    back: str,
+    then: float,
+) -> None:
+    """Mark ``name``, ``begin()``, wait ``lasts`` s, ``end()``, mark ``back``, wait ``then`` s.
+
+    ``begin`` and ``end`` are blocking calls; they run in a thread. ``back`` is a
+    recovery point: the first success after it measures the recovery.
+    """
+    rec.event(name)
+    await asyncio.to_thread(begin)
+    rec.event(f"{name}: in effect")
+    await asyncio.sleep(lasts)
+    await asyncio.to_thread(end)
+    rec.event(back, recovery_point=True)
+    await asyncio.sleep(then)
+
+
 async def scenario_restart(pool: str, s: Settings, rec: Recorder) -> dict[str, Any]:
     """Restart the server ``s.restarts`` times, each time down ``s.down`` seconds."""
     cluster = await asyncio.to_thread(local_cluster)
@@ -112,13 +135,10 @@ async def scenario_restart(pool: str, s: Settings, rec: Recorder) -> dict[str, A
             rec.event("load started")
             await asyncio.sleep(s.warmup)
             for i in range(s.restarts):
-                rec.event(f"stop #{i + 1}")
-                await asyncio.to_thread(cluster.stop)
-                rec.event(f"stopped #{i + 1}")
-                await asyncio.sleep(s.down)
-                await asyncio.to_thread(cluster.start)
-                rec.event(f"server back #{i + 1}", recovery_point=True)
-                await asyncio.sleep(s.up)
+                n = f"#{i + 1}"
+                await _fault(
+                    rec, f"stop {n}", cluster.stop, s.down, cluster.start, f"server back {n}", s.up
+                )
             rec.event("load stopping")
         return {"dsn": dsn}
     finally:
@@ -137,18 +157,19 @@ async def scenario_network_cut(pool: str, s: Settings, rec: Recorder) -> dict[st
             async with _load(pool, dsn, s, rec):
                 rec.event("load started")
                 await asyncio.sleep(s.warmup)
-                rec.event("blackhole")
-                proxy.blackhole()
-                await asyncio.sleep(s.blackhole)
-                proxy.forward()
-                rec.event("forward (after blackhole)", recovery_point=True)
-                await asyncio.sleep(s.up)
-                rec.event("reset")
-                proxy.reset()
-                await asyncio.sleep(s.reset)
-                proxy.forward()
-                rec.event("forward (after reset)", recovery_point=True)
-                await asyncio.sleep(s.up)
+                forward, back = proxy.forward, "forward (after {})"
+                await _fault(
+                    rec,
+                    "blackhole",
+                    proxy.blackhole,
+                    s.blackhole,
+                    forward,
+                    back.format("blackhole"),
+                    s.up,
+                )
+                await _fault(
+                    rec, "reset", proxy.reset, s.reset, forward, back.format("reset"), s.up
+                )
                 rec.event("load stopping")
         return {"dsn": dsn}
     finally:
