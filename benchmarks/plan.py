@@ -29,6 +29,8 @@ OVERLOAD_PER_CONNECTION = 100
 #: several times (in 0.1 s, 10,000 tasks would not all get a connection once).
 SCALE_OPS = 5_000
 SCALE_MIN_OPS = 3
+#: ... and run in the first SCALE_ROUNDS rounds only (a round of them takes about 30 s).
+SCALE_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class Case:
         if self.kind not in ("waiters", "overload"):
             return None
         return max(SCALE_MIN_OPS, -(-SCALE_OPS // self.tasks))
+
+    def rounds_of(self, rounds: int) -> int:
+        """In how many of ``rounds`` rounds the case runs (the first ones)."""
+        return min(rounds, SCALE_ROUNDS) if self.ops_per_task else rounds
 
     @property
     def times_wait(self) -> bool:
@@ -126,8 +132,7 @@ class Plan:
 
     def run_count(self, rounds: int) -> int:
         """How many (round, case, pool) measurements the plan makes."""
-        per_round = sum(len(self.pools_of(c.family)) for c in self.cases)
-        return rounds * per_round
+        return sum(len(self.pools_of(c.family)) * c.rounds_of(rounds) for c in self.cases)
 
 
 def all_cases() -> list[Case]:

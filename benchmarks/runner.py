@@ -218,7 +218,7 @@ class Runner:
                             adapter = await self._open_async(pool, POOL_SIZE)
                             if adapter is not None:
                                 open_pools[pool.key] = adapter
-                for case in fixed:
+                for case in (c for c in fixed if r < c.rounds_of(s.rounds)):
                     for pool in order:
                         adapter = open_pools.get(pool.key)
                         if adapter is not None and self._usable(pool, case):
