@@ -193,7 +193,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     out = [
         "| subject | plain instr/cycle | x floor | x psycopg_pool "
-        "| waited instr/op | x floor | x psycopg_pool | runs |",
+        "| waited instr/op | x floor | x psycopg_pool | runs (spread plain / waited) |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
@@ -203,7 +203,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             for base in ("floor", "psycopg_pool"):
                 v = r[f"{attr}_x_{base}"]
                 cells.append("-" if v is None else f"{v:.2f}")
-        cells.append(str(r["runs"]))
+        spread = [r[f"{attr}_spread_pct"] for attr in ("plain", "waited")]
+        runs = str(r["runs"])
+        if None not in spread:
+            runs += " ({:.2f} % / {:.2f} %)".format(*spread)
+        cells.append(runs)
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
