@@ -29,8 +29,9 @@ OVERLOAD_PER_CONNECTION = 100
 #: several times (in 0.1 s, 10,000 tasks would not all get a connection once).
 SCALE_OPS = 5_000
 SCALE_MIN_OPS = 3
-#: ... and run in the first SCALE_ROUNDS rounds only (a round of them takes about 30 s).
-SCALE_ROUNDS = 5
+#: ... and run in the first third of the rounds only, at least 2 (a round of them takes
+#: about 30 s): 5 of the full run's 15, 2 of --quick's 5.
+SCALE_ROUNDS_DIVISOR = 3
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ class Case:
 
     def rounds_of(self, rounds: int) -> int:
         """In how many of ``rounds`` rounds the case runs (the first ones)."""
-        return min(rounds, SCALE_ROUNDS) if self.ops_per_task else rounds
+        if not self.ops_per_task:
+            return rounds
+        return min(rounds, max(2, rounds // SCALE_ROUNDS_DIVISOR))
 
     @property
     def times_wait(self) -> bool:

@@ -185,7 +185,7 @@ def _footers(plan: Plan) -> list[str]:
         notes.append(
             "waiters@N: checkout with N tasks waiting in line (10 more hold the connections);"
             " overload@N: SELECT 1 with N tasks on 10 connections. Both make a fixed number of"
-            " ops per task (no warm-up), in the first 5 rounds at most; p50/p99 are the wait"
+            " ops per task (no warm-up), in the first third of the rounds; p50/p99 are the wait"
             " (ask to having the connection); waiters' cpu/op is the cost of a waited checkout."
         )
     if keys & {"async/asyncpg", "async/asyncpg-noreset"}:

@@ -19,7 +19,7 @@ from benchmarks.environment import (
     redact_dsn,
     server_info,
 )
-from benchmarks.plan import POOL_SIZE, SCALE_ROUNDS, Plan, Settings, build_plan
+from benchmarks.plan import POOL_SIZE, Plan, Settings, build_plan
 from benchmarks.report import build_rows, format_pool_status, format_table, format_targets
 from benchmarks.runner import Progress, Runner
 from benchmarks.targets import evaluate
@@ -92,11 +92,11 @@ def _estimate(plan: Plan, s: Settings) -> float:
     """Seconds the run should take: each run, plus ~0.08 s of set-up, plus the server."""
     runs = plan.run_count(s.rounds)
     scale = sum(
-        c.tasks * c.ops_per_task * len(plan.pools_of(c.family)) / SCALE_OPS_S
+        c.tasks * c.ops_per_task * len(plan.pools_of(c.family)) * c.rounds_of(s.rounds)
         for c in plan.cases
         if c.ops_per_task
     )
-    return runs * (s.duration + s.warmup + 0.08) + scale * min(s.rounds, SCALE_ROUNDS) + 5
+    return runs * (s.duration + s.warmup + 0.08) + scale / SCALE_OPS_S + 5
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
