@@ -23,9 +23,12 @@ import pkgutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
+from benchmarks.adapters_async import AsyncAdapter
+from benchmarks.adapters_sync import SyncAdapter
 from benchmarks.plan import PoolSpec, all_pools
 
 #: The subjects: the throughput command's async and sync pools (psycopg2's is left out:
@@ -52,8 +55,16 @@ def in_segment(body: Callable[[], None]) -> None:
     real one counts what every thread did while it ran. Parts come in pairs: the
     second of each is the segment's.
     """
-    functools.reduce(lambda _a, _b: None, [0, 0])
-    functools.reduce(lambda _a, _b: body(), [0, 0])
+    functools.reduce(_call, [_nothing], None)
+    functools.reduce(_call, [body], None)
+
+
+def _call(_: None, body: Callable[[], object]) -> None:
+    body()
+
+
+def _nothing() -> None:
+    pass
 
 
 def set_socket_test_interval(seconds: float) -> list[str]:
@@ -73,7 +84,7 @@ def set_socket_test_interval(seconds: float) -> list[str]:
             except Exception:
                 continue
         if hasattr(module, "SOCKET_TEST_INTERVAL"):
-            module.SOCKET_TEST_INTERVAL = seconds
+            setattr(module, "SOCKET_TEST_INTERVAL", seconds)  # noqa: B010 (not a name mypy knows)
             patched.append(info.name)
     return patched
 
@@ -99,10 +110,21 @@ async def _waited_async(get: Any, put: Any, n: int) -> None:
     await asyncio.gather(*(worker() for _ in range(TASKS)))
 
 
+def _drive(
+    loop: asyncio.AbstractEventLoop,
+    loop_fn: Callable[[Any, Any, int], Coroutine[Any, Any, None]],
+    get: Any,
+    put: Any,
+    n: int,
+) -> None:
+    loop.run_until_complete(loop_fn(get, put, n))
+
+
 def run_async(subject: PoolSpec, dsn: str, plain: list[int], waited: list[int]) -> None:
     """Open the async subject, warm up, run the four segments, close."""
     loop = asyncio.new_event_loop()
     adapter = subject.adapter()
+    assert isinstance(adapter, AsyncAdapter)
     loop.run_until_complete(adapter.open(dsn, POOL_SIZE, POOL_SIZE))
     get, put = adapter.raw_calls()
     try:
@@ -110,9 +132,9 @@ def run_async(subject: PoolSpec, dsn: str, plain: list[int], waited: list[int]) 
         loop.run_until_complete(_waited_async(get, put, WARMUP))
         _settle()
         for n in plain:
-            in_segment(lambda n=n: loop.run_until_complete(_plain_async(get, put, n)))
+            in_segment(partial(_drive, loop, _plain_async, get, put, n))
         for n in waited:
-            in_segment(lambda n=n: loop.run_until_complete(_waited_async(get, put, n)))
+            in_segment(partial(_drive, loop, _waited_async, get, put, n))
     finally:
         loop.run_until_complete(adapter.close())
         loop.close()
@@ -145,6 +167,7 @@ def _waited_sync(get: Any, put: Any, n: int) -> None:
 def run_sync(subject: PoolSpec, dsn: str, plain: list[int], waited: list[int]) -> None:
     """Open the sync subject, warm up, run the four segments, close."""
     adapter = subject.adapter()
+    assert isinstance(adapter, SyncAdapter)
     adapter.open(dsn, POOL_SIZE, POOL_SIZE)
     get, put = adapter.raw_calls()
     try:
@@ -152,9 +175,9 @@ def run_sync(subject: PoolSpec, dsn: str, plain: list[int], waited: list[int]) -
         _waited_sync(get, put, WARMUP)
         _settle()
         for n in plain:
-            in_segment(lambda n=n: _plain_sync(get, put, n))
+            in_segment(partial(_plain_sync, get, put, n))
         for n in waited:
-            in_segment(lambda n=n: _waited_sync(get, put, n))
+            in_segment(partial(_waited_sync, get, put, n))
     finally:
         adapter.close()
 
