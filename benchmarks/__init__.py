@@ -1,6 +1,8 @@
-"""aiopgpool's benchmark suite: ``python -m benchmarks``.
+"""aiopgpool's benchmark suite: ``python -m benchmarks [throughput | reliability | cycles]``.
 
-Measures aiopgpool against psycopg_pool, asyncpg and psycopg2.pool, and against a
-"floor" (a minimal fair queue of connections with no pool logic), on a throwaway
-local PostgreSQL cluster or on ``--dsn``. See ``python -m benchmarks --help``.
+``throughput`` (the default) measures aiopgpool against psycopg_pool, asyncpg and
+psycopg2.pool, and against a "floor" (a minimal fair queue of connections with no
+pool logic), on a throwaway local PostgreSQL cluster or on ``--dsn``;
+``reliability`` injects server restarts and network cuts; ``cycles`` counts
+instructions per checkout with callgrind. See ``python -m benchmarks --help``.
 """

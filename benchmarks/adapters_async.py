@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import importlib
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from benchmarks.floors import AsyncFloorPool
@@ -41,8 +42,14 @@ class AsyncAdapter(abc.ABC):
     description: ClassVar[str] = ""
 
     @abc.abstractmethod
-    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
-        """Create the pool and wait until ``min_size`` connections exist."""
+    async def open(
+        self, dsn: str, min_size: int, max_size: int, *, timeout: float | None = None
+    ) -> None:
+        """Create the pool and wait until ``min_size`` connections exist.
+
+        ``timeout``: how long ``acquire`` waits before it raises (None: as long as
+        it takes; the floor always waits).
+        """
 
     @abc.abstractmethod
     async def acquire(self) -> Any:
@@ -56,6 +63,21 @@ class AsyncAdapter(abc.ABC):
         """Run ``SELECT 1`` on a borrowed connection and fetch the row."""
         cur = await conn.execute("SELECT 1")
         await cur.fetchone()
+
+    async def query_once(self) -> None:
+        """Acquire, ``select1``, release (also when the query raises)."""
+        conn = await self.acquire()
+        try:
+            await self.select1(conn)
+        finally:
+            await self.release(conn)
+
+    @abc.abstractmethod
+    def raw_calls(self) -> tuple[Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[Any]]]:
+        """The pool's own borrow and return calls, without this adapter's layer.
+
+        The cycles command times these, in each pool's own idiom.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -89,11 +111,14 @@ class _GetconnPutconnAsync(AsyncAdapter):
     def __init__(self) -> None:
         self._pool: Any = None
 
-    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
-        """Create the pool, then ``await open(wait=True)``."""
-        self._pool = psycopg_style_pool(
-            self.pool_class, dsn, min_size, max_size, **self.pool_options
-        )
+    async def open(
+        self, dsn: str, min_size: int, max_size: int, *, timeout: float | None = None
+    ) -> None:
+        """Create the pool (``timeout`` as its default wait), then ``await open(wait=True)``."""
+        options = dict(self.pool_options)
+        if timeout is not None:
+            options["timeout"] = timeout
+        self._pool = psycopg_style_pool(self.pool_class, dsn, min_size, max_size, **options)
         await self._pool.open(wait=True, timeout=OPEN_TIMEOUT)
 
     async def acquire(self) -> Any:
@@ -103,6 +128,10 @@ class _GetconnPutconnAsync(AsyncAdapter):
     async def release(self, conn: Any) -> None:
         """``await pool.putconn(conn)``."""
         await self._pool.putconn(conn)
+
+    def raw_calls(self) -> tuple[Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[Any]]]:
+        """``pool.getconn``, ``pool.putconn``."""
+        return self._pool.getconn, self._pool.putconn
 
     async def close(self) -> None:
         """``await pool.close()``."""
@@ -158,12 +187,16 @@ class AsyncpgDefault(AsyncAdapter):
 
     def __init__(self) -> None:
         self._pool: Any = None
+        self._timeout: float | None = None
 
     def _pool_options(self) -> dict[str, Any]:
         return {}
 
-    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
+    async def open(
+        self, dsn: str, min_size: int, max_size: int, *, timeout: float | None = None
+    ) -> None:
         """``await asyncpg.create_pool(...)`` (it connects min_size before returning)."""
+        self._timeout = timeout
         try:
             import asyncpg
         except Exception as exc:
@@ -177,12 +210,16 @@ class AsyncpgDefault(AsyncAdapter):
         )
 
     async def acquire(self) -> Any:
-        """``await pool.acquire()``."""
-        return await self._pool.acquire()
+        """``await pool.acquire()`` (with the ``timeout`` given to ``open``)."""
+        return await self._pool.acquire(timeout=self._timeout)
 
     async def release(self, conn: Any) -> None:
         """``await pool.release(conn)``."""
         await self._pool.release(conn)
+
+    def raw_calls(self) -> tuple[Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[Any]]]:
+        """``pool.acquire``, ``pool.release``."""
+        return self._pool.acquire, self._pool.release
 
     async def select1(self, conn: Any) -> None:
         """``await conn.fetchval("SELECT 1")``."""
@@ -234,8 +271,15 @@ class AsyncFloor(AsyncAdapter):
     def __init__(self) -> None:
         self._pool: AsyncFloorPool | None = None
 
-    async def open(self, dsn: str, min_size: int, max_size: int) -> None:
-        """Connect ``min_size`` connections; more connect lazily up to ``max_size``."""
+    async def open(
+        self, dsn: str, min_size: int, max_size: int, *, timeout: float | None = None
+    ) -> None:
+        """Connect ``min_size`` connections; more connect lazily up to ``max_size``.
+
+        The floor has no timeout: ``timeout`` must be None.
+        """
+        if timeout is not None:
+            raise ValueError("the floor always waits: it takes no timeout")
         self._pool = AsyncFloorPool(dsn, max_size, dict(PSYCOPG_KWARGS))
         await self._pool.fill(min_size)
 
@@ -248,6 +292,11 @@ class AsyncFloor(AsyncAdapter):
         """``floor.putconn(conn)``."""
         assert self._pool is not None
         self._pool.putconn(conn)
+
+    def raw_calls(self) -> tuple[Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[Any]]]:
+        """``floor.getconn``, ``floor.aputconn`` (awaited, like the pools' putconn)."""
+        assert self._pool is not None
+        return self._pool.getconn, self._pool.aputconn
 
     async def close(self) -> None:
         """Close the idle connections."""

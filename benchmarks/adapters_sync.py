@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from benchmarks.adapters_async import OPEN_TIMEOUT, PSYCOPG_KWARGS, psycopg_style_pool, unavailable
@@ -39,6 +40,10 @@ class SyncAdapter(abc.ABC):
         conn.execute("SELECT 1").fetchone()
 
     @abc.abstractmethod
+    def raw_calls(self) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        """The pool's own borrow and return calls, without this adapter's layer."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Close the pool and its connections."""
 
@@ -67,6 +72,10 @@ class _GetconnPutconnSync(SyncAdapter):
     def release(self, conn: Any) -> None:
         """``pool.putconn(conn)``."""
         self._pool.putconn(conn)
+
+    def raw_calls(self) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        """``pool.getconn``, ``pool.putconn``."""
+        return self._pool.getconn, self._pool.putconn
 
     def close(self) -> None:
         """``pool.close()``."""
@@ -140,6 +149,10 @@ class Psycopg2Threaded(SyncAdapter):
         finally:
             self._slots.release()
 
+    def raw_calls(self) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        """``acquire``, ``release``: the semaphore is part of how this pool is used."""
+        return self.acquire, self.release
+
     def select1(self, conn: Any) -> None:
         """A cursor, ``execute("SELECT 1")``, ``fetchone()``."""
         with conn.cursor() as cur:
@@ -176,6 +189,11 @@ class SyncFloor(SyncAdapter):
         """``floor.putconn(conn)``."""
         assert self._pool is not None
         self._pool.putconn(conn)
+
+    def raw_calls(self) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        """``floor.getconn``, ``floor.putconn``."""
+        assert self._pool is not None
+        return self._pool.getconn, self._pool.putconn
 
     def close(self) -> None:
         """Close the idle connections."""

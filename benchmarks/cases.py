@@ -3,6 +3,8 @@
 * ``checkout``: acquire, yield to the scheduler once while holding, release.
 * ``select1``: acquire, ``SELECT 1`` and fetch, release.
 * ``cold_burst``: on a fresh pool with no connection, many tasks each do select1 once.
+* ``waiters`` / ``overload`` (scale): checkout with N tasks waiting in line beyond
+  the pool's size, SELECT 1 with 100 tasks per connection; their latency is the wait.
 
 Fixed-duration workloads start every worker together and stop starting new ops
 at the deadline; the wall time runs until the last op in flight has finished.
@@ -22,6 +24,7 @@ from typing import Any
 from benchmarks.adapters_async import AsyncAdapter
 from benchmarks.adapters_sync import SyncAdapter
 from benchmarks.metrics import Measurement
+from benchmarks.plan import Case
 
 
 class WorkloadHung(Exception):
@@ -36,16 +39,21 @@ def _yield_sync(conn: Any) -> None:
     time.sleep(0)
 
 
-async def run_async_fixed(
-    adapter: AsyncAdapter, kind: str, concurrency: int, duration: float
-) -> Measurement:
-    """``concurrency`` tasks repeat the ``kind`` op on ``adapter`` for ``duration`` s."""
+async def run_async_fixed(adapter: AsyncAdapter, case: Case, duration: float) -> Measurement:
+    """``case.tasks`` tasks repeat the case's op on ``adapter`` for ``duration`` s.
+
+    The scale cases make ``case.ops_per_task`` ops per task instead, and time each
+    op's wait (ask to having the connection; else ask to given back).
+    """
     body: Callable[[Any], Awaitable[None]]
-    body = adapter.select1 if kind == "select1" else _yield_async
+    body = adapter.select1 if case.workload == "select1" else _yield_async
     acquire, release = adapter.acquire, adapter.release
+    concurrency = case.tasks
     counts = [0] * concurrency
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     deadline = 0.0
+    times_wait = case.times_wait
+    limit = case.ops_per_task or -1
 
     async def worker(i: int) -> None:
         lat = latencies[i]
@@ -53,21 +61,24 @@ async def run_async_fixed(
         try:
             while True:
                 t0 = perf_counter()
-                if t0 >= deadline:
+                if t0 >= deadline or n == limit:
                     break
                 conn = await acquire()
+                if times_wait:
+                    lat.append(perf_counter() - t0)
                 try:
                     await body(conn)
                 finally:
                     await release(conn)
-                lat.append(perf_counter() - t0)
+                if not times_wait:
+                    lat.append(perf_counter() - t0)
                 n += 1
         finally:
             counts[i] = n
 
     cpu0 = process_time()
     start = perf_counter()
-    deadline = start + duration
+    deadline = start + duration if limit < 0 else float("inf")
     tasks = [asyncio.ensure_future(worker(i)) for i in range(concurrency)]
     await _gather_or_cancel(tasks)
     elapsed = perf_counter() - start
@@ -81,11 +92,7 @@ async def run_async_burst(adapter: AsyncAdapter, tasks: int) -> Measurement:
 
     async def one(i: int) -> None:
         t0 = perf_counter()
-        conn = await adapter.acquire()
-        try:
-            await adapter.select1(conn)
-        finally:
-            await adapter.release(conn)
+        await adapter.query_once()
         latencies[i] = perf_counter() - t0
 
     cpu0 = process_time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from benchmarks.plan import FAMILIES
 from benchmarks.report import Row
 from benchmarks.targets import TargetResult
 
@@ -31,7 +32,7 @@ def draw_chart(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = [f for f in ("async", "sync") if any(r.case.family == f for r in rows)]
+    families = [f for f in FAMILIES if any(r.case.family == f for r in rows)]
     if not families:
         return
     fig, axes = plt.subplots(len(families), 1, figsize=(13, 4.8 * len(families)), squeeze=False)
@@ -102,7 +103,7 @@ def _panel(ax: object, rows: list[Row], targets: list[TargetResult], family: str
     ax.set_xticklabels([cid.split("/", 1)[1].replace("@", "\nN=") for cid in case_ids])
     ax.set_ylim(0, top * (1.3 if unmeasured else 1.15))
     ax.set_ylabel("ops/s ÷ floor ops/s")
-    unit = "asyncio tasks" if family == "async" else "threads"
+    unit = "threads" if family == "sync" else "asyncio tasks"
     ax.set_title(f"{family} pools (N = {unit}; floor = minimal fair queue of psycopg connections)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)

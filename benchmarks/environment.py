@@ -1,14 +1,29 @@
-"""Facts about the machine, the packages and the server, recorded with the results."""
+"""What every command shares about where it runs: the machine, the packages, the server.
+
+Also the throwaway servers (started with :mod:`aiopgpool.testing`, as the tests do) and
+how a run's command line is recorded.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("aiopgpool", "psycopg", "psycopg-binary", "psycopg-pool", "asyncpg", "psycopg2-binary")
+PACKAGES = (
+    "aiopgpool",
+    "psycopg",
+    "psycopg-binary",
+    "psycopg-pool",
+    "asyncpg",
+    "psycopg2-binary",
+    "uvloop",
+)
 
 
 def _cpu_model() -> str:
@@ -90,3 +105,63 @@ def redact_dsn(dsn: str) -> str:
         return dsn
     params["password"] = "***"
     return make_conninfo("", **params)
+
+
+def command_line(argv: Sequence[str], prog: str = "python -m benchmarks") -> str:
+    """How a run was invoked (``prog`` and ``argv``), with any password in ``--dsn`` hidden."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append(redact_dsn(arg))
+            hide_next = False
+        elif arg == "--dsn":
+            shown.append(arg)
+            hide_next = True
+        elif arg.startswith("--dsn="):
+            shown.append("--dsn=" + redact_dsn(arg[len("--dsn=") :]))
+        else:
+            shown.append(arg)
+    return shlex.join([*prog.split(), *shown])
+
+
+class ServerUnavailable(Exception):
+    """No server to benchmark against: no --dsn, and no local cluster could start."""
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of an exception, for tables and JSON."""
+    text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    return " ".join(text.split())[:300]
+
+
+def local_cluster(**settings: str) -> Any:
+    """A started throwaway cluster (``aiopgpool.testing.local_cluster``): stop/start/close it.
+
+    ``settings`` are extra postgresql.conf values. Raises :class:`ServerUnavailable`
+    when the testing harness does not import or the cluster does not start.
+    """
+    try:
+        from aiopgpool.testing import local_cluster as start
+    except Exception as exc:
+        raise ServerUnavailable(
+            f"cannot import aiopgpool.testing.local_cluster ({describe(exc)});"
+            " pass --dsn to use a running server"
+        ) from exc
+    try:
+        return start(**settings)
+    except Exception as exc:
+        raise ServerUnavailable(f"the local cluster did not start: {describe(exc)}") from exc
+
+
+@contextmanager
+def database(dsn: str | None, **settings: str) -> Iterator[tuple[str, str]]:
+    """Yield (dsn, where it came from): ``dsn`` itself, or a throwaway local cluster."""
+    if dsn:
+        yield dsn, "--dsn"
+        return
+    cluster = local_cluster(**settings)
+    try:
+        yield cluster.dsn, "local_cluster"
+    finally:
+        cluster.close()

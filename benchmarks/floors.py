@@ -71,6 +71,10 @@ class AsyncFloorPool:
                 return
         self._idle.append(conn)
 
+    async def aputconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """:meth:`putconn`, awaited: the same call shape as the pools' ``putconn``."""
+        self.putconn(conn)
+
     async def close(self) -> None:
         """Close the idle connections (the floor does not track borrowed ones)."""
         while self._idle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,11 +43,15 @@ class Sample:
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The nearest-rank ``q`` quantile (0..1) of already sorted values (NaN if none)."""
+    """The nearest-rank ``q`` quantile (0..1) of already sorted values (NaN if none).
+
+    The smallest value with at least ``q`` of the values at or below it: the
+    ``ceil(q * n)``-th. (The tiny allowance keeps 0.29 * 100 from rounding up to 30.)
+    """
     if not sorted_values:
         return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
+    rank = math.ceil(q * len(sorted_values) - 1e-9) - 1
+    return sorted_values[max(0, min(len(sorted_values) - 1, rank))]
 
 
 def summarize(m: Measurement, round_no: int, *, with_evenness: bool = True) -> Sample:

@@ -9,8 +9,10 @@ from typing import Literal
 from benchmarks.adapters_async import ASYNC_ADAPTERS, AsyncAdapter
 from benchmarks.adapters_sync import SYNC_ADAPTERS, SyncAdapter
 
-Family = Literal["async", "sync"]
-Kind = Literal["checkout", "select1", "cold_burst"]
+#: "uvloop": the async pools again, on uvloop's event loop instead of asyncio's.
+Family = Literal["async", "sync", "uvloop"]
+Kind = Literal["checkout", "select1", "cold_burst", "waiters", "overload"]
+FAMILIES: tuple[Family, ...] = ("async", "uvloop", "sync")
 
 #: Every pool is min_size = max_size = POOL_SIZE for the steady-state cases.
 POOL_SIZE = 10
@@ -18,6 +20,18 @@ ASYNC_CONCURRENCY = (1, 10, 100)
 SYNC_CONCURRENCY = (1, 4, 16)
 #: Tasks in the cold burst (each does select1 once on a fresh min_size=0 pool).
 BURST_TASKS = 200
+#: Scale: checkout with this many tasks waiting in line (POOL_SIZE more tasks hold the
+#: connections), and SELECT 1 with OVERLOAD_PER_CONNECTION tasks per connection.
+WAITERS = (10, 1_000, 10_000)
+OVERLOAD_PER_CONNECTION = 100
+#: The scale cases do a fixed amount of work instead of running ``--duration``: every task
+#: makes max(SCALE_MIN_OPS, SCALE_OPS / tasks) ops, so that the line of waiters turns over
+#: several times (in 0.1 s, 10,000 tasks would not all get a connection once).
+SCALE_OPS = 5_000
+SCALE_MIN_OPS = 3
+#: ... and run in the first third of the rounds only, at least 2 (a round of them takes
+#: about 30 s): 5 of the full run's 15, 2 of --quick's 5.
+SCALE_ROUNDS_DIVISOR = 3
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,34 @@ class Case:
     def fixed_duration(self) -> bool:
         """True for the cases that run for ``--duration``; False for the cold burst."""
         return self.kind != "cold_burst"
+
+    @property
+    def tasks(self) -> int:
+        """Tasks (threads) that run the case: ``waiters@N`` has N waiting beyond the pool."""
+        return self.concurrency + POOL_SIZE if self.kind == "waiters" else self.concurrency
+
+    @property
+    def workload(self) -> str:
+        """What each task repeats: ``checkout`` or ``select1``."""
+        return {"waiters": "checkout", "overload": "select1"}.get(self.kind, self.kind)
+
+    @property
+    def ops_per_task(self) -> int | None:
+        """For the scale cases, the ops every task makes (None: run for ``--duration``)."""
+        if self.kind not in ("waiters", "overload"):
+            return None
+        return max(SCALE_MIN_OPS, -(-SCALE_OPS // self.tasks))
+
+    def rounds_of(self, rounds: int) -> int:
+        """In how many of ``rounds`` rounds the case runs (the first ones)."""
+        if not self.ops_per_task:
+            return rounds
+        return min(rounds, max(2, rounds // SCALE_ROUNDS_DIVISOR))
+
+    @property
+    def times_wait(self) -> bool:
+        """True for the scale cases, whose latency is the wait (ask to having the connection)."""
+        return self.kind in ("waiters", "overload")
 
 
 @dataclass(frozen=True)
@@ -93,8 +135,7 @@ class Plan:
 
     def run_count(self, rounds: int) -> int:
         """How many (round, case, pool) measurements the plan makes."""
-        per_round = sum(len(self.pools_of(c.family)) for c in self.cases)
-        return rounds * per_round
+        return sum(len(self.pools_of(c.family)) * c.rounds_of(rounds) for c in self.cases)
 
 
 def all_cases() -> list[Case]:
@@ -102,6 +143,9 @@ def all_cases() -> list[Case]:
     steady: tuple[Kind, ...] = ("checkout", "select1")
     cases = [Case("async", kind, n) for kind in steady for n in ASYNC_CONCURRENCY]
     cases.append(Case("async", "cold_burst", BURST_TASKS))
+    cases += [Case("async", "waiters", n) for n in WAITERS]
+    cases.append(Case("async", "overload", OVERLOAD_PER_CONNECTION * POOL_SIZE))
+    cases += [Case("uvloop", kind, n) for kind in steady for n in ASYNC_CONCURRENCY]
     cases += [Case("sync", kind, n) for kind in steady for n in SYNC_CONCURRENCY]
     return cases
 
@@ -109,6 +153,7 @@ def all_cases() -> list[Case]:
 def all_pools() -> list[PoolSpec]:
     """Every pool the suite knows, in table order (each family's floor last)."""
     specs = [PoolSpec("async", a) for a in ASYNC_ADAPTERS]
+    specs += [PoolSpec("uvloop", a) for a in ASYNC_ADAPTERS]
     specs += [PoolSpec("sync", a) for a in SYNC_ADAPTERS]
     return specs
 

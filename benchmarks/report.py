@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from benchmarks.metrics import Sample, median, paired_ratios
-from benchmarks.plan import Case, Plan, PoolSpec
+from benchmarks.plan import FAMILIES, Case, Plan, PoolSpec
 from benchmarks.runner import Results
 from benchmarks.targets import TargetResult
 
@@ -106,6 +106,7 @@ _FAMILY_TITLES = {
     "async": "ASYNC pools (N = asyncio tasks; floor = minimal fair queue of psycopg"
     " AsyncConnections)",
     "sync": "SYNC pools (N = threads; floor = minimal fair queue of psycopg Connections)",
+    "uvloop": "UVLOOP: the async pools on uvloop's event loop (floor: the async floor, on uvloop)",
 }
 
 
@@ -113,7 +114,7 @@ def format_table(plan: Plan, rows: list[Row], rounds: int) -> str:
     """The results as a plain text table, one section per family, with footers."""
     best = winners(rows)
     out: list[str] = []
-    for family in ("async", "sync"):
+    for family in FAMILIES:
         fam_rows = [r for r in rows if r.case.family == family]
         if not fam_rows:
             continue
@@ -179,6 +180,14 @@ def _footers(plan: Plan) -> list[str]:
         "* = fastest pool (floor excluded) in that case.",
     ]
     keys = {p.key for p in plan.pools}
+    kinds = {c.kind for c in plan.cases}
+    if kinds & {"waiters", "overload"}:
+        notes.append(
+            "waiters@N: checkout with N tasks waiting in line (10 more hold the connections);"
+            " overload@N: SELECT 1 with N tasks on 10 connections. Both make a fixed number of"
+            " ops per task (no warm-up), in the first third of the rounds; p50/p99 are the wait"
+            " (ask to having the connection); waiters' cpu/op is the cost of a waited checkout."
+        )
     if keys & {"async/asyncpg", "async/asyncpg-noreset"}:
         notes.append(
             "asyncpg rows use the asyncpg driver, not psycopg: their ratio is still against the"

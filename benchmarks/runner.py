@@ -1,5 +1,8 @@
 """Runs the plan: pools take turns, round by round, in one process.
 
+Families run one after the other: async (on asyncio's loop), uvloop (the same
+async pools on uvloop's loop), sync (threads).
+
 Round ``r``: for every case, every pool of the case's family runs it once (a
 short warm-up, then ``duration`` seconds measured), in an order shuffled anew
 (seeded by ``r``), so that no pool always follows the same one: what a pool
@@ -38,8 +41,9 @@ from benchmarks.cases import (
     run_async_fixed,
     run_sync_fixed,
 )
+from benchmarks.environment import describe
 from benchmarks.metrics import Measurement, Sample, summarize
-from benchmarks.plan import POOL_SIZE, Case, Plan, PoolSpec, Settings
+from benchmarks.plan import POOL_SIZE, Case, Family, Plan, PoolSpec, Settings
 
 #: Seconds beyond ``duration`` a measured run may take before the pool counts as hung.
 HANG_GRACE = 30.0
@@ -60,12 +64,6 @@ def shuffled(items: Sequence[T], round_no: int) -> list[T]:
     order = list(items)
     random.Random(f"round {round_no}").shuffle(order)
     return order
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line description of an exception, for tables and JSON."""
-    text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-    return " ".join(text.split())[:300]
 
 
 def _skip_reason(exc: BaseException) -> str:
@@ -160,14 +158,23 @@ class Runner:
             self.progress.note(detail.rstrip())
 
     def _record(self, case: Case, pool: PoolSpec, m: Measurement, round_no: int) -> None:
-        self.results.add(case, pool, summarize(m, round_no, with_evenness=case.fixed_duration))
+        even = case.fixed_duration and case.ops_per_task is None  # else even by design
+        self.results.add(case, pool, summarize(m, round_no, with_evenness=even))
 
     # -- the whole run -------------------------------------------------------------
 
     def run(self) -> Results:
-        """Run the async family, then the sync family; return the results."""
+        """Run the async family, the uvloop family, then the sync family; return the results."""
         if self.plan.cases_of("async"):
-            asyncio.run(self._run_async())
+            asyncio.run(self._run_async("async"))
+        if self.plan.cases_of("uvloop"):
+            try:
+                import uvloop
+            except Exception as exc:
+                for pool in self.plan.pools_of("uvloop"):
+                    self._problem(pool, f"skipped: cannot import uvloop ({describe(exc)})")
+            else:
+                uvloop.run(self._run_async("uvloop"))
         if self.plan.cases_of("sync"):
             self._run_sync()
         return self.results
@@ -194,9 +201,9 @@ class Runner:
         except Exception as exc:
             self.progress.note(f"[{pool.key}] close failed: {describe(exc)}")
 
-    async def _run_async(self) -> None:
-        pools = self.plan.pools_of("async")
-        cases = self.plan.cases_of("async")
+    async def _run_async(self, family: Family) -> None:
+        pools = self.plan.pools_of(family)
+        cases = self.plan.cases_of(family)
         fixed = [c for c in cases if c.fixed_duration]
         bursts = [c for c in cases if not c.fixed_duration]
         s = self.settings
@@ -211,7 +218,7 @@ class Runner:
                             adapter = await self._open_async(pool, POOL_SIZE)
                             if adapter is not None:
                                 open_pools[pool.key] = adapter
-                for case in fixed:
+                for case in (c for c in fixed if r < c.rounds_of(s.rounds)):
                     for pool in order:
                         adapter = open_pools.get(pool.key)
                         if adapter is not None and self._usable(pool, case):
@@ -235,18 +242,14 @@ class Runner:
         s = self.settings
         limit = s.duration + HANG_GRACE
         try:
-            if s.warmup > 0:
+            if s.warmup > 0 and case.ops_per_task is None:
                 await bounded(
-                    run_async_fixed(adapter, case.kind, case.concurrency, s.warmup),
+                    run_async_fixed(adapter, case, s.warmup),
                     limit,
                     f"{case.id} warm-up",
                 )
             gc.collect()
-            m = await bounded(
-                run_async_fixed(adapter, case.kind, case.concurrency, s.duration),
-                limit,
-                case.id,
-            )
+            m = await bounded(run_async_fixed(adapter, case, s.duration), limit, case.id)
         except WorkloadHung as exc:
             self._problem(pool, f"dead: hung in {case.id}: {exc}")
             return

@@ -1,0 +1,1 @@
+"""``python -m benchmarks cycles``: see :mod:`benchmarks.cycles.command`."""
