@@ -68,6 +68,10 @@ class Connector(Generic[ConnT]):
         self._failing_since: float | None = None
         self._failure_reported = False
 
+    def stalled_fills(self) -> int:
+        """Slots held by background fills while connecting fails (0 while it does not)."""
+        return self._filling if self._failing_since is not None else 0
+
     def failure_cause(self) -> BaseException | None:
         """The last connection error while connecting fails, to chain to a PoolTimeout."""
         return self._last_error if self._failing_since is not None else None

@@ -368,6 +368,13 @@ class PoolCore(Generic[ConnT]):
         """Check out a prepared slot's connection (to ``key``, if given)."""
         conn = slot.conn
         assert conn is not None
+        if key is not None:
+            held = self._keyed.get(key)
+            if held is not None:
+                # A concurrent request under the same key got there first: share
+                # its connection, and this one goes back to the pool.
+                self.release_slot(slot)
+                return held
         slot.borrowed_at = monotonic()
         self._borrowed[conn] = slot
         if self.leak_timeout is not None:
@@ -388,12 +395,17 @@ class PoolCore(Generic[ConnT]):
             # Slots neither borrowed nor being set up for a borrower are in
             # transit (refilling, being returned) and will come back; those
             # already promised to the waiters ahead of us do not count.
+            # A refill that keeps failing to connect is not coming back soon.
             in_transit = (
-                self._capacity(self.max_size) - len(self._borrowed) - self._preparing - self.excess
+                self._capacity(self.max_size)
+                - len(self._borrowed)
+                - self._preparing
+                - self.excess
+                - self.connector.stalled_fills()
             )
             if in_transit <= self.queue.waiting:
                 self.counters.timeouts += 1
-                raise PoolTimeout("connection pool exhausted")
+                raise PoolTimeout("connection pool exhausted") from self.connector.failure_cause()
             timeout = IN_TRANSIT_WAIT
         if self.max_waiting and self.queue.waiting >= self.max_waiting:
             self.counters.timeouts += 1

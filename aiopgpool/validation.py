@@ -10,10 +10,12 @@ restores attributes, runs the user's ``reset``, or discards.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from .backoff import Backoff
 from .errors import PoolTimeout
 from .slot import Slot, mark_tested
 
@@ -57,6 +59,7 @@ class Validation(Generic[ConnT]):
             budget = timeout or core.timeout
             deadline = None if budget is None else start + budget
             retry = budget != 0
+            backoff: Backoff | None = None
             while True:
                 if slot.conn is not None:
                     if await self._usable(slot):
@@ -69,8 +72,21 @@ class Validation(Generic[ConnT]):
                     continue
                 await core.connector.connect(slot, None if not retry else deadline, retry=retry)
                 core.connector.notify_size()
-                if await self._checked(slot):
+                check_error = await self._checked(slot)
+                if check_error is None:
                     return slot
+                # A fresh connection failed the check: back off as after a failed
+                # connect, and give up at the deadline with the check's error chained.
+                backoff = backoff or Backoff()
+                delay = backoff.next()
+                if retry and deadline is not None:
+                    delay = min(delay, deadline - monotonic())
+                if retry and delay > 0:
+                    await asyncio.sleep(delay)
+                if not retry or (deadline is not None and monotonic() >= deadline):
+                    raise PoolTimeout(
+                        f"pool {core.name!r}: no connection passed the check before the deadline"
+                    ) from check_error
         except PoolTimeout:
             core.counters.timeouts += 1
             core.release_slot(slot)
@@ -97,7 +113,7 @@ class Validation(Generic[ConnT]):
             except Exception as exc:
                 core.discard(slot, f"dead while idle ({exc.__class__.__name__})", lost=True)
                 return False
-        if not await self._checked(slot):
+        if await self._checked(slot) is not None:
             return False
         if slot.generation != core.generation:  # drained while we checked it
             core.discard(slot, "drained")
@@ -105,20 +121,23 @@ class Validation(Generic[ConnT]):
         mark_tested(slot, monotonic())
         return True
 
-    async def _checked(self, slot: Slot[ConnT]) -> bool:
-        """Run the user's ``check`` (if any) on a slot's connection; discards it if it fails."""
+    async def _checked(self, slot: Slot[ConnT]) -> Exception | None:
+        """Run the user's ``check`` (if any) on a slot's connection: its error, if it failed.
+
+        A connection that fails it is discarded.
+        """
         core = self._core
         lifecycle = core.lifecycle
         if not lifecycle.has_check:
-            return True
+            return None
         conn = slot.conn
         assert conn is not None
         try:
             await lifecycle.check(conn)
         except Exception as exc:
             core.discard(slot, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
-            return False
-        return True
+            return exc
+        return None
 
     async def restore(self, slot: Slot[ConnT], close: bool) -> None:
         """The rest of a return that needs work: clean, reset, expire or discard."""
