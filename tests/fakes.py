@@ -64,7 +64,7 @@ class FakeLifecycle(Lifecycle[FakeConn]):
     * ``gate``: an :class:`asyncio.Event` ``connect`` waits for (None: no wait);
     * ``check_fails`` / ``check_gate``: the user's ``check`` raises / waits
       (only called when made with ``has_check=True``);
-    * ``probe_gate``: ``probe`` waits for it;
+    * ``probe_gate`` / ``clean_gate``: ``probe`` / ``clean`` wait for it;
     * ``clean_ok`` / ``reset_ok``: what ``clean`` and ``reset`` answer.
 
     Records: ``created`` (every connection made), ``closed`` (in closing order),
@@ -81,6 +81,7 @@ class FakeLifecycle(Lifecycle[FakeConn]):
         self.check_fails = False
         self.check_gate: asyncio.Event | None = None
         self.probe_gate: asyncio.Event | None = None
+        self.clean_gate: asyncio.Event | None = None
         self.clean_ok = True
         self.reset_ok = True
         self.created: list[FakeConn] = []
@@ -126,6 +127,8 @@ class FakeLifecycle(Lifecycle[FakeConn]):
     async def clean(self, conn: FakeConn, baseline: Baseline) -> bool:
         self.cleans += 1
         await asyncio.sleep(0)
+        if self.clean_gate is not None:
+            await self.clean_gate.wait()
         if not self.clean_ok or not conn.alive:
             return False
         conn.state = baseline
