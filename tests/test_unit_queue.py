@@ -268,26 +268,42 @@ async def test_withdraw_after_a_timeout_or_a_failure_gives_nothing_back() -> Non
 # -- deadlines: one sweep timer for all waiters -----------------------------------------
 
 
-async def test_deadlines_expire_in_order_each_by_its_own_deadline() -> None:
+async def test_deadlines_expire_in_order_each_by_its_own_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sweeps = 0
+    sweep = HandoffQueue._sweep
+
+    def counting_sweep(self: HandoffQueue[Any], loop: asyncio.AbstractEventLoop) -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep(self, loop)
+
+    monkeypatch.setattr(HandoffQueue, "_sweep", counting_sweep)
     queue = make_queue()
-    got: list[Any] = []
-    timeouts = [0.04, 0.01, 0.03, 0.02]
-    ended: dict[float, float] = {}
+    timeouts = [0.04, 0.01, 0.03, 0.02]  # joined out of deadline order
+    ended: dict[float, tuple[int, float]] = {}
     start = monotonic()
-
-    async def wait(timeout: float) -> None:
-        with pytest.raises(WaitTimeout):
-            await getter(queue, got, timeout)
-        ended[timeout] = monotonic() - start
-
-    forever = asyncio.create_task(getter(queue, got, None))
-    await asyncio.gather(*(wait(t) for t in timeouts))
-    assert list(ended) == sorted(timeouts)  # expired in deadline order
-    for timeout, elapsed in ended.items():
-        assert timeout <= elapsed + 0.001 < timeout + 0.2
+    futs = []
+    for timeout in timeouts:
+        fut = queue.join(timeout, start)
+        fut.add_done_callback(
+            lambda f, t=timeout: ended.setdefault(t, (sweeps, monotonic() - start))
+        )
+        futs.append(fut)
+    forever = queue.join(None, start)
+    await asyncio.wait(futs)
+    assert all(isinstance(f.exception(), WaitTimeout) for f in futs)
+    for timeout, (_, elapsed) in ended.items():
+        assert timeout <= elapsed + 0.001 < timeout + 0.2  # by its own deadline
+    # An earlier deadline never expires in a later sweep than a later deadline
+    # (a late sweep, on a busy machine, may expire several at once).
+    by_deadline = [ended[t][0] for t in sorted(timeouts)]
+    assert by_deadline == sorted(by_deadline)
+    assert sweeps <= len(timeouts)
     assert queue.waiting == 1  # the waiter without a deadline still waits
     queue.put("conn", True)
-    assert await forever == "conn"
+    assert forever.result() == "conn"
     assert queue.waiting == 0
 
 
