@@ -969,3 +969,63 @@ async def test_check_failing_on_fresh_connections_is_chained_to_the_timeout() ->
         with pytest.raises(PoolTimeout) as info:
             await core.getconn(0.1)
         assert isinstance(info.value.__cause__, CheckError)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: a connection in transit to a waiter escapes closing: putconn() hands the slot "
+        "to the waiter's future, close()/closeall() in the same tick fails only waiters not "
+        "done yet and closes only idle and borrowed connections; if the waiter is then "
+        "cancelled, core.getconn()'s except branch calls queue.withdraw(fut, _has_conn), "
+        "which queue.put()s the slot back into the closed pool's idle deque instead of "
+        "going through release_slot() (which discards when CLOSED): the connection stays "
+        "open for good (fake.open_now == 1 after closeall)."
+    ),
+)
+@pytest.mark.parametrize("how", ["close", "closeall"])
+async def test_a_connection_in_transit_to_a_cancelled_waiter_is_closed_with_the_pool(
+    how: str,
+) -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, max_size=1)) as core:
+        conn = await core.getconn()
+        waiter = asyncio.create_task(core.getconn())
+        await settle()
+        await core.putconn(conn)  # handed to the waiter's future
+        if how == "close":
+            await core.closing.close(1.0)
+        else:
+            await core.closing.closeall()
+        waiter.cancel()  # e.g. the application cancels its tasks as it shuts down
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert conn.closed
+        assert fake.open_now == 0
+        assert len(core.queue) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: drain() misses a connection in transit to a waiter: putconn() handed the slot "
+        "to the waiter's future, drain() in the same tick marks only borrowed slots "
+        "(expires_at = 0) and discards only idle ones; the waiter is then lent the old "
+        "connection through core._lend_ready(), which checks no generation, and gives it "
+        "back through give_back()'s hot path (expires_at untouched): the pre-drain "
+        "connection stays in the pool indefinitely."
+    ),
+)
+async def test_drain_replaces_a_connection_in_transit_to_a_waiter() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, max_size=1)) as core:
+        old = await core.getconn()
+        waiter = asyncio.create_task(core.getconn())
+        await settle()
+        await core.putconn(old)  # handed to the waiter's future
+        await core.maintenance.drain()
+        got = await waiter
+        await core.putconn(got)
+        assert old.closed, "a connection from before drain() is still in the pool"
+        conn = await core.getconn()
+        assert conn is not old
+        await core.putconn(conn)
