@@ -1029,3 +1029,129 @@ async def test_drain_replaces_a_connection_in_transit_to_a_waiter() -> None:
         conn = await core.getconn()
         assert conn is not old
         await core.putconn(conn)
+
+
+# -- maintenance: lifetime, idle expiry, drain, check, leaks, reconnect_failed ---------------
+
+
+async def test_a_connection_past_max_lifetime_is_closed_on_return() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, max_size=1, max_lifetime=0.02)) as core:
+        conn = await core.getconn()
+        await asyncio.sleep(0.03)
+        await core.putconn(conn)
+        assert conn.closed
+        assert_balanced(core, fake)
+
+
+async def test_an_idle_connection_past_max_lifetime_is_replaced_at_checkout() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, max_size=1, max_lifetime=0.02)) as core:
+        old = await core.getconn()
+        await core.putconn(old)
+        await asyncio.sleep(0.03)
+        conn = await core.getconn()
+        assert conn is not old and old.closed
+        await core.putconn(conn)
+        assert core.stats().connections_lost == 0  # expired, not lost
+        assert_balanced(core, fake)
+
+
+async def test_idle_expiry_keeps_min_size_and_purge_does_not() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, min_size=1, max_size=3, max_idle=0.02)) as core:
+        conns = [await core.getconn() for _ in range(3)]
+        for conn in conns:
+            await core.putconn(conn)
+        await asyncio.sleep(0.03)
+        assert core.maintenance.expire_idle(core.max_idle, keep_min=True) == 2
+        assert core.stats().size == 1
+        await asyncio.sleep(0.03)
+        assert await core.maintenance.purge_expired() == 1
+        assert all(c.closed for c in conns)
+        await core.connector.wait(1.0)  # refilled to min_size with a fresh one
+        assert core.stats().size == 1
+        assert_balanced(core, fake)
+        await checkout_all(core)
+
+
+async def test_drain_replaces_idle_now_and_borrowed_on_return() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, min_size=2, max_size=2)) as core:
+        borrowed = await core.getconn()
+        idle = next(iter(core.queue)).conn
+        await core.maintenance.drain()
+        assert idle.closed and not borrowed.closed
+        await core.putconn(borrowed)
+        assert borrowed.closed
+        await core.connector.wait(1.0)
+        assert core.stats().size == 2
+        assert_balanced(core, fake)
+
+
+async def test_check_probes_every_idle_connection_and_replaces_the_dead() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, min_size=3, max_size=3)) as core:
+        conns = [slot.conn for slot in core.queue]
+        conns[1].alive = False
+        await core.maintenance.check()
+        assert fake.probes == 3
+        assert [c.closed for c in conns] == [False, True, False]
+        assert core.stats().connections_lost == 1
+        await core.connector.wait(1.0)
+        assert core.stats().size == 3
+        assert_balanced(core, fake)
+
+
+async def test_a_connection_held_past_leak_timeout_is_reported() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, max_size=2, leak_timeout=0.02)) as core:
+        quick = await core.getconn()
+        await core.putconn(quick)
+        held = await core.getconn()
+        await asyncio.sleep(0.04)
+        assert core.stats().leaks == 1
+        await core.putconn(held)
+        assert core.stats().leaks == 1
+
+
+async def test_ping_after_idle_probes_a_connection_idle_that_long() -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, max_size=1, ping_after_idle=0.02)) as core:
+        conn = await core.getconn()
+        await core.putconn(conn)
+        assert await core.getconn() is conn
+        await core.putconn(conn)
+        assert fake.probes == 0
+        await asyncio.sleep(0.03)
+        assert await core.getconn() is conn
+        assert fake.probes == 1
+        await core.putconn(conn)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_reconnect_failed_is_called_once_when_reconnect_timeout_runs_out(
+    kind: str,
+) -> None:
+    fake = FakeLifecycle()
+    fake.fail = ConnectError("down")
+    called: list[Any] = []
+
+    def sync_callback(owner: Any) -> None:
+        called.append(owner)
+
+    async def async_callback(owner: Any) -> None:
+        await asyncio.sleep(0)
+        called.append(owner)
+
+    callback = sync_callback if kind == "sync" else async_callback
+    core = make_core(
+        fake, min_size=1, max_size=1, reconnect_timeout=0.05, reconnect_failed=callback
+    )
+    async with opened(core, wait=False):
+        for _ in range(40):
+            if called:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
+        assert called == [core]
