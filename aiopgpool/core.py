@@ -300,12 +300,19 @@ class PoolCore(Generic[ConnT]):
         except BaseException as exc:
             self._waited(monotonic() - start)
             if not isinstance(exc, WaitTimeout):
-                self.queue.withdraw(fut, _has_conn)
+                handed = self.queue.withdraw(fut)
+                if handed is not None:
+                    self.release_slot(handed)  # to the next waiter, or closed with the pool
                 raise
             stats.timeouts += 1
             raise self._timeout_error(timeout) from self.connector.failure_cause()
         self._waited(monotonic() - start)
-        if key is None and self._fast and slot.conn is not None:
+        if (
+            key is None
+            and self._fast
+            and slot.conn is not None
+            and slot.generation == self.generation
+        ):
             conn = self._lend_ready(slot)
             if conn is not None:
                 return conn
@@ -333,6 +340,9 @@ class PoolCore(Generic[ConnT]):
 
     def _lend_ready(self, slot: Slot[ConnT]) -> ConnT | None:
         """Lend ``slot``'s connection if it is ready as it is; None: it needs preparing.
+
+        ``slot`` holds a connection of the current generation (every idle
+        one does; a slot handed to a waiter is checked by the waiter).
 
         The one copy of the idle hot path's test: tested recently, or not
         expired and its socket quiet (a non-blocking system call). Only for

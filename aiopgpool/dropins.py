@@ -157,7 +157,7 @@ class DropInBase(Generic[C]):
             if conn is None:
                 if key is None:
                     raise PoolError("trying to put unkeyed connection")
-                conn = self._pool.held_by_key(key)
+                conn = self._pool._held_by_key(key)
                 if conn is None:
                     raise PoolError(f"no connection is checked out under key {key!r}")
             self._pool.putconn(conn, key, close)
@@ -219,7 +219,7 @@ class PersistentMixin(DropInBase[C]):
         thread_key = ("thread", threading.get_ident())
         try:
             if conn is None:
-                conn = self._pool.held_by_key(thread_key)
+                conn = self._pool._held_by_key(thread_key)
                 if conn is None:
                     raise PoolError("this thread holds no connection from this pool")
         except PoolError as exc:

@@ -29,16 +29,20 @@ def make_name(name: str | None) -> str:
 
 
 def check_timeout(label: str, value: float | None, *, allow_none: bool = True) -> float | None:
-    """Validate a duration in seconds: a finite number >= 0 (or None where allowed)."""
+    """Validate a duration in seconds: a number >= 0, ``inf`` for ever (or None where allowed)."""
     if value is None:
         if allow_none:
             return None
         raise ValueError(f"{label} must be a number of seconds, got None")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{label} must be a number of seconds, got {value!r}")
-    if math.isnan(value) or value < 0:
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{label} is too large: {value!r}") from None
+    if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"{label} must be >= 0, got {value!r}")
-    return float(value)
+    return seconds
 
 
 def check_key(key: Hashable) -> None:

@@ -71,6 +71,7 @@ class Slot(Generic[ConnT]):
         """Forget the connection: a free slot."""
         self.conn = None
         self.quiet = never_quiet
+        self.fresh_until = 0.0
 
     def still_ready(self, now: float) -> bool:
         """Past ``fresh_until``: ready if not expired and its socket is quiet (then tested now)."""

@@ -287,8 +287,8 @@ class SyncPoolFacade(Generic[C]):
             with suppress(PoolClosed):
                 self.putconn(conn)
 
-    def held_by_key(self, key: Hashable) -> C | None:
-        """The connection checked out under ``key``, if any."""
+    def _held_by_key(self, key: Hashable) -> C | None:
+        """The connection checked out under ``key``, if any (for the psycopg2 drop-ins)."""
         bridge = self._running_bridge()
         with bridge.lock:
             return self._port.held_by_key_nowait(key)

@@ -70,7 +70,12 @@ class ThreadWaiter(Generic[ConnT]):
         core = self._core
         core._waited(monotonic() - self._start)
         result: ConnT | Slot[ConnT] | None = None
-        if self._key is None and core._fast and slot.conn is not None:
+        if (
+            self._key is None
+            and core._fast
+            and slot.conn is not None
+            and slot.generation == core.generation
+        ):
             result = core._lend_ready(slot)
         if result is None:
             core._preparing += 1

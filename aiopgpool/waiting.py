@@ -211,11 +211,12 @@ class HandoffQueue(Generic[T]):
         self._waiting += 1
         return fut
 
-    def withdraw(self, fut: asyncio.Future[T], ready: Callable[[T], bool]) -> None:
-        """A waiter stops awaiting ``fut`` (cancelled): leave the line, pass on its item.
+    def withdraw(self, fut: asyncio.Future[T]) -> T | None:
+        """A waiter stops awaiting ``fut`` (cancelled): leave the line.
 
-        An item handed over in the same tick as the cancellation goes to the
-        next waiter; ``ready(item)`` says where it goes when nobody waits.
+        Returns the item it was handed in the same tick as the cancellation,
+        if any: the caller passes it on (it may belong to a pool that closed
+        meanwhile, so the queue does not take it back itself).
         """
         if fut.cancelled():
             self._waiting -= 1
@@ -223,8 +224,8 @@ class HandoffQueue(Generic[T]):
             fut.cancel()
             self._waiting -= 1
         elif fut.exception() is None:
-            item = fut.result()
-            self.put(item, ready(item))
+            return fut.result()
+        return None
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweeper is not None:

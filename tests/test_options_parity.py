@@ -182,14 +182,6 @@ def test_the_async_pool_shows_exactly_the_public_api() -> None:
     assert public_names(AsyncNullConnectionPool) == PUBLIC_API
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "NON-API: ConnectionPool (and NullConnectionPool) show a public held_by_key(), "
-        "inherited from SyncPoolFacade, which the psycopg2 drop-ins need on the facade "
-        "they hold; it is not in API.md and AsyncConnectionPool has no such method."
-    ),
-)
 def test_the_sync_pool_shows_exactly_the_public_api() -> None:
     assert public_names(ConnectionPool) == PUBLIC_API
     assert public_names(NullConnectionPool) == PUBLIC_API

@@ -853,21 +853,9 @@ async def test_a_null_core_of_max_size_zero_has_no_bound() -> None:
         assert fake.open_now == 0
 
 
-# -- bugs found by these tests (strict xfail: they fail today; fixing the bug flips them) -----
+# -- bugs these tests found (fixed since): concurrent keys, timeout=0 with a failing refill, a failing check, in-transit connections at close and drain --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: two concurrent getconn(key=k) both miss core._keyed (the first is still in "
-        "validation.prepare, connecting) and take two slots; _lend() then overwrites "
-        "_keyed[k] while both connections stay in _key_of under k. Returning them: the "
-        "first putconn deletes _keyed[k] (the second's entry), the second putconn raises "
-        "KeyError from core._unkey() ('del self._keyed[held]') after give_back() already "
-        "popped it from _borrowed: its slot is lost for good and its connection never "
-        "closed (stats: size 2 = idle 1 + in_use 0)."
-    ),
-)
 async def test_concurrent_requests_under_one_key_share_one_connection() -> None:
     fake = FakeLifecycle()
     fake.gate = asyncio.Event()
@@ -883,15 +871,6 @@ async def test_concurrent_requests_under_one_key_share_one_connection() -> None:
         await checkout_all(core)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: same root cause as test_concurrent_requests_under_one_key_share_one_connection: "
-        "after two concurrent getconn(key=k), returning both connections under k raises "
-        "KeyError (not PoolError) from core._unkey() and loses a slot: the pool can never "
-        "again lend max_size connections."
-    ),
-)
 async def test_concurrent_requests_under_one_key_lose_no_slot_when_returned() -> None:
     fake = FakeLifecycle()
     fake.gate = asyncio.Event()
@@ -907,17 +886,6 @@ async def test_concurrent_requests_under_one_key_lose_no_slot_when_returned() ->
         await checkout_all(core)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: with timeout=0 ('fail at once'), a request whose only free slot is held by "
-        "the background min_size refill waits IN_TRANSIT_WAIT (10 s) in "
-        "core._wait_timeout(): a slot being refilled counts as 'in transit', but when the "
-        "server is down the refill retries for reconnect_timeout (300 s), so the request "
-        "blocks 10 s and then says 'no connection available after 0 s'. The psycopg2 "
-        "drop-ins (timeout=0) block the same way instead of raising at once."
-    ),
-)
 async def test_timeout_zero_fails_at_once_while_the_refill_cannot_connect() -> None:
     fake = FakeLifecycle()
     async with opened(make_core(fake, min_size=1, max_size=1, timeout=0)) as core:
@@ -933,16 +901,6 @@ async def test_timeout_zero_fails_at_once_while_the_refill_cannot_connect() -> N
         assert isinstance(info.value.__cause__, ConnectError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a check that fails on every fresh connection makes validation.prepare() "
-        "reconnect in a tight loop until the deadline (connect, _checked() fails, discard, "
-        "connect again): no backoff, about 3,000 connections in 0.2 s with the fake, one per "
-        "round trip against a real server for the whole timeout (30 s by default). The "
-        "Backoff in Connector.connect() only applies when lifecycle.connect() raises."
-    ),
-)
 async def test_check_failing_on_fresh_connections_backs_off() -> None:
     fake = FakeLifecycle(has_check=True)
     fake.check_fails = True
@@ -953,15 +911,6 @@ async def test_check_failing_on_fresh_connections_backs_off() -> None:
         assert fake.connect_calls <= 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: when every fresh connection fails the user's check, the PoolTimeout raised at "
-        "the deadline chains nothing: validation._checked() discards the connection without "
-        "recording the check's exception, so the caller cannot tell a failing check from a "
-        "busy pool (a failing connect is chained)."
-    ),
-)
 async def test_check_failing_on_fresh_connections_is_chained_to_the_timeout() -> None:
     fake = FakeLifecycle(has_check=True)
     fake.check_fails = True
@@ -971,18 +920,6 @@ async def test_check_failing_on_fresh_connections_is_chained_to_the_timeout() ->
         assert isinstance(info.value.__cause__, CheckError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a connection in transit to a waiter escapes closing: putconn() hands the slot "
-        "to the waiter's future, close()/closeall() in the same tick fails only waiters not "
-        "done yet and closes only idle and borrowed connections; if the waiter is then "
-        "cancelled, core.getconn()'s except branch calls queue.withdraw(fut, _has_conn), "
-        "which queue.put()s the slot back into the closed pool's idle deque instead of "
-        "going through release_slot() (which discards when CLOSED): the connection stays "
-        "open for good (fake.open_now == 1 after closeall)."
-    ),
-)
 @pytest.mark.parametrize("how", ["close", "closeall"])
 async def test_a_connection_in_transit_to_a_cancelled_waiter_is_closed_with_the_pool(
     how: str,
@@ -1004,17 +941,6 @@ async def test_a_connection_in_transit_to_a_cancelled_waiter_is_closed_with_the_
         assert len(core.queue) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: drain() misses a connection in transit to a waiter: putconn() handed the slot "
-        "to the waiter's future, drain() in the same tick marks only borrowed slots "
-        "(expires_at = 0) and discards only idle ones; the waiter is then lent the old "
-        "connection through core._lend_ready(), which checks no generation, and gives it "
-        "back through give_back()'s hot path (expires_at untouched): the pre-drain "
-        "connection stays in the pool indefinitely."
-    ),
-)
 async def test_drain_replaces_a_connection_in_transit_to_a_waiter() -> None:
     fake = FakeLifecycle()
     async with opened(make_core(fake, max_size=1)) as core:

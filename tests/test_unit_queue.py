@@ -49,7 +49,9 @@ async def getter(queue: HandoffQueue[Any], got: list[Any], timeout: float | None
         item = await fut
     except BaseException as exc:
         if not isinstance(exc, WaitTimeout):
-            queue.withdraw(fut, ready)
+            handed = queue.withdraw(fut)
+            if handed is not None:  # the core passes it on (release_slot)
+                queue.put(handed, ready(handed))
         raise
     got.append(item)
     return item
@@ -113,7 +115,7 @@ async def test_put_skips_waiters_already_done() -> None:
     timed_out = queue.join(None, monotonic())
     live = queue.join(None, monotonic())
     timed_out.cancel()
-    queue.withdraw(timed_out, ready)
+    assert queue.withdraw(timed_out) is None
     assert queue.waiting == 1
     queue.put("a", True)
     assert live.result() == "a"
@@ -168,7 +170,7 @@ async def test_add_free_skips_cancelled_waiters() -> None:
     gone = queue.join(None, monotonic())
     live = queue.join(None, monotonic())
     gone.cancel()
-    queue.withdraw(gone, ready)
+    assert queue.withdraw(gone) is None
     queue.add_free(2)
     assert isinstance(live.result(), Free)
     assert queue.free == 1
@@ -259,7 +261,7 @@ async def test_withdraw_after_a_timeout_or_a_failure_gives_nothing_back() -> Non
     queue = make_queue()
     failed = queue.join(None, monotonic())
     queue.fail_waiters(lambda: RuntimeError("closed"))
-    queue.withdraw(failed, ready)
+    assert queue.withdraw(failed) is None
     assert queue.waiting == 0 and len(queue) == 0 and queue.free == 0
     with pytest.raises(RuntimeError):
         failed.result()
@@ -394,7 +396,7 @@ async def test_outside_waiters_are_served_in_line_with_the_others() -> None:
     assert inside.result() == "a"
     assert outside.result() == "b"
     assert last.result() == "c"
-    assert queue.leave(outside) == "b"
+    assert queue.leave(outside) is False  # served: it keeps what it got
     assert queue.waiting == 0
 
 
@@ -402,17 +404,18 @@ async def test_an_outside_waiter_leaving_unserved() -> None:
     queue = make_queue()
     outside: concurrent.futures.Future[Any] = concurrent.futures.Future()
     queue.add_waiter(outside)
-    assert queue.leave(outside) is None
+    assert queue.leave(outside) is True  # left with nothing
     assert queue.waiting == 0
     queue.put("conn", True)  # nobody waits: kept
     assert list(queue) == ["conn"]
 
 
-async def test_an_outside_waiter_failed_raises_on_leave() -> None:
+async def test_an_outside_waiter_failed_keeps_its_exception() -> None:
     queue = make_queue()
     outside: concurrent.futures.Future[Any] = concurrent.futures.Future()
     queue.add_waiter(outside)
     queue.fail_waiters(lambda: RuntimeError("closed"))
+    assert queue.leave(outside) is False  # completed: with the exception
     with pytest.raises(RuntimeError, match="closed"):
-        queue.leave(outside)
+        outside.result()
     assert queue.waiting == 0
