@@ -853,7 +853,7 @@ async def test_a_null_core_of_max_size_zero_has_no_bound() -> None:
         assert fake.open_now == 0
 
 
-# -- bugs these tests found (fixed since): concurrent keys, timeout=0 with a failing refill, a failing check, in-transit connections at close and drain --
+# -- bugs these tests found, fixed since (concurrent keys, timeout=0, checks, in transit) --
 
 
 async def test_concurrent_requests_under_one_key_share_one_connection() -> None:
