@@ -212,6 +212,32 @@ async def test_a_read_only_report_is_logged_and_replaces_the_idle_connections_at
         await pool.close(timeout=2.0)
 
 
+def test_the_sync_pool_replaces_them_too(
+    rc: ReplicatedCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same through ConnectionPool, whose putconn does the work in the caller's thread."""
+    caplog.set_level(logging.WARNING, logger="aiopgpool")
+    primary = rc.primary
+    name = unique_name("multihost-ro-sync")
+    pool = ConnectionPool(_rw(rc), name=name, min_size=3, max_size=3, reconnect_timeout=60)
+    pool.open(wait=True, timeout=10.0)
+    try:
+        rc.make_read_only(primary)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), pool.connection() as conn:
+            conn.execute(WRITE)
+        assert pool.stats().idle == 0
+        said = [r.getMessage() for r in caplog.records if "no longer a writable" in r.getMessage()]
+        assert said and f"127.0.0.1:{primary.port}" in said[0], caplog.text
+        assert _eventually_zero(primary, name) == 0
+    finally:
+        rc.make_writable(primary)
+    try:
+        with pool.connection(timeout=10.0) as conn:
+            conn.execute(WRITE)
+    finally:
+        pool.close(timeout=2.0)
+
+
 # -- TCP keepalives -------------------------------------------------------------------------
 
 
