@@ -175,3 +175,42 @@ async def test_the_pool_recovers_from_a_server_restart_behind_the_bouncer(
                 await pool.putconn(conn)
         stats = pool.stats()
         assert (stats.in_use, stats.waiting) == (0, 0)
+
+
+async def test_role_tracking_works_through_a_session_mode_bouncer(
+    pgbouncer: MakeBouncer, own_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PgBouncer (1.18 measured) passes on the server's ParameterStatus changes in
+    session mode: a pool asking for read-write through it sees
+    default_transaction_read_only=on and replaces its connections to the bouncer, as it
+    would a server's. (In transaction mode the report comes with the failing transaction
+    in some runs only, and sometimes not within three more: not tested, see README.)"""
+    mode = "session"
+    caplog.set_level(logging.WARNING, logger="aiopgpool")
+    bouncer = pgbouncer(mode, server=own_server)
+    conninfo = f"{bouncer.dsn} target_session_attrs=read-write connect_timeout=5"
+    name = unique_name(f"bouncer-role-{mode}")
+    pool = AsyncConnectionPool(conninfo, name=name, min_size=2, max_size=2)
+    await pool.open(wait=True, timeout=10.0)
+    admin = psycopg.connect(
+        own_server.dsn, autocommit=True, options="-c default_transaction_read_only=off"
+    )
+    try:
+        admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        admin.execute("SELECT pg_reload_conf()")
+        await asyncio.sleep(0.5)  # the backends take the reload in
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            async with pool.connection(timeout=10.0) as conn:
+                await conn.execute("CREATE TABLE refused (x int)")
+        assert pool.stats().idle == 0
+        assert f"127.0.0.1:{bouncer.port}" in caplog.text
+        assert "default_transaction_read_only=on" in caplog.text
+    finally:
+        admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        admin.execute("SELECT pg_reload_conf()")
+        admin.close()
+    try:
+        async with pool.connection(timeout=10.0) as conn:
+            await conn.execute("CREATE TABLE accepted (x int)")
+    finally:
+        await pool.close(timeout=2.0)
