@@ -303,3 +303,36 @@ async def test_ping_after_idle_finds_a_connection_cut_off_silently(rc: Replicate
             assert stats.connections_lost == 1 and stats.timeouts == 0, stats
             assert took < 9.0  # the probe's 5 s, then the cut host's connect_timeout
             cut.forward()
+
+
+def test_ping_after_idle_in_the_sync_pool(rc: ReplicatedCluster) -> None:
+    """The same through ConnectionPool, whose ping runs in a worker thread."""
+    params = conninfo_to_dict(rc.primary.dsn)
+    with (
+        TcpProxy(rc.primary.host, rc.primary.port) as cut,
+        TcpProxy(rc.primary.host, rc.primary.port) as spare,
+    ):
+        params.update(host="127.0.0.1,127.0.0.1", port=f"{cut.port},{spare.port}")
+        conninfo = make_conninfo("", connect_timeout="2", **params)
+        pool = ConnectionPool(
+            conninfo,
+            name=unique_name("ping-after-idle-sync"),
+            min_size=1,
+            max_size=1,
+            ping_after_idle=0.05,
+            timeout=10.0,
+        )
+        with pool:
+            pool.wait(10.0)
+            with pool.connection() as conn:
+                assert conn.info.port == cut.port
+            time.sleep(0.1)
+            cut.blackhole()
+            started = time.monotonic()
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+                assert conn.info.port == spare.port
+            assert time.monotonic() - started < 9.0
+            stats = pool.stats()
+            assert stats.connections_lost == 1 and stats.timeouts == 0, stats
+            cut.forward()
