@@ -148,7 +148,9 @@ async def test_the_socket_test_works_through_the_bouncer(
 async def test_the_pool_recovers_from_a_server_restart_behind_the_bouncer(
     pgbouncer: MakeBouncer, own_server: PostgresServer, mode: str
 ) -> None:
-    bouncer = pgbouncer(mode, server=own_server)
+    # After a failed server login PgBouncer waits server_login_retry (15 s by default)
+    # before the next one, and its clients with it: keep that short (see README).
+    bouncer = pgbouncer(mode, server=own_server, server_login_retry=1)
     name = unique_name(f"bouncer-restart-{mode}")
     async with AsyncConnectionPool(bouncer.dsn, name=name, min_size=2, max_size=4) as pool:
         await pool.wait(10.0)
