@@ -48,7 +48,9 @@ ACTIVE = TransactionStatus.ACTIVE
 OK = ConnStatus.OK
 
 _POLLIN = select.POLLIN
-# Asked of every new connection: is there a pooler between us and the server?
+# Asked of every new connection: is there a pooler between us and the server? Never
+# prepared (prepare=False): behind a transaction-mode pooler, a caller's prepare_threshold=0
+# would prepare it on one server connection and fail the next connect on that name.
 BACKEND_PID_QUERY = "SELECT pg_backend_pid()"
 # ParameterStatus names a server reports when it stops being a writable primary.
 _IN_HOT_STANDBY = b"in_hot_standby"
@@ -417,7 +419,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         try:
             autocommit = conn.autocommit
             await conn.set_autocommit(True)
-            cur = await conn.execute(BACKEND_PID_QUERY)
+            cur = await conn.execute(BACKEND_PID_QUERY, prepare=False)
             self.through_pooler(conn, (await cur.fetchone() or (0,))[0], kwargs)
             await conn.set_autocommit(autocommit)
             if self._configure is not None:

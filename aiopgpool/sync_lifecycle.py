@@ -185,7 +185,7 @@ class SyncLifecycle(
         try:
             autocommit = conn.autocommit
             conn.autocommit = True
-            row = conn.execute(BACKEND_PID_QUERY).fetchone()
+            row = conn.execute(BACKEND_PID_QUERY, prepare=False).fetchone()
             self.through_pooler(conn, (row or (0,))[0], kwargs)
             conn.autocommit = autocommit
             if self._configure is not None:

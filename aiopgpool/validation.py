@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .backoff import Backoff
 from .errors import PoolTimeout
@@ -26,7 +27,39 @@ __all__ = ["Validation"]
 
 logger = logging.getLogger("aiopgpool")
 
+#: Longest wait, in seconds, for the round trip of a checkout probe (a connection idle past
+#: ``ping_after_idle``, or whose socket was not quiet): a server behind a silent network
+#: partition never answers, and the request must neither hang nor outlive its deadline.
+PROBE_TIMEOUT = 5.0
+
 ConnT = TypeVar("ConnT")
+
+
+async def _within(probe: Coroutine[Any, Any, None], limit: float) -> None:
+    """Await ``probe``; TimeoutError when it has not finished within ``limit`` seconds.
+
+    Not ``asyncio.wait_for``: cancelled mid-query, psycopg first sends the
+    server a cancel request and waits for the query to end (5 s each), which a
+    partitioned server never answers. Interrupted a second time, psycopg
+    closes the connection at once (psycopg #1435): the probe is cancelled
+    twice, and the connection, discarded anyway, goes quickly.
+    """
+    task = asyncio.ensure_future(probe)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+    except BaseException:
+        task.cancel()
+        raise
+    if done:
+        task.result()
+        return
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: no "exception never retrieved" warning
+    raise TimeoutError(f"no answer within {limit:.3g} s")
 
 
 class Validation(Generic[ConnT]):
@@ -62,7 +95,7 @@ class Validation(Generic[ConnT]):
             backoff: Backoff | None = None
             while True:
                 if slot.conn is not None:
-                    if await self._usable(slot):
+                    if await self._usable(slot, deadline):
                         if core.state == "closed":  # closed while we checked it
                             raise core.closed_error()
                         return slot
@@ -97,8 +130,11 @@ class Validation(Generic[ConnT]):
         finally:
             core._preparing -= 1
 
-    async def _usable(self, slot: Slot[ConnT]) -> bool:
-        """Whether a connected slot can be handed out; discards it if not."""
+    async def _usable(self, slot: Slot[ConnT], deadline: float | None = None) -> bool:
+        """Whether a connected slot can be handed out; discards it if not.
+
+        A probe lasts at most :data:`PROBE_TIMEOUT`, and never past ``deadline``.
+        """
         core = self._core
         conn = slot.conn
         assert conn is not None
@@ -108,8 +144,9 @@ class Validation(Generic[ConnT]):
             return False
         ping = core.ping_after_idle
         if not slot.quiet() or (ping is not None and now - slot.returned_at > ping):
+            limit = PROBE_TIMEOUT if deadline is None else min(PROBE_TIMEOUT, deadline - now)
             try:
-                await core.lifecycle.probe(conn)
+                await _within(core.lifecycle.probe(conn), max(limit, 0.001))
             except Exception as exc:
                 core.discard(slot, f"dead while idle ({exc.__class__.__name__})", lost=True)
                 return False
