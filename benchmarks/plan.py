@@ -17,7 +17,7 @@ FAMILIES: tuple[Family, ...] = ("async", "uvloop", "sync")
 #: Every pool is min_size = max_size = POOL_SIZE for the steady-state cases.
 POOL_SIZE = 10
 ASYNC_CONCURRENCY = (1, 10, 100)
-SYNC_CONCURRENCY = (1, 4, 16)
+SYNC_CONCURRENCY = (1, 4, 16, 50)
 #: Tasks in the cold burst (each does select1 once on a fresh min_size=0 pool).
 BURST_TASKS = 200
 #: Scale: checkout with this many tasks waiting in line (POOL_SIZE more tasks hold the
