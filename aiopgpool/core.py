@@ -608,7 +608,10 @@ class PoolCore(Generic[ConnT]):
             len(borrowed),
         )
         for slot in borrowed:
-            slot.generation = -1  # an old generation: discarded on return
+            # Expired, so that its return leaves the hot path; an old generation, so
+            # that the slow path discards it.
+            slot.expires_at = 0.0
+            slot.generation = -1
         for slot in idle:
             self.discard(slot, f"server no longer primary ({reason})")
             self.release_slot(slot)

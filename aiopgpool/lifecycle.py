@@ -48,6 +48,20 @@ ACTIVE = TransactionStatus.ACTIVE
 OK = ConnStatus.OK
 
 _POLLIN = select.POLLIN
+# Asked after a failed transaction on a role-tracking pool, where the server's
+# ParameterStatus may not say it (PostgreSQL < 14, a transaction-mode pooler).
+ROLE_QUERY = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+
+
+def role_words(row: Any) -> str | None:
+    """Why a server is no longer a writable primary, from :data:`ROLE_QUERY`'s row."""
+    if row and row[0]:
+        return "pg_is_in_recovery()"
+    if row and row[1] == "on":
+        return "transaction_read_only=on"
+    return None
+
+
 # Asked of every new connection: is there a pooler between us and the server? Never
 # prepared (prepare=False): behind a transaction-mode pooler, a caller's prepare_threshold=0
 # would prepare it on one server connection and fail the next connect on that name.
@@ -193,6 +207,14 @@ class Lifecycle(ABC, Generic[ConnT]):
     @abstractmethod
     async def clean(self, conn: ConnT, baseline: Baseline) -> bool:
         """Roll back and restore attributes; False when it must be discarded."""
+
+    def in_failed_transaction(self, conn: ConnT) -> bool:
+        """True when the borrower left a failed transaction (role tracking asks then)."""
+        return False
+
+    async def ask_role(self, conn: ConnT) -> str | None:
+        """Ask the server why it is no longer a writable primary (None: it still is)."""
+        return None
 
     @abstractmethod
     async def probe(self, conn: ConnT) -> None:
@@ -358,6 +380,10 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
         pgconn = conn.pgconn
         return (pgconn.host, pgconn.port)
 
+    def in_failed_transaction(self, conn: PgConnT) -> bool:
+        """True when the borrower left a failed transaction (perhaps a refused write, 25006)."""
+        return conn.pgconn.transaction_status == INERROR
+
     def role_lost(self, conn: PgConnT) -> str | None:
         status = conn.pgconn.parameter_status
         if status(_IN_HOT_STANDBY) == b"on":
@@ -446,6 +472,16 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         for name, value in todo.attributes:
             await getattr(conn, "set_" + name)(value)
         return pgconn.transaction_status == IDLE
+
+    async def ask_role(self, conn: psycopg.AsyncConnection[Any]) -> str | None:
+        """Ask the server whether it is still a writable primary (one round trip)."""
+        autocommit = conn.autocommit
+        await conn.set_autocommit(True)
+        try:
+            cur = await conn.execute(ROLE_QUERY, prepare=False)
+            return role_words(await cur.fetchone())
+        finally:
+            await conn.set_autocommit(autocommit)
 
     async def probe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await check_connection(conn)

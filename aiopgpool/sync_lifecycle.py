@@ -27,9 +27,11 @@ from .lifecycle import (
     IDLE,
     INTRANS,
     OK,
+    ROLE_QUERY,
     Lifecycle,
     PsycopgLifecycle,
     configure_left_transaction,
+    role_words,
     state_reader,
     what_to_restore,
 )
@@ -73,6 +75,10 @@ class BlockingLifecycle(Lifecycle[C], Generic[C]):
     @abstractmethod
     def clean_blocking(self, conn: C, baseline: Baseline) -> bool:
         """Roll back and restore attributes; False when it must be discarded."""
+
+    def ask_role_blocking(self, conn: C) -> str | None:
+        """Ask the server why it is no longer a writable primary (None: it still is)."""
+        return None
 
     @abstractmethod
     def probe_blocking(self, conn: C) -> None:
@@ -210,6 +216,15 @@ class SyncLifecycle(
         for name, value in todo.attributes:
             setattr(conn, name, value)
         return pgconn.transaction_status == IDLE
+
+    def ask_role_blocking(self, conn: psycopg.Connection[Any]) -> str | None:
+        """Ask the server whether it is still a writable primary (one round trip)."""
+        autocommit = conn.autocommit
+        conn.autocommit = True
+        try:
+            return role_words(conn.execute(ROLE_QUERY, prepare=False).fetchone())
+        finally:
+            conn.autocommit = autocommit
 
     def probe_blocking(self, conn: psycopg.Connection[Any]) -> None:
         check_connection_blocking(conn)

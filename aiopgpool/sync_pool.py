@@ -251,12 +251,15 @@ class SyncPoolFacade(Generic[C]):
             broken = False
             if not close:
                 try:
+                    failed = lifecycle.tracks_role and lifecycle.in_failed_transaction(conn)
                     if not lifecycle.is_clean(conn, baseline):
                         if lifecycle.is_bad_return(conn):
                             bad = lifecycle.describe_state(conn)
                         broken = close = not lifecycle.clean_blocking(conn, baseline)
                     if lifecycle.tracks_role and not close:
                         lost = lifecycle.role_lost(conn)
+                        if lost is None and failed:
+                            lost = lifecycle.ask_role_blocking(conn)
                         close = lost is not None
                     if lifecycle.resets and not close:
                         close = not lifecycle.reset_blocking(conn)

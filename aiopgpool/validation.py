@@ -193,13 +193,16 @@ class Validation(Generic[ConnT]):
                 core.check_loop()
                 if lifecycle.is_bad_return(conn):
                     self.note_bad_return(lifecycle.describe_state(conn))
+                failed = lifecycle.tracks_role and lifecycle.in_failed_transaction(conn)
                 if not lifecycle.is_clean(conn, slot.baseline) and not await lifecycle.clean(
                     conn, slot.baseline
                 ):
                     if lifecycle.tracks_role:
                         core.test_server(slot.server)
                     core.discard(slot, "could not be cleaned after return")
-                elif lifecycle.tracks_role and (lost := lifecycle.role_lost(conn)):
+                elif lifecycle.tracks_role and (
+                    lost := lifecycle.role_lost(conn) or (failed and await lifecycle.ask_role(conn))
+                ):
                     core.forget_server(slot.server, lost)
                     core.discard(slot, f"server no longer primary ({lost})")
                 elif lifecycle.has_reset and not await lifecycle.reset(conn):
