@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiopgpool.slot import Baseline
-
 from fakes import CLEAN, FakeConn, FakeLifecycle, make_core, opened, settle
+
+from aiopgpool.slot import Baseline
 
 FAILED: Baseline = ("inerror",)
 
