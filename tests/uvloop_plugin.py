@@ -63,7 +63,8 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """The loops each async test is run on."""
-    return config.stash[_KEY]
+    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = config.stash[_KEY]
+    return loops
 
 
 _KEY = pytest.StashKey[dict[str, Callable[[], asyncio.AbstractEventLoop]]]()
