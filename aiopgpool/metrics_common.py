@@ -218,11 +218,15 @@ HISTOGRAMS: tuple[HistogramFigure, ...] = (
 
 def _keeps_idle(pool: object) -> bool:
     """False for a null pool (async, sync, or a drop-in built with ``disable_pooling``)."""
-    # A drop-in wraps a sync facade (``_pool``), a sync facade wraps its core (``_core``);
-    # the core knows (``_keep_idle``). Anything else counts as a pool that keeps idle ones.
+    # A drop-in wraps a sync pool (``_pool``), a public pool holds its core (``_core``);
+    # the core knows (``null``, or ``_keep_idle`` in older cores). Anything else counts
+    # as a pool that keeps idle connections.
     obj = pool
     for attr in ("_pool", "_core"):
         obj = getattr(obj, attr, obj)
+    null = getattr(obj, "null", None)
+    if isinstance(null, bool):
+        return not null
     return bool(getattr(obj, "_keep_idle", True))
 
 

@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument(
+        "--connection-limit",
+        type=int,
+        default=100,
+        help="client connections waitress keeps open at once (its own default: 100)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     pool = ConnectionPool(
@@ -105,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
             for statement in QUERIES.create:
                 conn.execute(statement)
         server = waitress.create_server(
-            make_app(pool), host=args.host, port=args.port, threads=args.threads
+            make_app(pool),
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            connection_limit=args.connection_limit,
         )
         # SIGTERM (what process managers send) stops the server as Ctrl-C does: run()
         # returns once waitress has shut its threads down.
