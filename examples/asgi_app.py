@@ -26,8 +26,10 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from psycopg import sql
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -65,26 +67,32 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.close(timeout=5.0)
 
 
+async def _item_query(request: Request, query: sql.Composed) -> tuple[Any, ...] | None:
+    """``query`` run on the path's item id in one transaction; its first row."""
+    async with request.app.state.pool.connection() as conn:
+        cur = await conn.execute(query, (int(request.path_params["item_id"]),))
+        row: tuple[Any, ...] | None = await cur.fetchone()
+        return row
+
+
+def _no_such_item() -> Response:
+    return JSONResponse({"error": "no such item"}, status_code=404)
+
+
 async def get_item(request: Request) -> Response:
     """One row, or 404."""
-    item_id = int(request.path_params["item_id"])
-    async with request.app.state.pool.connection() as conn:
-        cur = await conn.execute(QUERIES.select, (item_id,))
-        row = await cur.fetchone()
+    row = await _item_query(request, QUERIES.select)
     if row is None:
-        return JSONResponse({"error": "no such item"}, status_code=404)
+        return _no_such_item()
     return JSONResponse({"id": row[0], "name": row[1], "hits": row[2]})
 
 
 async def hit_item(request: Request) -> Response:
-    """Increment a row's counter; the new value."""
-    item_id = int(request.path_params["item_id"])
-    async with request.app.state.pool.connection() as conn:
-        cur = await conn.execute(QUERIES.hit, (item_id,))
-        row = await cur.fetchone()
+    """Increment a row's counter; the new value, or 404."""
+    row = await _item_query(request, QUERIES.hit)
     if row is None:
-        return JSONResponse({"error": "no such item"}, status_code=404)
-    return JSONResponse({"id": item_id, "hits": row[0]})
+        return _no_such_item()
+    return JSONResponse({"id": request.path_params["item_id"], "hits": row[0]})
 
 
 async def sleep(request: Request) -> Response:
