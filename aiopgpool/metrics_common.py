@@ -236,10 +236,9 @@ P = TypeVar("P")
 class PoolRef(Generic[P]):
     """A pool held weakly when it can be, so that exporting it does not keep it alive."""
 
-    __slots__ = ("_ref", "_strong", "keeps_idle", "key")
+    __slots__ = ("_ref", "_strong", "keeps_idle")
 
     def __init__(self, pool: P) -> None:
-        self.key = id(pool)
         self.keeps_idle = _keeps_idle(pool)
         self._strong: P | None = None
         self._ref: weakref.ref[Any] | None = None

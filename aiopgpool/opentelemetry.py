@@ -264,16 +264,28 @@ def _create_histogram(meter: Meter, figure: HistogramFigure) -> Histogram:
 
 
 _registries: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+# The global provider's instruments: made once, on whatever get_meter_provider() gave then
+# (a proxy forwards them to the provider set later), so that instrumenting before and
+# after set_meter_provider() does not make the same instruments twice.
+_global_instruments: _Instruments | None = None
 _registries_lock = threading.Lock()
 
 
-def _instruments_for(provider: MeterProvider) -> _Instruments:
+def _instruments_for(provider: MeterProvider | None) -> _Instruments:
+    global _global_instruments
     with _registries_lock:
+        if provider is None:
+            if _global_instruments is None:
+                _global_instruments = _make_instruments(get_meter_provider())
+            return _global_instruments
         instruments = _registries.get(provider)
         if instruments is None:
-            meter = provider.get_meter("aiopgpool", __version__)
-            instruments = _registries[provider] = _Instruments(meter)
+            instruments = _registries[provider] = _make_instruments(provider)
         return instruments
+
+
+def _make_instruments(provider: MeterProvider) -> _Instruments:
+    return _Instruments(provider.get_meter("aiopgpool", __version__))
 
 
 class Instrumentation:
@@ -302,7 +314,8 @@ class Instrumentation:
 def instrument(pool: Any, meter_provider: MeterProvider | None = None) -> Instrumentation:
     """Report ``pool``'s metrics through OpenTelemetry (see the module's documentation).
 
-    ``meter_provider`` defaults to the global one (``opentelemetry.metrics``). Any number
+    ``meter_provider`` defaults to the global one (``opentelemetry.metrics``, set before
+    or after this call). Any number
     of pools may be instrumented on one provider: they share its instruments and are
     told apart by ``db.client.connection.pool.name``, so their names must differ (a
     second pool with the same name is left out, with a warning). Instrumenting the same
@@ -311,7 +324,6 @@ def instrument(pool: Any, meter_provider: MeterProvider | None = None) -> Instru
     """
     if not callable(getattr(pool, "stats", None)):
         raise TypeError(f"{type(pool).__name__} has no stats(): not a pool")
-    provider = meter_provider if meter_provider is not None else get_meter_provider()
-    instruments = _instruments_for(provider)
+    instruments = _instruments_for(meter_provider)
     instruments.add(pool)
     return Instrumentation(pool, instruments)

@@ -8,6 +8,8 @@ import itertools
 import math
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -304,3 +306,44 @@ async def test_pool_histograms_exported(dsn: str, reader: InMemoryMetricReader) 
     assert use.sum >= 20 * 0.005
     assert create is not None and create.count == stats.connections_created
     assert list(use.bucket_counts) == list(stats.use_time_histogram.counts)
+
+
+_GLOBAL_PROVIDER_SCRIPT = """
+import os
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from aiopgpool import ConnectionPool
+from aiopgpool.opentelemetry import instrument
+
+dsn = os.environ["AIOPGPOOL_CHILD_DSN"]
+with ConnectionPool(dsn, max_size=2, name="before") as before, ConnectionPool(
+    dsn, max_size=3, name="after"
+) as after:
+    instrument(before)  # on the global proxy: no provider set yet
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    instrument(after)
+    found = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name == "db.client.connection.max":
+                    for p in m.data.data_points:
+                        found[p.attributes["db.client.connection.pool.name"]] = p.value
+    assert found == {"before": 2, "after": 3}, found
+"""
+
+
+def test_global_provider_set_after_instrument(dsn: str) -> None:
+    """The global provider: pools instrumented before and after set_meter_provider() are
+    both reported (in a fresh interpreter: the global provider can be set once)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _GLOBAL_PROVIDER_SCRIPT],
+        env={**os.environ, "AIOPGPOOL_CHILD_DSN": dsn},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
