@@ -189,6 +189,25 @@ def test_sync_pools_and_dropins(dsn: str, reader: InMemoryMetricReader) -> None:
             drop.closeall()
 
 
+def test_psycopg2_dropin_without_pooling(dsn: str, reader: InMemoryMetricReader) -> None:
+    """aiopgpool.psycopg2's drop-in (real psycopg2 connections) with disable_pooling:
+    a null pool underneath, so no idle connection allowed."""
+    from aiopgpool.psycopg2 import SimpleConnectionPool
+
+    name = _name("psycopg2-null")
+    pool = SimpleConnectionPool(0, 2, dsn, disable_pooling=True, name=name)
+    try:
+        instrument(pool, reader.provider)  # type: ignore[attr-defined]
+        conn = pool.getconn()
+        conn.cursor().execute("SELECT 1")
+        points = _points(reader)
+        _check_figures(points, pool.stats(), idle_max=0)
+        assert _value(points, "db.client.connection.max", name).value == 2
+        pool.putconn(conn)
+    finally:
+        pool.closeall()
+
+
 def test_instrument_twice_and_two_providers(dsn: str, reader: InMemoryMetricReader) -> None:
     """Twice on one provider is an error; two providers each get the pool's figures."""
     other = InMemoryMetricReader()
