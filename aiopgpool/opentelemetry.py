@@ -88,12 +88,13 @@ def replay(
 ) -> Iterator[tuple[float, int]]:
     """Representative values of a histogram: ``(value, how many)`` per non-empty bucket.
 
-    Each value lies in its bucket (``bounds[i-1] < value <= bounds[i]``; the first
-    bucket starts at 0, the last is above ``bounds[-1]``), and the values add up to
-    ``total`` whenever the buckets allow it (they do when ``total`` is the true sum
-    of the values counted): finite buckets take the same relative position between
-    their bounds; when the +Inf bucket is not empty, finite buckets take their middle
-    and the values above the last bound take the rest.
+    Each value lies strictly between its bucket's bounds (the first bucket starts at 0
+    included, the last is above ``bounds[-1]``), so it falls in the same bucket whether
+    a value at a bound counts below it (OpenTelemetry, Prometheus) or above it (a pool
+    histogram may count either way). The values add up to ``total`` whenever the
+    buckets allow it (they do when ``total`` is the sum of the values counted): finite
+    buckets take the same relative position between their bounds (their middle at most
+    when the +Inf bucket is not empty), and values above the last bound take the rest.
     """
     counts = list(counts)
     finite = [
@@ -102,22 +103,24 @@ def replay(
         if n > 0
     ]
     above = counts[len(bounds)] if len(counts) > len(bounds) else 0
-    if above > 0:
+    last = bounds[-1] if bounds else 0.0
+    low = sum(lo * n for lo, _, n in finite)
+    high = sum(hi * n for _, hi, n in finite)
+    # What the finite buckets may take: all of ``total``, or, when values lie above the
+    # last bound, what leaves those values above it.
+    room = total - above * last
+    if high <= low:
         position = 0.5
     else:
-        low = sum(lo * n for lo, _, n in finite)
-        high = sum(hi * n for _, hi, n in finite)
-        position = 1.0 if high <= low else min(1.0, max(0.0, (total - low) / (high - low)))
+        position = max(0.0, min(0.5 if above else 1.0, (room - low) / (high - low)))
     placed = 0.0
     for lo, hi, n in finite:
-        value = lo + position * (hi - lo)
+        value = min(lo + position * (hi - lo), math.nextafter(hi, 0.0))
         if lo > 0.0:
             value = max(value, math.nextafter(lo, math.inf))
-        value = min(value, hi)
         placed += value * n
         yield value, n
     if above > 0:
-        last = bounds[-1] if bounds else 0.0
         value = max((total - placed) / above, math.nextafter(last, math.inf))
         yield value, above
 
