@@ -118,7 +118,9 @@ def matrix(session: nox.Session, server: str) -> None:
     """The suite on one server: ``local-N`` (system binaries, PG_BINDIR set) or ``embedded``
     (the wheel's; every other provider hidden).  A test checks the server's major version."""
     session.install("-e", ".[test]")
+    # The README's `nox -s tests` runs every async test on asyncio and uvloop; here, asyncio.
     env = {"AIOPGPOOL_TEST_DSN": "", "AIOPGPOOL_TEST_SERVER": "local"}
+    env["AIOPGPOOL_TEST_LOOPS"] = "asyncio"
     if server == EMBEDDED:
         major = session.run("python", "-c", _EMBEDDED_MAJOR, silent=True)
         env.update(AIOPGPOOL_TEST_SERVER=EMBEDDED, PG_BINDIR="")
@@ -155,7 +157,9 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[psycopg2,testing]", "mypy", "types-psycopg2")
+    session.install(
+        "-e", ".[psycopg2,testing,opentelemetry,prometheus]", "mypy", "types-psycopg2"
+    )
     session.run("mypy", "--strict", "aiopgpool")
 
 

@@ -41,7 +41,7 @@ from .connector import Connector
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .lifecycle import Lifecycle
 from .maintenance import Maintenance, close_dropped
-from .options import PoolOptions, check_key, check_sizes, check_timeout
+from .options import PoolOptions, check_key, check_timeout
 from .slot import Slot
 from .stats import Counters, HistogramRecorder, PoolStats, snapshot
 from .validation import Validation
@@ -69,14 +69,6 @@ def _has_conn(slot: Slot[Any]) -> bool:
     return slot.conn is not None
 
 
-def _server_words(server: Any) -> str:
-    try:
-        host, port = (part.decode() for part in server)
-    except Exception:
-        return repr(server)
-    return f"{host}:{port}"
-
-
 class PoolCore(Generic[ConnT]):
     """The pool machinery shared by every pool class; see the module docstring."""
 
@@ -90,11 +82,11 @@ class PoolCore(Generic[ConnT]):
         "_idle",
         "_key_of",
         "_keyed",
-        "_line",
         "_owner_type",
         "_preparing",
         "_state_of",
         "_target",
+        "_waiters",
         "closing",
         "connect_hist",
         "connector",
@@ -150,10 +142,10 @@ class PoolCore(Generic[ConnT]):
         self._owner_type = type(self if owner is None else owner).__name__
 
         self.state = NEW
-        self.queue: HandoffQueue[Slot[ConnT]] = HandoffQueue(Slot, self._capacity(self.max_size))
+        self.queue: HandoffQueue[Slot[ConnT]] = HandoffQueue(Slot, self.capacity(self.max_size))
         # The queue's own deques, for the two hottest paths (see HandoffQueue.items).
         self._idle = self.queue.items
-        self._line = self.queue.line
+        self._waiters = self.queue.waiters
         self.excess = 0  # slots to drop as they come back, after a shrinking resize
         self.size = 0  # open connections: idle, borrowed, or being checked
         # Borrowed connections and their slots (its size: how many are in use).
@@ -178,7 +170,8 @@ class PoolCore(Generic[ConnT]):
         self.closing: Closing[ConnT] = Closing(self)
         weakref.finalize(self, close_dropped, self.name, self.queue, lifecycle).atexit = False
 
-    def _capacity(self, max_size: int) -> int:
+    def capacity(self, max_size: int) -> int:
+        """Slots for ``max_size`` (a null pool's 0: no bound)."""
         return UNBOUNDED if self.null and max_size == 0 else max_size
 
     @property
@@ -418,7 +411,7 @@ class PoolCore(Generic[ConnT]):
             # already promised to the waiters ahead of us do not count.
             # A refill that keeps failing to connect is not coming back soon.
             in_transit = (
-                self._capacity(self.max_size)
+                self.capacity(self.max_size)
                 - len(self._borrowed)
                 - self._preparing
                 - self.excess
@@ -494,7 +487,7 @@ class PoolCore(Generic[ConnT]):
         connection not borrowed here, or returned under another key. It never
         suspends nor schedules; it may complete a waiter's future.
         """
-        if self._line and not self.threaded and get_running_loop() is not self.loop:
+        if self._waiters and not self.threaded and get_running_loop() is not self.loop:
             self.check_loop()  # a waiter's future may be completed: on the pool's loop only
         try:
             slot = self._borrowed.pop(conn)
@@ -524,7 +517,7 @@ class PoolCore(Generic[ConnT]):
             and slot.expires_at > now
         ):
             slot.returned_at = now
-            if self._line:
+            if self._waiters:
                 self.queue.put(slot, True)
             else:
                 self._idle.append(slot)  # self.queue.put(slot, True)
@@ -588,84 +581,12 @@ class PoolCore(Generic[ConnT]):
             raise self._not_borrowed(conn, None)
         return slot
 
-    def forget_server(self, server: Any, reason: str, *, refill: bool = True) -> None:
-        """``server`` is no longer a writable primary: replace every connection to it.
-
-        Idle ones go now, borrowed ones when they come back; new connections
-        go through the conninfo again (``target_session_attrs`` finds the
-        primary). ``refill=False``: the caller is not on the loop, and a
-        return it finishes there refills.
-        """
-        idle = self.queue.take(lambda slot: slot.server == server)
-        borrowed = [slot for slot in self._borrowed.values() if slot.server == server]
-        logger.warning(
-            "pool %r: server %s is no longer a writable primary (%s): replacing its "
-            "%d idle and %d borrowed connections",
-            self.name,
-            _server_words(server),
-            reason,
-            len(idle),
-            len(borrowed),
-        )
-        for slot in borrowed:
-            # Expired, so that its return leaves the hot path; an old generation, so
-            # that the slow path discards it.
-            slot.expires_at = 0.0
-            slot.generation = -1
-        for slot in idle:
-            self.discard(slot, f"server no longer primary ({reason})")
-            self.release_slot(slot)
-        if refill:
-            self.connector.fill()
-
-    def test_server(self, server: Any, *, refill: bool = True) -> None:
-        """A connection to ``server`` broke: test its idle ones now, replace the dead."""
-        for slot in self.queue.take(lambda slot: slot.server == server):
-            if not slot.quiet():
-                self.discard(slot, "dead (its server dropped another connection)", lost=True)
-            self.release_slot(slot)
-        if refill:
-            self.connector.fill()
-
     def new_generation(self) -> None:
         """Mark every connection open now as to be replaced (drain)."""
         self.generation += 1
         for slot in self._borrowed.values():
             # Expired, so that a return takes the slow path, which discards it.
             slot.expires_at = 0.0
-
-    # -- resize ----------------------------------------------------------------------
-
-    async def resize(self, min_size: int, max_size: int | None = None) -> None:
-        """Change the pool's sizes (``max_size=None``: ``min_size``, as psycopg_pool).
-
-        Connections beyond a smaller max go as they come back.
-        """
-        self.check_open()
-        if max_size is None:
-            max_size = min_size
-        check_sizes(min_size, max_size, null=self.null)
-        grow = self._capacity(max_size) - self._capacity(self.max_size)
-        self.min_size = min_size
-        self.max_size = max_size
-        if grow > 0:
-            cancel = min(grow, self.excess)
-            self.excess -= cancel
-            self.queue.add_free(grow - cancel)
-        elif grow < 0:
-            # Free slots go first, then the least recently used idle connections;
-            # whatever is left is dropped as borrowed connections come back.
-            shrink = -grow - self.queue.take_free(-grow)
-            if shrink:
-                idle = self.queue.take(_has_conn)  # least recently used first
-                for slot in idle[:shrink]:
-                    self.discard(slot, "pool resized")
-                for slot in idle[shrink:]:
-                    self.queue.put(slot, True)
-                shrink -= min(shrink, len(idle))
-            self.excess += shrink
-        self.update_fast()
-        self.connector.fill()
 
     # -- stats -----------------------------------------------------------------------
 

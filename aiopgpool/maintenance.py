@@ -1,4 +1,5 @@
-"""Maintenance: the periodic timer, idle expiry, ``purge_expired``, ``check``, ``drain``, leaks.
+"""Maintenance: the periodic timer, idle expiry, ``purge_expired``, ``check``, ``drain``,
+``resize``, leaks.
 
 Also the finalizer of a pool dropped while open. The timer holds its pool
 only weakly, so that a pool its users dropped without closing it can be
@@ -15,6 +16,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .lifecycle import Lifecycle
+from .options import check_sizes
 from .slot import Slot
 from .waiting import HandoffQueue
 
@@ -155,6 +157,38 @@ class Maintenance(Generic[ConnT]):
         for slot in core.queue.take(_has_conn):
             core.discard(slot, "drained")
             core.release_slot(slot)
+        core.connector.fill()
+
+    async def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the pool's sizes (``max_size=None``: ``min_size``, as psycopg_pool).
+
+        Connections beyond a smaller max go as they come back.
+        """
+        core = self._core
+        core.check_open()
+        if max_size is None:
+            max_size = min_size
+        check_sizes(min_size, max_size, null=core.null)
+        grow = core.capacity(max_size) - core.capacity(core.max_size)
+        core.min_size = min_size
+        core.max_size = max_size
+        if grow > 0:
+            cancel = min(grow, core.excess)
+            core.excess -= cancel
+            core.queue.add_free(grow - cancel)
+        elif grow < 0:
+            # Free slots go first, then the least recently used idle connections;
+            # whatever is left is dropped as borrowed connections come back.
+            shrink = -grow - core.queue.take_free(-grow)
+            if shrink:
+                idle = core.queue.take(_has_conn)  # least recently used first
+                for slot in idle[:shrink]:
+                    core.discard(slot, "pool resized")
+                for slot in idle[shrink:]:
+                    core.queue.put(slot, True)
+                shrink -= min(shrink, len(idle))
+            core.excess += shrink
+        core.update_fast()
         core.connector.fill()
 
     # -- leaks ---------------------------------------------------------------------------

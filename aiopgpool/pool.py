@@ -249,7 +249,7 @@ class AsyncConnectionPool(Generic[ACT]):
 
     async def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the sizes (``max_size=None``: ``min_size``, as psycopg_pool)."""
-        await self._core.resize(min_size, max_size)
+        await self._core.maintenance.resize(min_size, max_size)
 
     async def check(self) -> None:
         """Make a round trip on every idle connection; replace those that fail."""

@@ -300,7 +300,7 @@ class SyncPoolFacade(Generic[C]):
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the sizes (``max_size=None``: ``min_size``, as psycopg_pool)."""
-        self._running_bridge().call(self._core.resize, min_size, max_size)
+        self._running_bridge().call(self._core.maintenance.resize, min_size, max_size)
 
     def wait(self, timeout: float = 30.0, *, fail_fast: bool = False) -> None:
         """Wait until ``min_size`` connections are open, or raise PoolTimeout.

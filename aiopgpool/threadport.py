@@ -243,9 +243,9 @@ class ThreadPort(Generic[ConnT]):
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         # No refill from here (a caller thread): the return it finishes on the loop refills.
         if lost is None:
-            self._core.test_server(server, refill=False)
+            self._core.validation.test_server(server, refill=False)
         else:
-            self._core.forget_server(server, lost, refill=False)
+            self._core.validation.forget_server(server, lost, refill=False)
 
     async def finish_return(self, slot: Slot[ConnT], close: bool) -> None:
         """On the loop: the rest of a return begun with :meth:`give_back_nowait`."""

@@ -198,12 +198,12 @@ class Validation(Generic[ConnT]):
                     conn, slot.baseline
                 ):
                     if lifecycle.tracks_role:
-                        core.test_server(slot.server)
+                        self.test_server(slot.server)
                     core.discard(slot, "could not be cleaned after return")
                 elif lifecycle.tracks_role and (
                     lost := lifecycle.role_lost(conn) or (failed and await lifecycle.ask_role(conn))
                 ):
-                    core.forget_server(slot.server, lost)
+                    self.forget_server(slot.server, lost)
                     core.discard(slot, f"server no longer primary ({lost})")
                 elif lifecycle.has_reset and not await lifecycle.reset(conn):
                     logger.warning("pool %r: reset left a connection unusable", core.name)
@@ -226,3 +226,54 @@ class Validation(Generic[ConnT]):
         core = self._core
         core.counters.returns_bad += 1
         logger.warning("pool %r: a connection was returned %s", core.name, description)
+
+    # -- role tracking ------------------------------------------------------------------
+
+    def forget_server(self, server: Any, reason: str, *, refill: bool = True) -> None:
+        """``server`` is no longer a writable primary: replace every connection to it.
+
+        Idle ones go now, borrowed ones when they come back; new connections
+        go through the conninfo again (``target_session_attrs`` finds the
+        primary). ``refill=False``: the caller is not on the loop, and a
+        return it finishes there refills.
+        """
+        core = self._core
+        idle = core.queue.take(lambda slot: slot.server == server)
+        borrowed = [slot for slot in core.borrowed.values() if slot.server == server]
+        logger.warning(
+            "pool %r: server %s is no longer a writable primary (%s): replacing its "
+            "%d idle and %d borrowed connections",
+            core.name,
+            _server_words(server),
+            reason,
+            len(idle),
+            len(borrowed),
+        )
+        for slot in borrowed:
+            # Expired, so that its return leaves the hot path; an old generation, so
+            # that the slow path discards it.
+            slot.expires_at = 0.0
+            slot.generation = -1
+        for slot in idle:
+            core.discard(slot, f"server no longer primary ({reason})")
+            core.release_slot(slot)
+        if refill:
+            core.connector.fill()
+
+    def test_server(self, server: Any, *, refill: bool = True) -> None:
+        """A connection to ``server`` broke: test its idle ones now, replace the dead."""
+        core = self._core
+        for slot in core.queue.take(lambda slot: slot.server == server):
+            if not slot.quiet():
+                core.discard(slot, "dead (its server dropped another connection)", lost=True)
+            core.release_slot(slot)
+        if refill:
+            core.connector.fill()
+
+
+def _server_words(server: Any) -> str:
+    try:
+        host, port = (part.decode() for part in server)
+    except Exception:
+        return repr(server)
+    return f"{host}:{port}"

@@ -103,13 +103,13 @@ class HandoffQueue(Generic[T]):
 
         For a caller's hot paths: ``pop()`` from it is :meth:`get_nowait`
         when it is not empty, and ``append()`` to it is :meth:`put` of a
-        ready item while :attr:`line` is empty.
+        ready item while :attr:`waiters` is empty.
         """
         return self._items
 
     @property
-    def line(self) -> deque[tuple[Any, float]]:
-        """The waiters' line (it may hold waiters already done): see :attr:`items`."""
+    def waiters(self) -> deque[tuple[Any, float]]:
+        """The waiters, in line (some may be done already): see :attr:`items`."""
         return self._waiters
 
     @property

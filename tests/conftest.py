@@ -35,6 +35,10 @@ from aiopgpool.testing import (
 )
 from aiopgpool.testing.process import check_loopback
 
+# Every async test runs on asyncio's loop and on uvloop (see uvloop_plugin: --event-loops,
+# AIOPGPOOL_TEST_LOOPS).
+pytest_plugins = ["uvloop_plugin"]
+
 
 class CountBackends(Protocol):
     def __call__(self, application_name: str) -> int: ...

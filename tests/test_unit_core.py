@@ -325,7 +325,7 @@ async def test_growing_hands_the_new_slots_to_the_waiters() -> None:
         waiters = [asyncio.create_task(core.getconn()) for _ in range(2)]
         await settle()
         assert core.stats().waiting == 2
-        await core.resize(0, 3)
+        await core.maintenance.resize(0, 3)
         got = await asyncio.gather(*waiters)
         assert len({id(c) for c in [held, *got]}) == 3
         assert core.max_size == 3 and core.queue.free == 0
@@ -343,12 +343,12 @@ async def test_shrinking_drops_free_slots_then_lru_idle_then_borrowed_on_return(
         await core.putconn(i2)
         assert core.queue.free == 1
         # 5 -> 3: the free slot goes, then the least recently used idle connection.
-        await core.resize(0, 3)
+        await core.maintenance.resize(0, 3)
         assert core.queue.free == 0
         assert fake.closed == [i1]
         assert list(core.queue) and next(iter(core.queue)).conn is i2
         # 3 -> 1: the last idle connection goes, and one borrowed one when it comes back.
-        await core.resize(0, 1)
+        await core.maintenance.resize(0, 1)
         assert fake.closed == [i1, i2]
         assert core.excess == 1
         await core.putconn(b1)
@@ -366,9 +366,9 @@ async def test_growing_back_cancels_pending_drops() -> None:
     fake = FakeLifecycle()
     async with opened(make_core(fake, max_size=2)) as core:
         a, b = await core.getconn(), await core.getconn()
-        await core.resize(0, 1)
+        await core.maintenance.resize(0, 1)
         assert core.excess == 1
-        await core.resize(0, 2)
+        await core.maintenance.resize(0, 2)
         assert core.excess == 0 and core.queue.free == 0
         await core.putconn(a)
         await core.putconn(b)
@@ -379,11 +379,11 @@ async def test_growing_back_cancels_pending_drops() -> None:
 async def test_resize_refuses_bad_sizes() -> None:
     async with opened(make_core(max_size=2)) as core:
         with pytest.raises(ValueError):
-            await core.resize(3, 2)
+            await core.maintenance.resize(3, 2)
         with pytest.raises(ValueError):
-            await core.resize(-1)
+            await core.maintenance.resize(-1)
         with pytest.raises(ValueError):
-            await core.resize(0, 0)
+            await core.maintenance.resize(0, 0)
         assert (core.min_size, core.max_size) == (0, 2)
 
 
@@ -809,7 +809,7 @@ async def test_raising_min_size_fills_in_the_background() -> None:
     fake = FakeLifecycle()
     async with opened(make_core(fake, max_size=4)) as core:
         assert core.stats().size == 0
-        await core.resize(3, 4)
+        await core.maintenance.resize(3, 4)
         await core.connector.wait(1.0)
         assert core.stats().size == core.stats().idle == 3
         assert_balanced(core, fake)

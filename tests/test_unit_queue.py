@@ -378,7 +378,7 @@ async def test_fail_waiters_wakes_every_waiter_with_its_own_exception() -> None:
     assert outside.exception() is made[3]
     assert served.result() == "conn"  # done before: untouched
     assert queue._sweeper is None  # the deadline timer is cancelled
-    assert len(queue.line) == 0
+    assert len(queue.waiters) == 0
 
 
 # -- outside waiters (the sync facade's threads) ------------------------------------------
