@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -41,6 +42,8 @@ from .replica_probe import (
 from .stats import PoolStats
 
 __all__ = ["AsyncReplicatedPool"]
+
+logger = logging.getLogger("aiopgpool")
 
 ACT = TypeVar(
     "ACT",
@@ -149,14 +152,28 @@ class AsyncReplicatedPool(Generic[ACT]):
     async def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         """Open every member and start the probes.
 
-        ``wait=True``: wait until every member has ``min_size`` connections (or raise
-        :class:`PoolTimeout`) and for the first probe round, so that reads go to the
-        replicas from the first checkout; without it, reads go to the primary until the
-        first round is done (a few milliseconds).
+        ``wait=True``: wait until every member has ``min_size`` connections and for the
+        first probe round, so that reads go to the replicas from the first checkout
+        (without it, reads go to the primary until that round is done, a few
+        milliseconds). Only the configured primary's :class:`PoolTimeout` is raised: a
+        replica that does not open in time is logged (WARNING) and gets no reads until
+        its probes answer.
         """
         if self._state == "closed":
             raise PoolClosed(f"pool {self._name!r} is closed and cannot be reopened")
-        await asyncio.gather(*(m.pool.open(wait, timeout) for m in self._members))
+        results = await asyncio.gather(
+            *(m.pool.open(wait, timeout) for m in self._members), return_exceptions=True
+        )
+        for member, result in zip(self._members, results, strict=True):
+            if isinstance(result, BaseException):
+                if member.configured == "primary" or not isinstance(result, PoolError):
+                    raise result
+                logger.warning(
+                    "replicated pool %r: %s did not open (%s); it gets no reads until it does",
+                    self._name,
+                    member.name,
+                    result,
+                )
         self._start_prober()
         if wait:
             assert self._first_round is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import weakref
@@ -45,6 +46,8 @@ from .stats import PoolStats
 from .sync_pool import ConnectionPool
 
 __all__ = ["ReplicatedPool"]
+
+logger = logging.getLogger("aiopgpool")
 
 CT = TypeVar("CT", bound="psycopg.Connection[Any]", default="psycopg.Connection[tuple[Any, ...]]")
 
@@ -179,7 +182,17 @@ class ReplicatedPool(Generic[CT]):
             if self._state == "closed":
                 raise PoolClosed(f"pool {self._name!r} is closed and cannot be reopened")
             for m in self._members:
-                m.pool.open(wait, timeout)
+                try:
+                    m.pool.open(wait, timeout)
+                except PoolError as exc:
+                    if m.configured == "primary":
+                        raise
+                    logger.warning(
+                        "replicated pool %r: %s did not open (%s); it gets no reads until it does",
+                        self._name,
+                        m.name,
+                        exc,
+                    )
             if self._state == "new":
                 self._probes.start()
                 self._state = "open"
