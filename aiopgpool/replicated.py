@@ -184,9 +184,12 @@ class AsyncReplicatedPool(Generic[ACT]):
         self._state = "open"
         if self._task is None:
             self._first_round = first = asyncio.Event()
-            self._task = asyncio.create_task(
+            self._task = task = asyncio.create_task(
                 self._prober.run(first.set), name=f"aiopgpool-{self._name}-probe"
             )
+            # Dropped without close(): the probes stop (the task holds the members, not
+            # this pool), and the members are then collected and closed as any pool is.
+            weakref.finalize(self, _cancel_soon, asyncio.get_running_loop(), task).atexit = False
 
     async def _stop_prober(self) -> None:
         self._state = "closed"
@@ -394,6 +397,12 @@ class AsyncReplicatedPool(Generic[ACT]):
     def pop_stats(self) -> dict[str, dict[str, int]]:
         """:meth:`get_stats`, then reset every member's counters."""
         return {m.name: m.pool.pop_stats() for m in self._members}
+
+
+def _cancel_soon(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` from any thread (a finalizer runs wherever the last reference goes)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the task is gone with it
+        loop.call_soon_threadsafe(task.cancel)
 
 
 def _in_use(pool: AsyncConnectionPool[Any]) -> int:

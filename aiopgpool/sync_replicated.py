@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic
 
@@ -83,13 +84,13 @@ class _ProbeThread:
         with contextlib.suppress(asyncio.CancelledError):
             await self.prober.run(self.first_round.set)
 
-    def stop(self) -> None:
-        """Cancel the probes and end the thread (waits for it unless called from it)."""
+    def stop(self, wait: bool = True) -> None:
+        """Cancel the probes and end the thread; ``wait``: join it (unless called from it)."""
         loop, task = self._loop, self._task
         if loop is not None and task is not None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(task.cancel)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=10.0)
 
 
@@ -140,7 +141,7 @@ class ReplicatedPool(Generic[CT]):
         self._state = "new"
         self._lock = threading.Lock()
         # Dropped without close(): the probe thread ends (the members have their own).
-        weakref.finalize(self, self._probes.stop).atexit = False
+        weakref.finalize(self, self._probes.stop, False).atexit = False
         if open:
             self.open(wait=True)
 
@@ -181,23 +182,26 @@ class ReplicatedPool(Generic[CT]):
         with self._lock:
             if self._state == "closed":
                 raise PoolClosed(f"pool {self._name!r} is closed and cannot be reopened")
-            for m in self._members:
-                try:
-                    m.pool.open(wait, timeout)
-                except PoolError as exc:
-                    if m.configured == "primary":
-                        raise
-                    logger.warning(
-                        "replicated pool %r: %s did not open (%s); it gets no reads until it does",
-                        self._name,
-                        m.name,
-                        exc,
-                    )
+            # In parallel: open(wait=True) takes one timeout at most, not one per member.
+            self._on_each(partial(self._open_member, wait=wait, timeout=timeout))
             if self._state == "new":
                 self._probes.start()
                 self._state = "open"
         if wait:
             self._probes.first_round.wait(timeout)
+
+    def _open_member(self, m: Member[ConnectionPool[CT]], wait: bool, timeout: float) -> None:
+        try:
+            m.pool.open(wait, timeout)
+        except PoolError as exc:
+            if m.configured == "primary":
+                raise
+            logger.warning(
+                "replicated pool %r: %s did not open (%s); it gets no reads until it does",
+                self._name,
+                m.name,
+                exc,
+            )
 
     def __enter__(self) -> Self:
         self.open()

@@ -9,6 +9,7 @@ makes a cluster of its own.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
@@ -584,3 +585,20 @@ async def test_a_foreign_connection_is_refused(rc: ReplicatedCluster) -> None:
         with pytest.raises(PoolError, match="not lent by this pool"):
             await pool.putconn(conn)
         await other.putconn(conn)
+
+
+async def test_a_pool_dropped_without_close_stops_probing(rc: ReplicatedCluster) -> None:
+    pool = make_pool(rc, "dropped")
+    await pool.open(wait=True)
+    assert count_backends(rc.primary.dsn, "dropped.probe") == 1
+
+    def probing() -> bool:
+        return any(t.get_name() == "aiopgpool-dropped-probe" for t in asyncio.all_tasks())
+
+    assert probing()
+    del pool
+    gc.collect()
+    await eventually(lambda: not probing(), 5.0, "the probe task ended")
+    await eventually(
+        lambda: count_backends(rc.primary.dsn, "dropped.probe") == 0, 5.0, "probe closed"
+    )

@@ -3,6 +3,7 @@ main paths (routing, threads, lag, a killed replica, read-your-writes, close).""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,3 +157,16 @@ def test_bad_input() -> None:
         ReplicatedPool("host=a dbname=x", [])
     with pytest.raises(ValueError, match="same server"):
         ReplicatedPool("host=a dbname=x", ["host=a port=5432 dbname=x"])
+
+
+def test_a_pool_dropped_without_close_ends_its_probe_thread(rc: ReplicatedCluster) -> None:
+    pool = make_pool(rc, "sync-dropped")
+    pool.open(wait=True)
+
+    def probing() -> bool:
+        return any(t.name == "aiopgpool-sync-dropped-probe" for t in threading.enumerate())
+
+    assert probing()
+    del pool
+    gc.collect()
+    eventually(lambda: not probing(), 5.0, "the probe thread ended")
