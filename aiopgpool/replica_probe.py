@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .conninfo import ConnectTarget, parse_conninfo
 from .options import check_timeout
 
 __all__ = [
+    "LENDER",
     "Member",
     "MemberStatus",
     "ProbeResult",
@@ -80,6 +82,13 @@ IDLE = psycopg.pq.TransactionStatus.IDLE
 
 #: Asked on a replica's connection when its last probe was short of ``min_lsn``.
 REPLAYED_SQL = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8 >= %s"
+
+
+#: The attribute that names, on a lent connection, the member that lent it (a connection
+#: belongs to one member for life), as a weak reference to the member: set and read in
+#: about 0.1 µs, where a weak mapping from connection to member cost about 0.7 µs per
+#: getconn/putconn pair.
+LENDER = "_aiopgpool_lender"
 
 
 def parse_lsn(lsn: int | str) -> int:
@@ -142,6 +151,7 @@ class Member(Generic[P]):
     """One server: its member pool and what the probes found (read by the checkouts)."""
 
     __slots__ = (
+        "__weakref__",
         "busy",
         "capacity",
         "configured",
@@ -154,6 +164,7 @@ class Member(Generic[P]):
         "pool",
         "reachable",
         "read_only",
+        "ref",
         "role",
         "target",
     )
@@ -175,6 +186,9 @@ class Member(Generic[P]):
         self.lag = 0.0
         self.role = "unknown"
         self.error: str | None = None
+        #: What a lent connection carries (:data:`LENDER`): it does not keep the member
+        #: pool alive after the replicated pool is gone.
+        self.ref = weakref.ref(self)
 
     def status(self) -> MemberStatus:
         probed = self.in_recovery is not None

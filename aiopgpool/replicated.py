@@ -29,6 +29,7 @@ from .pool import AsyncConnectionPool
 from .replica_probe import (
     CURRENT_LSN_SQL,
     IDLE,
+    LENDER,
     REPLAYED_SQL,
     UNCOMMITTED,
     Member,
@@ -108,9 +109,6 @@ class AsyncReplicatedPool(Generic[ACT]):
         self._task: asyncio.Task[None] | None = None
         self._first_round: asyncio.Event | None = None
         # Which member lent a connection: a connection belongs to one member for life.
-        self._lender: weakref.WeakKeyDictionary[Any, Member[AsyncConnectionPool[ACT]]] = (
-            weakref.WeakKeyDictionary()
-        )
         self._keyed: dict[Hashable, Member[AsyncConnectionPool[ACT]]] = {}
         self._replica_wait = replica_wait(interval)
         self._state = "new"
@@ -249,7 +247,7 @@ class AsyncReplicatedPool(Generic[ACT]):
             keyed = self._keyed.get(key)
             if keyed is not None and (keyed is self._topology.primary or read_only):
                 conn = await keyed.pool.getconn(timeout, key=key)
-                self._lender[conn] = keyed
+                setattr(conn, LENDER, keyed.ref)
                 return conn
         if not read_only:
             if self._state != "open":
@@ -264,7 +262,7 @@ class AsyncReplicatedPool(Generic[ACT]):
         self, conn: ACT, member: Member[AsyncConnectionPool[ACT]], key: Hashable | None
     ) -> None:
         member.busy += 1
-        self._lender[conn] = member
+        setattr(conn, LENDER, member.ref)
         if key is not None:
             self._keyed[key] = member
 
@@ -288,12 +286,12 @@ class AsyncReplicatedPool(Generic[ACT]):
             return conn
         limit = member.pool.timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if limit is None else time.monotonic() + limit
+        wait = self._replica_wait if limit is None or limit > self._replica_wait else limit
         tried: list[Member[AsyncConnectionPool[ACT]]] = []
         while member is not None:
+            if tried and deadline is not None:
+                wait = max(0.0, min(self._replica_wait, deadline - time.monotonic()))
             tried.append(member)
-            wait = self._replica_wait
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - time.monotonic()))
             try:
                 conn = await member.pool.getconn(wait, key=key)
             except PoolClosed:
@@ -336,9 +334,11 @@ class AsyncReplicatedPool(Generic[ACT]):
 
     async def putconn(self, conn: ACT, key: Hashable | None = None, close: bool = False) -> None:
         """Give a connection back to the member that lent it (see ``AsyncConnectionPool``)."""
-        member = self._lender.get(conn)
-        if member is None:
+        ref = getattr(conn, LENDER, None)
+        member = None if ref is None else ref()
+        if member is None or self._by_name.get(member.name) is not member:
             raise PoolError(f"pool {self._name!r}: this connection was not lent by this pool")
+        assert member is not None
         if member.busy:
             member.busy -= 1
         if key is not None:

@@ -32,6 +32,7 @@ from .options import check_timeout, make_name
 from .replica_probe import (
     CURRENT_LSN_SQL,
     IDLE,
+    LENDER,
     REPLAYED_SQL,
     UNCOMMITTED,
     Member,
@@ -129,13 +130,11 @@ class ReplicatedPool(Generic[CT]):
             target = ConnectTarget(conninfo, options.get("kwargs"), f"{name}.probe")
             members.append(Member(member_name, configured, pool, target, pool.max_size))
         self._members = members
+        self._by_name = {m.name: m for m in members}
         self._topology: Topology[ConnectionPool[CT]] = Topology(
             name, members, lag, interval, _in_use
         )
         self._probes = _ProbeThread(Prober(self._topology), name)
-        self._lender: weakref.WeakKeyDictionary[Any, Member[ConnectionPool[CT]]] = (
-            weakref.WeakKeyDictionary()
-        )
         self._keyed: dict[Hashable, Member[ConnectionPool[CT]]] = {}
         self._replica_wait = replica_wait(interval)
         self._state = "new"
@@ -271,7 +270,7 @@ class ReplicatedPool(Generic[CT]):
             keyed = self._keyed.get(key)
             if keyed is not None and (keyed is self._topology.primary or read_only):
                 conn = keyed.pool.getconn(timeout, key=key)
-                self._lender[conn] = keyed
+                setattr(conn, LENDER, keyed.ref)
                 return conn
         if not read_only:
             if self._state != "open":
@@ -284,7 +283,7 @@ class ReplicatedPool(Generic[CT]):
 
     def _lend(self, conn: CT, member: Member[ConnectionPool[CT]], key: Hashable | None) -> None:
         member.busy += 1  # a hint for the least-busy choice; made exact at each probe round
-        self._lender[conn] = member
+        setattr(conn, LENDER, member.ref)
         if key is not None:
             self._keyed[key] = member
 
@@ -306,12 +305,12 @@ class ReplicatedPool(Generic[CT]):
             return conn
         limit = member.pool.timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if limit is None else time.monotonic() + limit
+        wait = self._replica_wait if limit is None or limit > self._replica_wait else limit
         tried: list[Member[ConnectionPool[CT]]] = []
         while member is not None:
+            if tried and deadline is not None:
+                wait = max(0.0, min(self._replica_wait, deadline - time.monotonic()))
             tried.append(member)
-            wait = self._replica_wait
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - time.monotonic()))
             try:
                 conn = member.pool.getconn(wait, key=key)
             except PoolClosed:
@@ -348,9 +347,11 @@ class ReplicatedPool(Generic[CT]):
 
     def putconn(self, conn: CT, key: Hashable | None = None, close: bool = False) -> None:
         """Give a connection back to the member that lent it (see ``ConnectionPool``)."""
-        member = self._lender.get(conn)
-        if member is None:
+        ref = getattr(conn, LENDER, None)
+        member = None if ref is None else ref()
+        if member is None or self._by_name.get(member.name) is not member:
             raise PoolError(f"pool {self._name!r}: this connection was not lent by this pool")
+        assert member is not None
         if member.busy:
             member.busy -= 1
         if key is not None:
