@@ -317,7 +317,7 @@ class Topology(Generic[P]):
             self.history.append((now, primary.lsn))
             primary.lag = 0.0
             self._set_role(primary, "primary")
-        elif not self._primary_lost and self.rounds:
+        elif not self._primary_lost:
             # Unreachable (or in recovery) and no other member out of recovery: writes
             # still go there, and fail or wait as the member pool does.
             logger.warning(

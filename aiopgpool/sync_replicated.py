@@ -26,7 +26,7 @@ import psycopg
 from typing_extensions import Self, TypeVar
 
 from .conninfo import ConnectTarget
-from .errors import PoolClosed, PoolError, PoolTimeout
+from .errors import PoolClosed, PoolError
 from .lifecycle import INTRANS
 from .options import check_timeout, make_name
 from .replica_probe import (
@@ -315,9 +315,10 @@ class ReplicatedPool(Generic[CT]):
                 conn = member.pool.getconn(wait, key=key)
             except PoolClosed:
                 raise
-            except (PoolTimeout, psycopg.OperationalError) as exc:
-                if not isinstance(exc, PoolTimeout) or exc.__cause__ is not None:
-                    topology.mark_down(member, exc)
+            except psycopg.OperationalError as exc:
+                if not isinstance(exc, PoolError) or exc.__cause__ is not None:
+                    topology.mark_down(member, exc)  # a connection error: down
+                # else full (PoolTimeout, TooManyRequests): not down, try another.
             else:
                 if not live or self._replayed(conn, member, lsn):
                     self._lend(conn, member, key)
