@@ -461,19 +461,28 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+#: The longest a probe connection may take to open (it opens in the background: a
+#: round waits for it at most ``Prober.timeout``, except the very first round).
+CONNECT_TIMEOUT = 10.0
+
+
 class Prober(Generic[P]):
     """Probes every member of a :class:`Topology`, every ``probe_interval`` seconds.
 
-    One connection per server, in autocommit, named ``"{name}.probe"``; a probe that
-    fails or takes longer than ``probe_timeout`` closes its connection (the next
-    round opens a new one) and counts the member unreachable for that round.
+    One connection per server, in autocommit, named ``"{name}.probe"``. A probe query
+    that fails or takes longer than :attr:`timeout` (``max(2 s, 2 x probe_interval)``)
+    closes its connection and counts the member unreachable for that round. A new
+    connection opens in the background, over as many rounds as it takes (up to
+    :data:`CONNECT_TIMEOUT`), so that a server that drops packets delays no round by
+    more than :attr:`timeout`; the first round waits for every connection.
     """
 
     def __init__(self, topology: Topology[P]) -> None:
         self.topology = topology
         interval = topology.probe_interval
-        self.timeout = max(1.0, 2 * interval)
+        self.timeout = max(2.0, 2 * interval)
         self._conns: dict[int, psycopg.AsyncConnection[Any]] = {}
+        self._connecting: dict[int, asyncio.Task[psycopg.AsyncConnection[Any]]] = {}
 
     async def round(self) -> None:
         """Probe every member once, concurrently, and update the topology."""
@@ -502,11 +511,9 @@ class Prober(Generic[P]):
 
     async def _probe(self, index: int, member: Member[P]) -> ProbeResult:
         conn = self._conns.get(index)
+        if conn is None or conn.closed:
+            conn = self._conns[index] = await self._connected(index, member)
         try:
-            if conn is None or conn.closed:
-                conn = self._conns[index] = await asyncio.wait_for(
-                    self._connect(member), self.timeout
-                )
             row = await asyncio.wait_for(self._ask(conn), self.timeout)
         except BaseException:
             dropped = self._conns.pop(index, None)
@@ -517,11 +524,26 @@ class Prober(Generic[P]):
         in_recovery, lsn, paused, read_only = row
         return ProbeResult(bool(in_recovery), int(lsn or 0), bool(paused), bool(read_only))
 
+    async def _connected(self, index: int, member: Member[P]) -> psycopg.AsyncConnection[Any]:
+        """The member's new probe connection, opening in the background; raises while it
+        is not open yet (this round counts the member unreachable) or when it failed."""
+        task = self._connecting.get(index)
+        if task is None:
+            task = self._connecting[index] = asyncio.ensure_future(
+                asyncio.wait_for(self._connect(member), CONNECT_TIMEOUT)
+            )
+        first = self.topology.rounds == 0
+        await asyncio.wait({task}, timeout=None if first else self.timeout)
+        if not task.done():
+            raise ConnectionError("the probe connection is still opening")
+        del self._connecting[index]
+        return task.result()
+
     async def _connect(self, member: Member[P]) -> psycopg.AsyncConnection[Any]:
         conninfo, kwargs = await member.target.resolve_async()
         kwargs = {**kwargs, "autocommit": True}
         if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo:
-            kwargs["connect_timeout"] = max(2, int(self.timeout))
+            kwargs["connect_timeout"] = int(CONNECT_TIMEOUT)
         return await psycopg.AsyncConnection.connect(conninfo, **kwargs)
 
     @staticmethod
@@ -532,8 +554,14 @@ class Prober(Generic[P]):
         return tuple(row)
 
     async def aclose(self) -> None:
-        """Close the probe connections."""
+        """Close the probe connections (those still opening too)."""
         conns, self._conns = list(self._conns.values()), {}
+        tasks, self._connecting = list(self._connecting.values()), {}
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                conns.append(await task)
         for conn in conns:
             with contextlib.suppress(Exception):
                 await conn.close()
