@@ -483,14 +483,16 @@ class Prober(Generic[P]):
         self.timeout = max(2.0, 2 * interval)
         self._conns: dict[int, psycopg.AsyncConnection[Any]] = {}
         self._connecting: dict[int, asyncio.Task[psycopg.AsyncConnection[Any]]] = {}
+        self._lock = asyncio.Lock()
 
     async def round(self) -> None:
         """Probe every member once, concurrently, and update the topology."""
-        members = self.topology.members
-        results = await asyncio.gather(
-            *(self._probe(i, m) for i, m in enumerate(members)), return_exceptions=True
-        )
-        self.topology.update(results, time.monotonic())
+        async with self._lock:  # pool.probe() and the background rounds take turns
+            members = self.topology.members
+            results = await asyncio.gather(
+                *(self._probe(i, m) for i, m in enumerate(members)), return_exceptions=True
+            )
+            self.topology.update(results, time.monotonic())
 
     async def run(self, first_done: Callable[[], Any] | None = None) -> None:
         """Probe forever (until cancelled); ``first_done()`` after the first round."""

@@ -287,6 +287,7 @@ class AsyncReplicatedPool(Generic[ACT]):
         limit = member.pool.timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if limit is None else time.monotonic() + limit
         wait = self._replica_wait if limit is None or limit > self._replica_wait else limit
+        full = False
         tried: list[Member[AsyncConnectionPool[ACT]]] = []
         while member is not None:
             if tried and deadline is not None:
@@ -299,13 +300,16 @@ class AsyncReplicatedPool(Generic[ACT]):
             except psycopg.OperationalError as exc:
                 if not isinstance(exc, PoolError) or exc.__cause__ is not None:
                     topology.mark_down(member, exc)  # a connection error: down
-                # else full (PoolTimeout, TooManyRequests): not down, try another.
+                else:
+                    full = True  # PoolTimeout, TooManyRequests: full, not down
             else:
                 if not live or await self._replayed(conn, member, lsn):
                     self._lend(conn, member, key)
                     return conn
                 break  # the most advanced replica is not there yet: the primary
             member, live = topology.pick_replica(lsn, tried)
+            if full and member is not None and member.busy >= member.capacity:
+                break  # the least busy was full, so is this one: no second wait
         primary = topology.primary
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         conn = await primary.pool.getconn(left, key=key)

@@ -306,6 +306,7 @@ class ReplicatedPool(Generic[CT]):
         limit = member.pool.timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if limit is None else time.monotonic() + limit
         wait = self._replica_wait if limit is None or limit > self._replica_wait else limit
+        full = False
         tried: list[Member[ConnectionPool[CT]]] = []
         while member is not None:
             if tried and deadline is not None:
@@ -318,13 +319,16 @@ class ReplicatedPool(Generic[CT]):
             except psycopg.OperationalError as exc:
                 if not isinstance(exc, PoolError) or exc.__cause__ is not None:
                     topology.mark_down(member, exc)  # a connection error: down
-                # else full (PoolTimeout, TooManyRequests): not down, try another.
+                else:
+                    full = True  # PoolTimeout, TooManyRequests: full, not down
             else:
                 if not live or self._replayed(conn, member, lsn):
                     self._lend(conn, member, key)
                     return conn
                 break  # the most advanced replica is not there yet: the primary
             member, live = topology.pick_replica(lsn, tried)
+            if full and member is not None and member.busy >= member.capacity:
+                break  # the least busy was full, so is this one: no second wait
         primary = topology.primary
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         conn = primary.pool.getconn(left, key=key)

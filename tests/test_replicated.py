@@ -613,3 +613,21 @@ async def test_a_pool_dropped_without_close_stops_probing(rc: ReplicatedCluster)
     await eventually(
         lambda: count_backends(rc.primary.dsn, "dropped.probe") == 0, 5.0, "probe closed"
     )
+
+
+async def test_full_replicas_send_reads_to_the_primary_without_marking_them_down(
+    rc: ReplicatedCluster,
+) -> None:
+    async with make_pool(rc, "full", max_size=1) as pool:
+        await pool.open(wait=True)
+        members = [pool.pools[f"full.replica-{i}"] for i in (1, 2)]
+        held = [(m, await m.getconn()) for m in members]  # around the router: seen at probes
+        await pool.probe()
+        start = time.monotonic()
+        async with pool.connection(read_only=True, timeout=10) as conn:
+            assert (await where(conn)) == (False, rc.primary.port)
+        took = time.monotonic() - start
+        assert 0.9 <= took < 2.0, took  # one bounded wait on one replica, not one per replica
+        assert role(pool, "replica-1") == role(pool, "replica-2") == "replica"
+        for m, conn in held:
+            await m.putconn(conn)
