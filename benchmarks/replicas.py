@@ -5,8 +5,9 @@ throwaway primary with two streaming standbys (:class:`~aiopgpool.testing.Replic
 and measures, in paired rounds in one run (the order of the pair alternates):
 
 * read throughput: ``tasks`` tasks doing ``SELECT 1``, or a primary-key read of a
-  10,000-row table, through ``AsyncReplicatedPool.connection(read_only=True)`` (two
-  replicas) against an ``AsyncConnectionPool`` on the primary alone;
+  10,000-row table, through ``AsyncReplicatedPool.getconn(read_only=True)`` (two
+  replicas) against an ``AsyncConnectionPool`` on the primary alone, and, as a control,
+  the same reads through the replicated pool's primary path (``read_only=False``);
 * the routing's own cost: one task doing getconn/putconn and nothing else, through the
   replicated pool (reads, writes) against a plain pool, in ns per pair.
 
@@ -95,11 +96,12 @@ async def run(rounds: int, duration: float, tasks: int, pairs: int) -> dict[str,
         results: dict[str, Any] = {"rounds": rounds, "duration_s": duration, "tasks": tasks}
         try:
             for label, query in queries.items():
-                ratios, alone, spread = [], [], []
+                ratios, alone, spread, routed = [], [], [], []
                 for r in range(rounds):
                     order = [
                         ("alone", plain.getconn, plain.putconn),
                         ("replicas", read, replicated.putconn),
+                        ("routed", replicated.getconn, replicated.putconn),
                     ]
                     if r % 2:
                         order.reverse()
@@ -109,7 +111,13 @@ async def run(rounds: int, duration: float, tasks: int, pairs: int) -> dict[str,
                     alone.append(got["alone"])
                     spread.append(got["replicas"])
                     ratios.append(got["replicas"] / got["alone"])
+                    routed.append(got["routed"] / got["alone"])
                 results[label] = _summary(alone, spread, ratios, "ops/s")
+                # The same reads through the replicated pool's primary path: the routing's
+                # share of the difference, without the replicas' servers.
+                results[label]["via_primary_ratio_median"] = statistics.median(routed)
+                results[label]["via_primary_ratio_min"] = min(routed)
+                results[label]["via_primary_ratio_max"] = max(routed)
             costs: dict[str, list[float]] = {"plain": [], "read": [], "write": []}
             for _ in range(rounds):
                 costs["plain"].append(await _pairs(plain.getconn, plain.putconn, pairs))
@@ -162,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{label:8} primary alone {s['alone_median']:8.0f} ops/s, 1 primary + 2 replicas "
             f"{s['replicas_median']:8.0f} ops/s: ratio {s['ratio_median']:.2f} "
-            f"({s['ratio_min']:.2f}-{s['ratio_max']:.2f})"
+            f"({s['ratio_min']:.2f}-{s['ratio_max']:.2f}); through the replicated pool to "
+            f"the primary: ratio {s['via_primary_ratio_median']:.2f} "
+            f"({s['via_primary_ratio_min']:.2f}-{s['via_primary_ratio_max']:.2f})"
         )
     c = results["checkout_ns"]
     print(
