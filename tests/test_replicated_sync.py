@@ -170,3 +170,24 @@ def test_a_pool_dropped_without_close_ends_its_probe_thread(rc: ReplicatedCluste
     del pool
     gc.collect()
     eventually(lambda: not probing(), 5.0, "the probe thread ended")
+
+
+def test_a_promotion_moves_the_writes() -> None:
+    with ReplicatedCluster(standbys=1) as pair:
+        old, new = pair.nodes
+        pool = ReplicatedPool(old.dsn, [new.dsn], name="sync-failover", timeout=2, **FAST)
+        with pool:
+            pool.open(wait=True)
+            with pool.connection() as conn:
+                assert where(conn) == (False, old.port)
+            pair.stop(old)
+            pair.promote(new)
+            r0 = pool._topology.rounds
+            eventually(lambda: pool.primary is pool.pools["sync-failover.replica-1"], 10.0)
+            assert pool._topology.rounds - r0 <= 3
+            with pool.connection() as conn:
+                conn.execute("CREATE TABLE after (x int)")
+                assert where(conn) == (False, new.port)
+            with pool.connection(read_only=True) as conn:  # no replica left: the primary
+                assert where(conn) == (False, new.port)
+            assert role(pool, "primary") == "down"
