@@ -157,9 +157,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install(
-        "-e", ".[psycopg2,testing,opentelemetry,prometheus]", "mypy", "types-psycopg2"
-    )
+    session.install("-e", ".[psycopg2,testing,opentelemetry,prometheus]", "mypy", "types-psycopg2")
     session.run("mypy", "--strict", "aiopgpool")
 
 

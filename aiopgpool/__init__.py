@@ -17,13 +17,16 @@ from .dropins import (
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .lifecycle import check_connection, discard_session
 from .pool import AsyncConnectionPool, AsyncNullConnectionPool
+from .replicated import AsyncReplicatedPool
 from .stats import Histogram, PoolStats
 from .sync_pool import ConnectionPool, NullConnectionPool
+from .sync_replicated import ReplicatedPool
 
 __all__ = [
     "AbstractConnectionPool",
     "AsyncConnectionPool",
     "AsyncNullConnectionPool",
+    "AsyncReplicatedPool",
     "ConnectionPool",
     "Histogram",
     "NullConnectionPool",
@@ -32,6 +35,7 @@ __all__ = [
     "PoolError",
     "PoolStats",
     "PoolTimeout",
+    "ReplicatedPool",
     "SimpleConnectionPool",
     "ThreadedConnectionPool",
     "TooManyRequests",

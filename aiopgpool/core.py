@@ -263,7 +263,9 @@ class PoolCore(Generic[ConnT]):
         # Under load every request waits, and each coroutine frame more in the
         # chain would cost again at every suspension and resumption: the wait
         # is written here rather than in a helper.
-        if timeout is None and key is None and self._fast:  # _fast implies open
+        if key is None and self._fast:  # _fast implies open
+            if timeout is not None:
+                check_timeout("timeout", timeout)  # validated on every path
             self.counters.requests += 1
             idle = self._idle
             if idle:

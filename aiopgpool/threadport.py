@@ -18,6 +18,7 @@ from collections.abc import Hashable
 from time import monotonic
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from .options import check_timeout
 from .slot import Slot
 
 if TYPE_CHECKING:
@@ -126,7 +127,9 @@ class ThreadPort(Generic[ConnT]):
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         core = self._core
-        if timeout is None and key is None and core._fast:
+        if key is None and core._fast:
+            if timeout is not None:
+                check_timeout("timeout", timeout)  # validated on every path
             core.counters.requests += 1
             idle = core._idle
             if idle:

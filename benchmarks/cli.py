@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the chosen command."""
     given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["replicas"]:  # a standalone command: it starts its own cluster
+        from benchmarks.replicas import main as replicas_main
+
+        return replicas_main(given[1:])
     explicit = bool(given) and (given[0] in COMMANDS or given[0] in ("-h", "--help"))
     full = given if explicit else [DEFAULT, *given]
     args = build_parser().parse_args(full)
