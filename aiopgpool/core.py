@@ -270,7 +270,7 @@ class PoolCore(Generic[ConnT]):
             idle = self._idle
             if idle:
                 slot = idle.pop()
-                conn = self._lend_ready(slot)
+                conn = self._lend_ready(slot, monotonic())
                 if conn is not None:
                     return conn
                 self._preparing += 1
@@ -307,7 +307,8 @@ class PoolCore(Generic[ConnT]):
                 raise
             stats.timeouts += 1
             raise self._timeout_error(timeout) from self.connector.failure_cause()
-        waited = monotonic() - start  # self._waited(), inlined: every waited request
+        now = monotonic()
+        waited = now - start  # self._waited(), inlined: every waited request
         stats.wait_time_total += waited
         us = int(waited * 1e6)
         hist = self.wait_hist
@@ -319,7 +320,7 @@ class PoolCore(Generic[ConnT]):
             and slot.conn is not None
             and slot.generation == self.generation
         ):
-            conn = self._lend_ready(slot)
+            conn = self._lend_ready(slot, now)
             if conn is not None:
                 return conn
         self._preparing += 1
@@ -344,7 +345,7 @@ class PoolCore(Generic[ConnT]):
         self.counters.wait_time_total += seconds
         self.wait_hist.record(seconds)
 
-    def _lend_ready(self, slot: Slot[ConnT]) -> ConnT | None:
+    def _lend_ready(self, slot: Slot[ConnT], now: float) -> ConnT | None:
         """Lend ``slot``'s connection if it is ready as it is; None: it needs preparing.
 
         ``slot`` holds a connection of the current generation (every idle
@@ -352,9 +353,9 @@ class PoolCore(Generic[ConnT]):
 
         The one copy of the idle hot path's test: tested recently, or not
         expired and its socket quiet (a non-blocking system call). Only for
-        requests with no key while the fast path is on (no check, no leak watch).
+        requests with no key while the fast path is on (no check, no leak watch);
+        ``now`` is ``time.monotonic()``, read by the caller.
         """
-        now = monotonic()
         if now < slot.fresh_until or slot.still_ready(now):
             conn = slot.conn
             assert conn is not None
@@ -499,9 +500,6 @@ class PoolCore(Generic[ConnT]):
             raise self._not_borrowed(conn, slot)
         if self._key_of or key is not None:
             self._unkey(conn, slot, key)
-        if slot.leak_timer is not None:
-            slot.leak_timer.cancel()
-            slot.leak_timer = None
         now = monotonic()
         used = now - slot.borrowed_at  # HistogramRecorder.record(), inlined, in two speeds
         use = self.use_hist
@@ -524,6 +522,9 @@ class PoolCore(Generic[ConnT]):
             else:
                 self._idle.append(slot)  # self.queue.put(slot, True)
             return None
+        if slot.leak_timer is not None:  # never on the fast path: leak_timeout turns it off
+            slot.leak_timer.cancel()
+            slot.leak_timer = None
         return slot
 
     def _unkey(self, conn: ConnT, slot: Slot[ConnT], key: Hashable | None) -> None:

@@ -69,7 +69,8 @@ class ThreadWaiter(Generic[ConnT]):
     def set_result(self, slot: Slot[ConnT], /) -> None:
         """Take ``slot`` (handed over under the lock): lend it if ready, and wake the thread."""
         core = self._core
-        core._waited(monotonic() - self._start)
+        now = monotonic()
+        core._waited(now - self._start)
         result: ConnT | Slot[ConnT] | None = None
         if (
             self._key is None
@@ -77,7 +78,7 @@ class ThreadWaiter(Generic[ConnT]):
             and slot.conn is not None
             and slot.generation == core.generation
         ):
-            result = core._lend_ready(slot)
+            result = core._lend_ready(slot, now)
         if result is None:
             core._preparing += 1
             result = slot
@@ -134,7 +135,7 @@ class ThreadPort(Generic[ConnT]):
             idle = core._idle
             if idle:
                 slot = idle.pop()
-                conn = core._lend_ready(slot)
+                conn = core._lend_ready(slot, monotonic())
                 if conn is not None:
                     return conn
                 core._preparing += 1
