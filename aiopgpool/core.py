@@ -43,7 +43,7 @@ from .lifecycle import Lifecycle
 from .maintenance import Maintenance, close_dropped
 from .options import PoolOptions, check_key, check_timeout
 from .slot import Slot
-from .stats import Counters, HistogramRecorder, PoolStats, snapshot
+from .stats import USE_FLOOR_BITS, Counters, HistogramRecorder, PoolStats, snapshot
 from .validation import Validation
 from .waiting import HandoffQueue, WaitTimeout
 
@@ -59,8 +59,6 @@ NEW, OPEN, CLOSING, CLOSED = "new", "open", "closing", "closed"
 # being set up for a borrower); a slot merely in transit (refilled, returned)
 # is waited for, this long at most.
 IN_TRANSIT_WAIT = 10.0
-# The use-time histogram's first bound: 2**10 µs, about 1 ms.
-USE_FLOOR_BITS = 10
 # The capacity of a null pool created with max_size=0 ("no bound").
 UNBOUNDED = 1 << 62
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from .stats import PoolStats
+from .stats import DURATION_BOUNDS, USE_FLOOR_BITS, PoolStats
 
 __all__ = [
     "COUNT",
@@ -72,6 +72,8 @@ class HistogramFigure:
     name: str
     description: str
     field: Literal["wait_time_histogram", "use_time_histogram", "connect_time_histogram"]
+    bounds: tuple[float, ...] = DURATION_BOUNDS
+    """The pool histogram's bucket bounds (seconds)."""
 
     @property
     def prometheus_name(self) -> str:
@@ -212,6 +214,8 @@ HISTOGRAMS: tuple[HistogramFigure, ...] = (
         "db.client.connection.use_time",
         "The time between borrowing a connection and returning it to the pool.",
         "use_time_histogram",
+        # Use times under about 1 ms share the first bucket (see stats.USE_FLOOR_BITS).
+        DURATION_BOUNDS[USE_FLOOR_BITS:],
     ),
 )
 

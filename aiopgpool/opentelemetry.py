@@ -70,7 +70,6 @@ from .metrics_common import (
     Sample,
     read_samples,
 )
-from .stats import DURATION_BOUNDS
 from .stats import Histogram as PoolHistogram
 
 __all__ = ["POOL_NAME", "STATE", "Instrumentation", "instrument", "replay"]
@@ -260,7 +259,7 @@ def _create_histogram(meter: Meter, figure: HistogramFigure) -> Histogram:
             figure.name,
             unit="s",
             description=figure.description,
-            explicit_bucket_boundaries_advisory=list(DURATION_BOUNDS),
+            explicit_bucket_boundaries_advisory=list(figure.bounds),
         )
     except TypeError:  # opentelemetry-api < 1.23: no advisory; configure a View instead
         return meter.create_histogram(figure.name, unit="s", description=figure.description)

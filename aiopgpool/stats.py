@@ -7,6 +7,7 @@ from typing import Any
 
 __all__ = [
     "DURATION_BOUNDS",
+    "USE_FLOOR_BITS",
     "Counters",
     "Histogram",
     "HistogramRecorder",
@@ -21,6 +22,9 @@ __all__ = [
 #: bytecodes on a hot path (a bisect over decimal bounds cost about 1,700
 #: instructions per return); a value exactly at a bound counts in the next.
 DURATION_BOUNDS: tuple[float, ...] = tuple(2**k / 1e6 for k in range(25))
+#: The use-time histogram's first bound: 2**10 µs, about 1 ms (use times below it are
+#: counted, not bucketed: a third of the cost on the return hot path).
+USE_FLOOR_BITS = 10
 # Slots of a recorder's counts: bit lengths of any plausible duration in µs;
 # those past the last bound are folded into +Inf by snapshot().
 _RAW_SLOTS = 64

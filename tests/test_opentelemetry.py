@@ -28,9 +28,8 @@ from aiopgpool import (
     ThreadedConnectionPool,
 )
 from aiopgpool.opentelemetry import POOL_NAME, STATE, instrument, replay
-from aiopgpool.stats import DURATION_BOUNDS, Histogram, HistogramRecorder
+from aiopgpool.stats import DURATION_BOUNDS, USE_FLOOR_BITS, Histogram, HistogramRecorder
 
-CORE_RECORDING = pytest.mark.xfail(strict=False, reason="core recording not merged yet")
 _seq = itertools.count(1)
 
 
@@ -147,7 +146,6 @@ async def test_null_pool(dsn: str, reader: InMemoryMetricReader) -> None:
         assert _value(points, "db.client.connection.max", name).value == 2
 
 
-@pytest.mark.xfail(strict=False, reason="the core refuses max_size=0 for null pools so far")
 async def test_unbounded_null_pool(dsn: str, reader: InMemoryMetricReader) -> None:
     """An unbounded null pool (max_size=0) reports no db.client.connection.max."""
     name = _name("null-unbounded")
@@ -238,7 +236,7 @@ class _StatsSource:
     arithmetic whatever the core records."""
 
     def __init__(self, names: tuple[str, str]) -> None:
-        self.recorders = {n: HistogramRecorder() for n in names}
+        self.recorders = {n: HistogramRecorder(USE_FLOOR_BITS) for n in names}
         self.name = names[0]
 
     def stats(self) -> dict[str, PoolStats]:
@@ -269,7 +267,7 @@ def test_histogram_replay_is_exact(reader: InMemoryMetricReader) -> None:
     names = (_name("hist-a"), _name("hist-b"))
     source = _StatsSource(names)
     instrument(source, reader.provider)  # type: ignore[attr-defined]
-    totals = {n: HistogramRecorder() for n in names}
+    totals = {n: HistogramRecorder(USE_FLOOR_BITS) for n in names}
     for round_ in range(5):
         if round_ == 4:  # a reset, then fewer values than before it
             source.recorders[names[0]].clear()
@@ -282,7 +280,7 @@ def test_histogram_replay_is_exact(reader: InMemoryMetricReader) -> None:
         for name in names:
             point = _value(points, "db.client.connection.use_time", name)
             want = totals[name].snapshot()
-            assert tuple(point.explicit_bounds) == DURATION_BOUNDS
+            assert tuple(point.explicit_bounds) == DURATION_BOUNDS[USE_FLOOR_BITS:]
             assert _otel_buckets(point) == list(want.counts)
             assert point.count == want.count
             assert math.isclose(point.sum, want.sum, rel_tol=1e-9, abs_tol=1e-9)
@@ -309,7 +307,6 @@ def test_replay_values_lie_in_their_buckets(seed: int) -> None:
     assert math.isclose(total, hist.sum, rel_tol=1e-9, abs_tol=1e-12)
 
 
-@CORE_RECORDING
 async def test_pool_histograms_exported(dsn: str, reader: InMemoryMetricReader) -> None:
     """wait_time counts every request, use_time every return, create_time every connect."""
     name = _name("histograms")
