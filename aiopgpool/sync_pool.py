@@ -240,42 +240,41 @@ class SyncPoolFacade(Generic[C]):
         lifecycle = self._lifecycle
         close = close or self._core.null
         with bridge.lock:
-            borrowed = port.borrowed_nowait(conn)  # PoolError: foreign, or returned twice
-            baseline = borrowed.baseline
-            quick = not close and not lifecycle.resets and lifecycle.is_clean(conn, baseline)
-            if quick:
-                slot = port.give_back_nowait(conn, key, False)
-        if not quick:
-            # The borrower's own blocking work, in its own thread.
-            bad = lost = None
-            broken = False
-            if not close:
-                try:
-                    failed = lifecycle.tracks_role and lifecycle.in_failed_transaction(conn)
-                    if not lifecycle.is_clean(conn, baseline):
-                        if lifecycle.is_bad_return(conn):
-                            bad = lifecycle.describe_state(conn)
-                        broken = close = not lifecycle.clean_blocking(conn, baseline)
-                    if lifecycle.tracks_role and not close:
-                        lost = lifecycle.role_lost(conn)
-                        if lost is None and failed:
-                            lost = lifecycle.ask_role_blocking(conn)
-                        close = lost is not None
-                    if lifecycle.resets and not close:
-                        close = not lifecycle.reset_blocking(conn)
-                except Exception:
-                    close = True
-            if close:
-                lifecycle.close(conn)  # now, as psycopg2 does; the caller still owns it
+            # Unchanged and nothing to reset: straight back, or handed to a waiting thread.
+            slot = port.give_back_nowait(conn, key, close or lifecycle.resets)
+            if slot is None:
+                return
+        # The borrower's own blocking work, in its own thread: the connection is
+        # no longer borrowed, and no other thread can have it until it is passed on.
+        bad = lost = None
+        broken = False
+        if not close:
+            try:
+                failed = lifecycle.tracks_role and lifecycle.in_failed_transaction(conn)
+                if not lifecycle.is_clean(conn, slot.baseline):
+                    if lifecycle.is_bad_return(conn):
+                        bad = lifecycle.describe_state(conn)
+                    broken = close = not lifecycle.clean_blocking(conn, slot.baseline)
+                if lifecycle.tracks_role and not close:
+                    lost = lifecycle.role_lost(conn)
+                    if lost is None and failed:
+                        lost = lifecycle.ask_role_blocking(conn)
+                    close = lost is not None
+                if lifecycle.resets and not close:
+                    close = not lifecycle.reset_blocking(conn)
+            except Exception:
+                close = True
+        if close:
+            lifecycle.close(conn)  # now, as psycopg2 does
+        if bad is not None or (lifecycle.tracks_role and (lost is not None or broken)):
             with bridge.lock:
                 if bad is not None:
                     port.note_bad_return_nowait(bad)
-                slot = port.give_back_nowait(conn, key, close)
                 if lifecycle.tracks_role and (lost is not None or broken):
-                    port.server_trouble_nowait(borrowed.server, lost)
-        if slot is not None:
-            # The rest (counting a close, expiry, refilling) happens on the loop.
-            bridge.call_soon(port.finish_return, slot, close)
+                    port.server_trouble_nowait(slot.server, lost)
+        # The rest (back to the idle ones or to a waiter, a close counted, expiry,
+        # refilling) happens on the loop, without keeping the caller waiting.
+        bridge.call_soon(port.finish_return, slot, close)
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[C]:

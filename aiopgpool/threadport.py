@@ -220,22 +220,19 @@ class ThreadPort(Generic[ConnT]):
 
     # -- return ------------------------------------------------------------------------
 
-    def borrowed_nowait(self, conn: ConnT) -> Slot[ConnT]:
-        """The slot of a borrowed connection (it stays borrowed); PoolError if not ours."""
-        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
-        return self._core.borrowed_slot(conn)
-
     def give_back_nowait(
-        self, conn: ConnT, key: Hashable | None, close: bool
+        self, conn: ConnT, key: Hashable | None, needs_work: bool
     ) -> Slot[ConnT] | None:
         """Take a connection back: None when that was all, else the slot to :meth:`finish_return`.
+
+        ``needs_work``: never put it straight back (the caller closes or resets it first).
 
         From now on the connection is not borrowed (its key is free), and a
         slot returned is this thread's until it passes it on. Raises
         :class:`~aiopgpool.PoolError` for a connection not borrowed from this pool.
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
-        return self._core.give_back(conn, key, close)
+        return self._core.give_back(conn, key, needs_work)
 
     def note_bad_return_nowait(self, description: str) -> None:
         """Count (and log) a connection returned in a transaction, in error or mid-query."""
