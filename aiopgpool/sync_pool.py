@@ -13,6 +13,7 @@ the caller's own thread so that 16 threads do not queue behind one loop:
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 import weakref
@@ -42,6 +43,8 @@ from .sync_lifecycle import (
 from .threadport import ThreadPort, ThreadWaiter
 
 __all__ = ["ConnectionPool", "NullConnectionPool", "SyncPoolFacade"]
+
+logger = logging.getLogger("aiopgpool")
 
 C = TypeVar("C")
 Self = TypeVar("Self", bound="SyncPoolFacade[Any]")
@@ -253,14 +256,27 @@ class SyncPoolFacade(Generic[C]):
             # The borrower's own blocking work, in its own thread.
             bad = None
             if not close:
+                stage = "cleaning"
                 try:
                     if not lifecycle.is_clean(conn, baseline):
                         if lifecycle.is_bad_return(conn):
                             bad = lifecycle.describe_state(conn)
                         close = not lifecycle.clean_blocking(conn, baseline)
                     if lifecycle.resets and not close:
+                        stage = "reset"
                         close = not lifecycle.reset_blocking(conn)
-                except Exception:
+                        if close:
+                            logger.warning(
+                                "pool %r: reset left a connection unusable", self._core.name
+                            )
+                except Exception as exc:
+                    logger.warning(
+                        "pool %r: %s a returned connection failed, discarded: %s: %s",
+                        self._core.name,
+                        stage,
+                        exc.__class__.__name__,
+                        exc,
+                    )
                     close = True
             if close:
                 lifecycle.close(conn)  # now, as psycopg2 does; the caller still owns it
