@@ -326,6 +326,8 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
         *,
         min_size: int = 0,
+        connection_class: type[ACT] = psycopg.AsyncConnection,  # type: ignore[assignment]
         **options: Any,
     ) -> None:
-        super().__init__(conninfo, min_size=min_size, **options)
+        # connection_class is spelled out so that type checkers infer ACT from it.
+        super().__init__(conninfo, min_size=min_size, connection_class=connection_class, **options)

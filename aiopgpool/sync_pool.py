@@ -444,6 +444,8 @@ class NullConnectionPool(ConnectionPool[CT]):
         conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
         *,
         min_size: int = 0,
+        connection_class: type[CT] = psycopg.Connection,  # type: ignore[assignment]
         **options: Any,
     ) -> None:
-        super().__init__(conninfo, min_size=min_size, **options)
+        # connection_class is spelled out so that type checkers infer CT from it.
+        super().__init__(conninfo, min_size=min_size, connection_class=connection_class, **options)
