@@ -1271,3 +1271,80 @@ def test_close_waits_for_borrowed_connections_up_to_its_timeout(dsn: str) -> Non
         pool.close(timeout=0.3)
         assert 0.2 < time.monotonic() - start < 3.0
         assert held.closed  # closed under its borrower once the timeout ran out
+
+
+def test_psycopg_pool_close_leaves_borrowed_connections_open(dsn: str) -> None:
+    """The reference for the test above: its close() timeout is not for borrowers."""
+    ref = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=2, open=True)
+    held = ref.getconn()
+    ref.close(timeout=0.3)
+    assert not held.closed
+    held.close()
+
+
+def test_our_exceptions_are_not_psycopg_pools() -> None:
+    for ours, theirs in (
+        (aiopgpool.PoolTimeout, psycopg_pool.PoolTimeout),
+        (aiopgpool.PoolClosed, psycopg_pool.PoolClosed),
+        (aiopgpool.TooManyRequests, psycopg_pool.TooManyRequests),
+    ):
+        assert not issubclass(ours, theirs)
+        assert issubclass(ours, psycopg.OperationalError)  # as theirs are
+        assert issubclass(theirs, psycopg.OperationalError)
+
+
+def test_a_pool_must_be_opened(dsn: str) -> None:
+    """open defaults to False: getconn() on a pool never opened raises PoolClosed."""
+    pool = ConnectionPool(dsn, name=uname("not-open"))
+    with pytest.raises(aiopgpool.PoolClosed, match="not open yet"):
+        pool.getconn()
+    with pytest.warns(DeprecationWarning):  # psycopg_pool still opens implicitly, warning
+        ref = psycopg_pool.ConnectionPool(dsn, min_size=1)
+        try:
+            ref.putconn(ref.getconn())
+        finally:
+            ref.close()
+
+
+def test_psycopg_pool_open_true_does_not_wait() -> None:
+    """The reference for test_open_true_sync: psycopg_pool's open=True connects later.
+
+    Ours waits for min_size connections (as open(wait=True) does), so against a
+    server that is down its constructor raises PoolTimeout after 30 s (README).
+    """
+    start = time.monotonic()
+    ref = psycopg_pool.ConnectionPool(down_dsn(), min_size=1, open=True)
+    try:
+        assert time.monotonic() - start < 2.0
+        assert not ref.closed
+    finally:
+        ref.close(timeout=0)
+
+
+def test_constructor_arguments_psycopg_pool_has_and_we_do_not(dsn: str) -> None:
+    with pytest.raises(TypeError, match="num_workers"):
+        ConnectionPool(dsn, num_workers=3)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="max_size"):
+        ConnectionPool(dsn, min_size=2, max_size=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", [AsyncConnectionPool, ConnectionPool])
+async def test_wait_that_times_out_leaves_the_pool_open(cls: type) -> None:
+    pool = cls(down_dsn(), name=uname("wait-open"))
+    if cls is AsyncConnectionPool:
+        await pool.open()
+        with pytest.raises(PoolTimeout):
+            await pool.wait(timeout=0.3)
+        assert not pool.closed  # still trying: psycopg_pool closes the pool here
+        await pool.close()
+    else:
+        pool.open()
+        with pytest.raises(PoolTimeout):
+            await asyncio.to_thread(pool.wait, 0.3)
+        assert not pool.closed
+        pool.close()
+    ref = psycopg_pool.AsyncConnectionPool(down_dsn(), min_size=1, open=False)
+    await ref.open()
+    with pytest.raises(psycopg_pool.PoolTimeout):
+        await ref.wait(timeout=0.3)
+    assert ref.closed
