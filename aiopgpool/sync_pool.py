@@ -429,7 +429,7 @@ class ConnectionPool(SyncPoolFacade[CT]):
         lifecycle.link = PoolLink(self, close_returns)
         self.connection_class = connection_class
         if open:
-            self.open(wait=True)
+            self.open()  # as psycopg_pool: started, connections come in the background
 
     check_connection = staticmethod(check_connection_blocking)
 
