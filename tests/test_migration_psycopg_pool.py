@@ -139,7 +139,7 @@ def test_features(dsn: str) -> None:
     pool, conn, search_path, stats = example_features(dsn)
     assert isinstance(pool, aiopgpool.ConnectionPool)
     assert search_path == '"$user", public'  # the borrower's SET did not leak
-    assert stats["requests_num"] == 2 and stats["pool_size"] == 1
+    assert stats["requests_num"] == 2 and stats["pool_size"] >= 1  # the filler may add one
     assert pool.closed and conn.closed
 
 
