@@ -380,7 +380,7 @@ class ConnectionPool(SyncPoolFacade[CT]):
         *,
         kwargs: dict[str, Any] | Callable[[], Any] | None = DEFAULTS.kwargs,
         min_size: int = DEFAULTS.min_size,
-        max_size: int = DEFAULTS.max_size,
+        max_size: int | None = DEFAULTS.max_size,
         timeout: float | None = DEFAULTS.timeout,
         max_waiting: int = DEFAULTS.max_waiting,
         max_idle: float | None = DEFAULTS.max_idle,
@@ -397,6 +397,11 @@ class ConnectionPool(SyncPoolFacade[CT]):
         close_returns: bool = DEFAULTS.close_returns,
         ping_after_idle: float | None = DEFAULTS.ping_after_idle,
     ) -> None:
+        if max_size is None:
+            # As psycopg_pool: max_size=None means min_size (which a null pool lacks).
+            if self._null:
+                raise ValueError("a null pool needs max_size (0: no bound), not None")
+            max_size = min_size
         options = PoolOptions(
             conninfo=conninfo,
             kwargs=kwargs,
