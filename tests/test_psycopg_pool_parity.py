@@ -1391,8 +1391,18 @@ def test_a_pool_must_be_opened(dsn: str) -> None:
 def test_constructor_arguments_psycopg_pool_has_and_we_do_not(dsn: str) -> None:
     with pytest.raises(TypeError, match="num_workers"):
         ConnectionPool(dsn, num_workers=3)  # type: ignore[call-arg]
-    with pytest.raises(ValueError, match="max_size"):
-        ConnectionPool(dsn, min_size=2, max_size=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_max_size_none_means_min_size(dsn: str, cls: type) -> None:
+    """As psycopg_pool (before: ValueError 'max_size must be an integer, got None')."""
+    if is_null(cls):
+        with pytest.raises(ValueError, match="max_size"):
+            cls(dsn, max_size=None)  # psycopg_pool's null pools refuse it too
+        return
+    pool = cls(dsn, min_size=3, max_size=None)
+    assert (pool.min_size, pool.max_size) == (3, 3)
+    assert psycopg_pool.ConnectionPool(dsn, min_size=3, max_size=None, open=False).max_size == 3
 
 
 @pytest.mark.parametrize("cls", [AsyncConnectionPool, ConnectionPool])
