@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
+import anyio
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
@@ -465,6 +466,12 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
             # handed back with a query running): stop the query on the server,
             # then discard the connection rather than drain it.
             await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+            # Let the task running the query take its QueryCanceled and let go of
+            # the connection (psycopg holds conn.lock meanwhile) before it is
+            # closed: closed under it, that task would wait on a dead socket forever.
+            with anyio.move_on_after(CANCEL_TIMEOUT):
+                async with conn.lock:
+                    pass
         if todo.discard:
             return False
         if todo.rollback:

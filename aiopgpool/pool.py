@@ -51,7 +51,7 @@ class AsyncConnectionPool(Generic[ACT]):
         *,
         kwargs: dict[str, Any] | Callable[[], Any] | None = DEFAULTS.kwargs,
         min_size: int = DEFAULTS.min_size,
-        max_size: int = DEFAULTS.max_size,
+        max_size: int | None = DEFAULTS.max_size,
         timeout: float | None = DEFAULTS.timeout,
         max_waiting: int = DEFAULTS.max_waiting,
         max_idle: float | None = DEFAULTS.max_idle,
@@ -68,6 +68,11 @@ class AsyncConnectionPool(Generic[ACT]):
         close_returns: bool = DEFAULTS.close_returns,
         ping_after_idle: float | None = DEFAULTS.ping_after_idle,
     ) -> None:
+        if max_size is None:
+            # As psycopg_pool: max_size=None means min_size (which a null pool lacks).
+            if self._null:
+                raise ValueError("a null pool needs max_size (0: no bound), not None")
+            max_size = min_size
         options = PoolOptions(
             conninfo=conninfo,
             kwargs=kwargs,
@@ -326,6 +331,8 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
         *,
         min_size: int = 0,
+        connection_class: type[ACT] = psycopg.AsyncConnection,  # type: ignore[assignment]
         **options: Any,
     ) -> None:
-        super().__init__(conninfo, min_size=min_size, **options)
+        # connection_class is spelled out so that type checkers infer ACT from it.
+        super().__init__(conninfo, min_size=min_size, connection_class=connection_class, **options)

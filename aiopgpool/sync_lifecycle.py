@@ -209,6 +209,12 @@ class SyncLifecycle(
         if todo.cancel:
             # A query still runs (another thread uses it): stop it, then discard.
             conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+            # Let that thread take its QueryCanceled and let go of the connection
+            # (psycopg holds conn.lock while it runs a query) before the caller
+            # closes it: closed under it, the thread would wait on a dead socket
+            # forever, and libpq must not serve two threads on one connection.
+            if conn.lock.acquire(timeout=CANCEL_TIMEOUT):
+                conn.lock.release()
         if todo.discard:
             return False
         if todo.rollback:

@@ -13,6 +13,7 @@ the caller's own thread so that 16 threads do not queue behind one loop:
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 import weakref
@@ -42,6 +43,8 @@ from .sync_lifecycle import (
 from .threadport import ThreadPort, ThreadWaiter
 
 __all__ = ["ConnectionPool", "NullConnectionPool", "SyncPoolFacade"]
+
+logger = logging.getLogger("aiopgpool")
 
 C = TypeVar("C")
 Self = TypeVar("Self", bound="SyncPoolFacade[Any]")
@@ -249,6 +252,7 @@ class SyncPoolFacade(Generic[C]):
         bad = lost = None
         broken = False
         if not close:
+            stage = "cleaning"
             try:
                 failed = lifecycle.tracks_role and lifecycle.in_failed_transaction(conn)
                 if not lifecycle.is_clean(conn, slot.baseline):
@@ -261,8 +265,18 @@ class SyncPoolFacade(Generic[C]):
                         lost = lifecycle.ask_role_blocking(conn)
                     close = lost is not None
                 if lifecycle.resets and not close:
+                    stage = "reset"
                     close = not lifecycle.reset_blocking(conn)
-            except Exception:
+                    if close:
+                        logger.warning("pool %r: reset left a connection unusable", self.name)
+            except Exception as exc:
+                logger.warning(
+                    "pool %r: %s a returned connection failed, discarded: %s: %s",
+                    self.name,
+                    stage,
+                    exc.__class__.__name__,
+                    exc,
+                )
                 close = True
         if close:
             lifecycle.close(conn)  # now, as psycopg2 does
@@ -368,7 +382,7 @@ class ConnectionPool(SyncPoolFacade[CT]):
         *,
         kwargs: dict[str, Any] | Callable[[], Any] | None = DEFAULTS.kwargs,
         min_size: int = DEFAULTS.min_size,
-        max_size: int = DEFAULTS.max_size,
+        max_size: int | None = DEFAULTS.max_size,
         timeout: float | None = DEFAULTS.timeout,
         max_waiting: int = DEFAULTS.max_waiting,
         max_idle: float | None = DEFAULTS.max_idle,
@@ -385,6 +399,11 @@ class ConnectionPool(SyncPoolFacade[CT]):
         close_returns: bool = DEFAULTS.close_returns,
         ping_after_idle: float | None = DEFAULTS.ping_after_idle,
     ) -> None:
+        if max_size is None:
+            # As psycopg_pool: max_size=None means min_size (which a null pool lacks).
+            if self._null:
+                raise ValueError("a null pool needs max_size (0: no bound), not None")
+            max_size = min_size
         options = PoolOptions(
             conninfo=conninfo,
             kwargs=kwargs,
@@ -417,7 +436,7 @@ class ConnectionPool(SyncPoolFacade[CT]):
         lifecycle.link = PoolLink(self, close_returns)
         self.connection_class = connection_class
         if open:
-            self.open(wait=True)
+            self.open()  # as psycopg_pool: started, connections come in the background
 
     check_connection = staticmethod(check_connection_blocking)
 
@@ -432,6 +451,8 @@ class NullConnectionPool(ConnectionPool[CT]):
         conninfo: str | Callable[[], Any] = DEFAULTS.conninfo,
         *,
         min_size: int = 0,
+        connection_class: type[CT] = psycopg.Connection,  # type: ignore[assignment]
         **options: Any,
     ) -> None:
-        super().__init__(conninfo, min_size=min_size, **options)
+        # connection_class is spelled out so that type checkers infer CT from it.
+        super().__init__(conninfo, min_size=min_size, connection_class=connection_class, **options)

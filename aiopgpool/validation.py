@@ -205,9 +205,8 @@ class Validation(Generic[ConnT]):
                 ):
                     self.forget_server(slot.server, lost)
                     core.discard(slot, f"server no longer primary ({lost})")
-                elif lifecycle.has_reset and not await lifecycle.reset(conn):
-                    logger.warning("pool %r: reset left a connection unusable", core.name)
-                    core.discard(slot, "reset left it unusable")
+                elif lifecycle.has_reset and not await self._reset(conn):
+                    core.discard(slot, "reset failed or left it unusable")
                 elif slot.expires_at <= monotonic():
                     core.discard(slot, "max_lifetime reached")
         except BaseException as exc:
@@ -220,6 +219,22 @@ class Validation(Generic[ConnT]):
         finally:
             slot.returned_at = monotonic()
             core.after_return(slot)
+
+    async def _reset(self, conn: ConnT) -> bool:
+        """Run the user's ``reset``; False (logged at WARNING) when it failed."""
+        core = self._core
+        try:
+            if await core.lifecycle.reset(conn):
+                return True
+            logger.warning("pool %r: reset left a connection unusable", core.name)
+        except Exception as exc:
+            logger.warning(
+                "pool %r: reset of a returned connection failed, discarded: %s: %s",
+                core.name,
+                exc.__class__.__name__,
+                exc,
+            )
+        return False
 
     def note_bad_return(self, description: str) -> None:
         """Count (and log at WARNING) a connection returned in a bad state."""
