@@ -93,6 +93,7 @@ class Validation(Generic[ConnT]):
             deadline = None if budget is None else start + budget
             retry = budget != 0
             backoff: Backoff | None = None
+            check_error: Exception | None = None
             while True:
                 if slot.conn is not None:
                     if await self._usable(slot, deadline):
@@ -103,7 +104,14 @@ class Validation(Generic[ConnT]):
                     if swapped is not None:
                         slot = swapped
                     continue
-                await core.connector.connect(slot, None if not retry else deadline, retry=retry)
+                try:
+                    await core.connector.connect(slot, None if not retry else deadline, retry=retry)
+                except PoolTimeout as exc:
+                    if check_error is None or exc.__cause__ is not None:
+                        raise
+                    raise PoolTimeout(
+                        f"pool {core.name!r}: no connection passed the check before the deadline"
+                    ) from check_error
                 core.connector.notify_size()
                 check_error = await self._checked(slot)
                 if check_error is None:

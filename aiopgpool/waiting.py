@@ -53,6 +53,7 @@ class WaitTimeout(Exception):
 # The sweeping timer re-arms itself no sooner than this after it fired: a
 # waiter may time out this much late, at most.
 SWEEP_INTERVAL = 0.005
+TIMER_SLACK = 0.001
 _NEVER = float("inf")
 
 
@@ -237,7 +238,9 @@ class HandoffQueue(Generic[T]):
         """Time out every waiter whose deadline passed; re-arm for the next deadline."""
         self._sweeper = None
         self._sweep_at = _NEVER
-        now = monotonic()
+        # A loop may fire the timer a little early (uvloop keeps milliseconds):
+        # a deadline within TIMER_SLACK counts as passed, not as one more sweep.
+        now = monotonic() + TIMER_SLACK
         earliest = _NEVER
         for fut, deadline in self._waiters:
             if fut.done():
