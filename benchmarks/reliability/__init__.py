@@ -1,4 +1,5 @@
-"""Reliability benchmark: server restarts and network cuts, pool by pool, side by side.
+"""Reliability benchmark: server restarts, network cuts, failovers and PgBouncer, pool by
+pool, side by side.
 
 ``python -m benchmarks reliability`` (or ``python -m benchmarks.reliability``).
 
@@ -19,7 +20,14 @@ scenario injects faults (:mod:`benchmarks.reliability.scenarios`):
     every connection with a TCP RST and keeps resetting new ones for ``--reset``
     seconds, then forwards for ``--up`` seconds.
 
-Every request is classified once (:mod:`benchmarks.reliability.recorder`):
+``failover``, ``read-only``, ``pgbouncer``
+    Role changes on a primary + standby pair, and a transaction-mode PgBouncer, for
+    aiopgpool, psycopg_pool and asyncpg: see :mod:`benchmarks.reliability.roles`
+    (asyncpg takes part in these only). ``--runs N`` repeats every pair, interleaved,
+    and their tables give the median (min - max) of the runs.
+
+In ``restart`` and ``network-cut``, every request is classified once
+(:mod:`benchmarks.reliability.recorder`):
 
 * **ok**: it succeeded before its deadline + 0.5 s;
 * **failed**: it raised a psycopg error (pool errors derive from

@@ -12,14 +12,22 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.environment import command_line, machine_info
+from benchmarks.reliability.peers import PEERS
 from benchmarks.reliability.recorder import HANG_MARGIN
-from benchmarks.reliability.report import explanation, markdown_table
+from benchmarks.reliability.report import bouncer_table, explanation, markdown_table, roles_table
+from benchmarks.reliability.roles import ROLE_SCENARIOS, run_role
 from benchmarks.reliability.scenarios import POOLS, SCENARIOS, Settings, run_one
+
+#: Every pool and scenario name (asyncpg takes part in the role scenarios only: the
+#: restart and network-cut classification relies on psycopg errors).
+ALL_POOLS = list(PEERS)
+ALL_SCENARIOS = [*SCENARIOS, *ROLE_SCENARIOS]
 
 RESULTS_PATH = Path(__file__).resolve().parent.parent / "results" / "reliability.json"
 DESCRIPTION = (
-    "Server restarts and network cuts against aiopgpool and psycopg_pool, each pool on"
-    " its own throwaway cluster; prints a markdown table, writes reliability.json."
+    "Server restarts, network cuts, failovers and PgBouncer against aiopgpool and its"
+    " peers, each pool on its own throwaway servers; prints markdown tables, writes"
+    " reliability.json."
 )
 
 #: option -> (full run's default, --quick's default).
@@ -30,19 +38,34 @@ TIMINGS: dict[str, tuple[float, float]] = {
     "warmup": (1.0, 0.5),
     "blackhole": (3.0, 1.5),
     "reset": (1.0, 0.5),
+    "outage": (2.0, 1.0),
+    "after": (12.0, 7.0),
+    "clean": (2.0, 2.0),
+    "duration": (5.0, 2.0),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The reliability command's options."""
-    p.add_argument("--pools", default=",".join(POOLS), help="comma-separated, from: %(default)s")
     p.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help="comma-separated, from: %(default)s"
+        "--pools",
+        default=",".join(ALL_POOLS),
+        help="comma-separated, from: %(default)s (asyncpg: role scenarios only)",
+    )
+    p.add_argument(
+        "--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated, from: %(default)s"
     )
     p.add_argument(
         "--quick",
         action="store_true",
         help="about 45 s: 2 restarts, shorter faults and pauses (explicit values beat it)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat every (scenario, pool) this many times, interleaved; the failover,"
+        " read-only and pgbouncer tables give median (min - max), the others a row a run",
     )
     p.add_argument("--pool-size", type=int, default=5)
     p.add_argument("--tasks", type=int, default=20)
@@ -60,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "warmup": "seconds of load before the first fault",
         "blackhole": "seconds the proxy drops every byte",
         "reset": "seconds the proxy resets every connection",
+        "outage": "failover, read-only: seconds from the fault to pg_promote()",
+        "after": "seconds of load after pg_promote() (or the restart behind PgBouncer)",
+        "clean": "seconds of failure-free requests that make '100 %%' count",
+        "duration": "pgbouncer: seconds of measured SELECT 1 load, each way",
     }
     for name, (full, quick) in TIMINGS.items():
         kind = int if name == "restarts" else float
@@ -102,6 +129,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         reset=timings["reset"],
         max_requests=args.max_requests,
         connect_timeout=args.connect_timeout,
+        outage=timings["outage"],
+        after=timings["after"],
+        clean=timings["clean"],
+        duration=timings["duration"],
     )
 
 
@@ -115,16 +146,32 @@ def _names(
     return names
 
 
-async def _run_all(scenarios: list[str], pools: list[str], s: Settings) -> list[dict[str, Any]]:
+async def _run_all(
+    scenarios: list[str], pools: list[str], s: Settings, runs: int
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    for scenario in scenarios:
-        for pool in pools:
-            print(f"running {scenario} x {pool} ...", end=" ", flush=True)
-            r = await run_one(scenario, pool, s)
-            results.append(r)
-            note = r["status"] if r["status"] == "done" else f"error: {r['error']}"
-            print(f"{note} ({r['wall_s']} s, {r['requests']} requests)", flush=True)
+    for run in range(1, runs + 1):
+        for scenario in scenarios:
+            for pool in pools:
+                r = await _run_pair(scenario, pool, s, f"{run}/{runs}" if runs > 1 else "")
+                if r is not None:
+                    r["run"] = run
+                    results.append(r)
     return results
+
+
+async def _run_pair(scenario: str, pool: str, s: Settings, run: str) -> dict[str, Any] | None:
+    if scenario in SCENARIOS and pool not in POOLS:
+        print(f"skipping {scenario} x {pool}: psycopg pools only", flush=True)
+        return None
+    print(f"running {scenario} x {pool} {run}...", end=" ", flush=True)
+    if scenario in SCENARIOS:
+        r = await run_one(scenario, pool, s)
+    else:
+        r = await run_role(scenario, pool, s)
+    note = r["status"] if r["status"] == "done" else f"error: {r['error']}"
+    print(f"{note} ({r['wall_s']} s)", flush=True)
+    return r
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
@@ -135,19 +182,37 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     s = settings_from(args)
-    pools = _names(args.pools, list(POOLS), "pool", parser)
-    scenarios = _names(args.scenarios, list(SCENARIOS), "scenario", parser)
+    pools = _names(args.pools, ALL_POOLS, "pool", parser)
+    scenarios = _names(args.scenarios, ALL_SCENARIOS, "scenario", parser)
     command = command_line(argv)
     print(f"$ {command}", flush=True)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = machine_info()
-    results = asyncio.run(_run_all(scenarios, pools, s))
+    results = asyncio.run(_run_all(scenarios, pools, s, args.runs))
 
-    table = markdown_table(results)
+    old = [r for r in results if r["scenario"] in SCENARIOS]
+    tables = []
+    if old:
+        tables.append("\n".join([*explanation(s, HANG_MARGIN), "", markdown_table(old)]))
+    if any(r["scenario"] in ("failover", "read-only") for r in results):
+        tables.append(
+            f"Failover / read-only: pool of {s.pool_size} (min = max), {s.tasks} tasks "
+            f"inserting, acquire timeout {s.timeout:g} s, pg_promote() {s.outage:g} s after "
+            f"the fault, {s.after:g} s of load after it; '100 %': no failure from then on "
+            f"(at least {s.clean:g} s of it).\n\n" + roles_table(results)
+        )
+    if any(r["scenario"] == "pgbouncer" for r in results):
+        tables.append(
+            f"PgBouncer (transaction mode): pool of {s.pool_size}, {s.tasks} tasks, "
+            f"{s.duration:g} s each way; restart: server down {s.down:g} s.\n\n"
+            + bouncer_table(results)
+        )
+    table = "\n\n".join(tables)
     print()
     print(f"Command: `{command}`")
-    print("\n".join(explanation(s, HANG_MARGIN)))
     print()
     print(table)
     doc = {

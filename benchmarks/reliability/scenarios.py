@@ -41,6 +41,10 @@ class Settings:
     reset: float
     max_requests: int
     connect_timeout: int
+    outage: float = 2.0
+    after: float = 12.0
+    clean: float = 2.0
+    duration: float = 5.0
 
 
 async def _worker(adapter: AsyncAdapter, rec: Recorder, stop: asyncio.Event, s: Settings) -> None:
