@@ -10,13 +10,14 @@ __all__ = ["Backoff"]
 class Backoff:
     """Delays that double from ``initial`` up to ``maximum``, each with +-``jitter`` spread.
 
-    The cap is small on purpose: a pool whose server comes back must notice
-    within about a second, not after a minute-long sleep.
+    The cap is small on purpose: a pool whose server comes back (or whose
+    standby is promoted) must notice well within a second, not after a
+    minute-long sleep; with the jitter an attempt follows the last within 0.6 s.
     """
 
     __slots__ = ("_delay", "initial", "jitter", "maximum")
 
-    def __init__(self, initial: float = 0.05, maximum: float = 1.0, jitter: float = 0.2) -> None:
+    def __init__(self, initial: float = 0.05, maximum: float = 0.5, jitter: float = 0.2) -> None:
         self.initial = initial
         self.maximum = maximum
         self.jitter = jitter

@@ -273,7 +273,7 @@ class PoolCore(Generic[ConnT]):
                     return conn
                 self._preparing += 1
                 return self._lend(await self.validation.prepare(slot, None, None), None)
-            kept = self.queue.take_free_one()
+            kept = self.queue.take_free_one() if self.queue.free else None
         else:
             conn = self._request(timeout, key)
             if conn is not None:

@@ -140,7 +140,7 @@ class ThreadPort(Generic[ConnT]):
                     return conn
                 core._preparing += 1
                 return slot
-            kept = core.queue.take_free_one()
+            kept = core.queue.take_free_one() if core.queue.free else None
         else:
             conn = core._request(timeout, key)
             if conn is not None:

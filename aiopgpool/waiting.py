@@ -64,7 +64,6 @@ class HandoffQueue(Generic[T]):
     """
 
     __slots__ = (
-        "_free",
         "_items",
         "_loop",
         "_make_free",
@@ -72,11 +71,13 @@ class HandoffQueue(Generic[T]):
         "_sweeper",
         "_waiters",
         "_waiting",
+        "free",
     )
 
     def __init__(self, make_free: Callable[[], T], free: int) -> None:
         self._make_free = make_free
-        self._free = free
+        #: How many free items are kept (counted, not made); read it, never set it.
+        self.free = free
         self._items: deque[T] = deque()
         # (future, deadline) of waiting getters, oldest first. Entries whose
         # future is already done (timed out, cancelled, failed) are skipped
@@ -118,11 +119,6 @@ class HandoffQueue(Generic[T]):
         """How many getters are waiting now."""
         return self._waiting
 
-    @property
-    def free(self) -> int:
-        """How many free items are kept (counted, not made)."""
-        return self._free
-
     def get_nowait(self) -> T | None:
         """The top ready item, else a free one, or None when there is none.
 
@@ -132,8 +128,8 @@ class HandoffQueue(Generic[T]):
         items = self._items
         if items:
             return items.pop()
-        if self._free:
-            self._free -= 1
+        if self.free:
+            self.free -= 1
             return self._make_free()
         return None
 
@@ -149,25 +145,25 @@ class HandoffQueue(Generic[T]):
         if ready:
             self._items.append(item)
         else:
-            self._free += 1
+            self.free += 1
 
     def add_free(self, count: int) -> None:
         """``count`` more free items: handed to waiters first."""
         while count and self._waiting:
             self.put(self._make_free(), False)
             count -= 1
-        self._free += count
+        self.free += count
 
     def take_free(self, count: int) -> int:
         """Remove up to ``count`` free items; how many were removed."""
-        taken = min(count, self._free)
-        self._free -= taken
+        taken = min(count, self.free)
+        self.free -= taken
         return taken
 
     def take_free_one(self) -> T | None:
         """A free item, or None when none is kept."""
-        if self._free:
-            self._free -= 1
+        if self.free:
+            self.free -= 1
             return self._make_free()
         return None
 
@@ -176,7 +172,7 @@ class HandoffQueue(Generic[T]):
         items = self._items
         if items:
             top = items.pop()
-            self._free += 1
+            self.free += 1
             return top
         return None
 
