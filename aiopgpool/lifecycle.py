@@ -34,6 +34,7 @@ __all__ = [
     "Restore",
     "check_connection",
     "discard_session",
+    "forget_prepared",
     "quiet_socket_test",
     "what_to_restore",
 ]
@@ -242,10 +243,29 @@ async def discard_session(conn: psycopg.AsyncConnection[Any]) -> None:
     if not autocommit:
         await conn.set_autocommit(True)
     try:
-        await conn.execute("DISCARD ALL")
+        await conn.execute("DISCARD ALL", prepare=False)
+        forget_prepared(conn)
     finally:
         if not autocommit and not conn.closed:
             await conn.set_autocommit(False)
+
+
+def forget_prepared(conn: psycopg.BaseConnection[Any]) -> None:
+    """Make psycopg forget the statements it prepared on ``conn`` (DISCARD ALL dropped them).
+
+    psycopg notices a ``DISCARD ALL`` only the first time a connection runs
+    one (it checks a statement's result only when it first sees its text), so
+    after the second one its cache would name statements the server no longer
+    has ("prepared statement "_pg3_0" does not exist"). There is no public API
+    for this: the prepared-statement manager is cleared, and told that the
+    server has nothing left to deallocate.
+    """
+    prepared = getattr(conn, "_prepared", None)
+    if prepared is None:
+        return
+    with contextlib.suppress(Exception):
+        prepared.clear()
+        prepared._to_flush.clear()
 
 
 class PoolLink:

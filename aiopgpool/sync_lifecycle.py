@@ -31,6 +31,7 @@ from .lifecycle import (
     Lifecycle,
     PsycopgLifecycle,
     configure_left_transaction,
+    forget_prepared,
     role_words,
     state_reader,
     what_to_restore,
@@ -161,7 +162,8 @@ def discard_session_blocking(conn: psycopg.Connection[Any]) -> None:
     if not autocommit:
         conn.autocommit = True
     try:
-        conn.execute("DISCARD ALL")
+        conn.execute("DISCARD ALL", prepare=False)
+        forget_prepared(conn)
     finally:
         if not autocommit and not conn.closed:
             conn.autocommit = False

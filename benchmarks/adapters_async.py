@@ -111,11 +111,16 @@ class _GetconnPutconnAsync(AsyncAdapter):
     def __init__(self) -> None:
         self._pool: Any = None
 
+    @classmethod
+    def _options(cls) -> dict[str, Any]:
+        """The pool's options beyond conninfo and sizes."""
+        return dict(cls.pool_options)
+
     async def open(
         self, dsn: str, min_size: int, max_size: int, *, timeout: float | None = None
     ) -> None:
         """Create the pool (``timeout`` as its default wait), then ``await open(wait=True)``."""
-        options = dict(self.pool_options)
+        options = self._options()
         if timeout is not None:
             options["timeout"] = timeout
         self._pool = psycopg_style_pool(self.pool_class, dsn, min_size, max_size, **options)
@@ -146,6 +151,23 @@ class AiopgpoolAsync(_GetconnPutconnAsync):
     description = "aiopgpool.AsyncConnectionPool"
     pool_class = "aiopgpool.AsyncConnectionPool"
     pool_options: ClassVar[dict[str, Any]] = {"name": "bench-aiopgpool"}
+
+
+class AiopgpoolDiscardAsync(AiopgpoolAsync):
+    """aiopgpool.AsyncConnectionPool with ``reset=aiopgpool.discard_session``.
+
+    Its rows against the plain aiopgpool rows are the cost of leaving no session
+    state behind (one DISCARD ALL round trip per return).
+    """
+
+    name = "aiopgpool-discard"
+    description = "aiopgpool.AsyncConnectionPool, reset=discard_session"
+
+    @classmethod
+    def _options(cls) -> dict[str, Any]:
+        import aiopgpool
+
+        return {"name": "bench-aiopgpool-discard", "reset": aiopgpool.discard_session}
 
 
 class PsycopgPoolAsync(_GetconnPutconnAsync):
@@ -307,6 +329,7 @@ class AsyncFloor(AsyncAdapter):
 #: The async pools, in table order (the floor last).
 ASYNC_ADAPTERS: tuple[type[AsyncAdapter], ...] = (
     AiopgpoolAsync,
+    AiopgpoolDiscardAsync,
     PsycopgPoolAsync,
     AsyncpgDefault,
     AsyncpgNoReset,

@@ -1249,8 +1249,9 @@ def test_discard_session_blocking(dsn: str, role: str, autocommit: bool) -> None
             assert conn.execute(SESSION_STATE).fetchone() == CLEAN
             _prepared_queries(conn)
             assert conn.autocommit is autocommit
-        with pool.connection() as conn:
-            _prepared_queries(conn)
+        for i in range(12):  # one query a checkout: prepared at its 5th, across DISCARD ALLs
+            with pool.connection() as conn:
+                assert conn.execute("SELECT %s::int * 2", (i,)).fetchone() == (i * 2,)
 
 
 @pytest.mark.parametrize("autocommit", [False, True])
@@ -1273,6 +1274,10 @@ async def test_discard_session_async(dsn: str, role: str, autocommit: bool) -> N
             assert await cur.fetchone() == CLEAN
             await _prepared_queries_async(conn)
             assert conn.autocommit is autocommit
+        for i in range(12):  # one query a checkout: prepared at its 5th, across DISCARD ALLs
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT %s::int * 2", (i,))
+                assert await cur.fetchone() == (i * 2,)
 
 
 def test_without_reset_session_state_leaks(dsn: str, role: str) -> None:

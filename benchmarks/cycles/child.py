@@ -34,7 +34,9 @@ from benchmarks.plan import PoolSpec, all_pools
 #: The subjects: the throughput command's async and sync pools (psycopg2's is left out:
 #: it is not in the comparison this command was made for).
 SUBJECTS: dict[str, PoolSpec] = {
-    p.key: p for p in all_pools() if p.family in ("async", "sync") and p.name != "psycopg2"
+    p.key: p
+    for p in all_pools()
+    if p.family in ("async", "sync") and p.name not in ("psycopg2", "aiopgpool-discard")
 }
 #: Connections in every subject's pool (the waited op: TASKS tasks on them).
 POOL_SIZE = 2

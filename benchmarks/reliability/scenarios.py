@@ -20,7 +20,9 @@ WIND_DOWN = 15.0
 #: The pools that take part: those whose errors are psycopg errors (the classification
 #: relies on it) and that have a timeout (the floors wait forever).
 POOLS: dict[str, type[AsyncAdapter]] = {
-    a.name: a for a in ASYNC_ADAPTERS if a.driver == "psycopg" and not a.is_floor
+    a.name: a
+    for a in ASYNC_ADAPTERS
+    if a.driver == "psycopg" and not a.is_floor and a.name != "aiopgpool-discard"
 }
 
 
