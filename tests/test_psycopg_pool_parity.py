@@ -1142,11 +1142,16 @@ def test_option_attributes(dsn: str, cls: type) -> None:
 
 async def test_null_pool_max_size_zero_is_unbounded_async(dsn: str, backends: Any) -> None:
     async with async_pool(AsyncNullConnectionPool, dsn, "n0", max_size=0, timeout=10.0) as pool:
-        barrier = asyncio.Barrier(20)
+        holding = 0
+        all_hold = asyncio.Event()  # asyncio.Barrier is Python >= 3.11
 
         async def borrow() -> int:
+            nonlocal holding
             async with pool.connection() as conn:
-                await barrier.wait()
+                holding += 1
+                if holding == 20:
+                    all_hold.set()
+                await all_hold.wait()
                 return conn.info.backend_pid
 
         pids = await asyncio.wait_for(asyncio.gather(*(borrow() for _ in range(20))), 30)
