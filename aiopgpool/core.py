@@ -572,16 +572,6 @@ class PoolCore(Generic[ConnT]):
         self._keyed.clear()
         self._key_of.clear()
 
-    def borrowed_slot(self, conn: ConnT) -> Slot[ConnT]:
-        """The slot of a borrowed connection; PoolError if it is not borrowed here."""
-        try:
-            slot = self._borrowed.get(conn)
-        except TypeError:
-            slot = None
-        if slot is None or slot.conn is not conn:
-            raise self._not_borrowed(conn, None)
-        return slot
-
     def new_generation(self) -> None:
         """Mark every connection open now as to be replaced (drain)."""
         self.generation += 1

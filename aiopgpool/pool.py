@@ -230,9 +230,11 @@ class AsyncConnectionPool(PoolAttributes, Generic[ACT]):
 
 
 class _ConnectionContext(Generic[ACT]):
+    """``async with pool.connection()``: getconn; on exit commit (on success) and putconn."""
+
     __slots__ = ("_conn", "_pool", "_timeout")
 
-    def __init__(self, pool: AsyncConnectionPool[ACT], timeout: float | None) -> None:
+    def __init__(self, pool: Any, timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
         self._conn: ACT | None = None

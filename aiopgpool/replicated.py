@@ -25,7 +25,7 @@ from .conninfo import ConnectTarget
 from .errors import PoolClosed, PoolError
 from .lifecycle import INTRANS
 from .options import check_timeout, make_name
-from .pool import AsyncConnectionPool
+from .pool import AsyncConnectionPool, _ConnectionContext
 from .replica_probe import (
     CURRENT_LSN_SQL,
     IDLE,
@@ -413,8 +413,11 @@ def _in_use(pool: AsyncConnectionPool[Any]) -> int:
     return pool.stats().in_use
 
 
-class _ReplicatedContext(Generic[ACT]):
-    __slots__ = ("_conn", "_lsn", "_pool", "_read_only", "_timeout")
+class _ReplicatedContext(_ConnectionContext[ACT]):
+    """``connection()`` of a replicated pool: routed by ``read_only``/``min_lsn``; the exit
+    (commit on success, putconn) is the plain pool's."""
+
+    __slots__ = ("_lsn", "_read_only")
 
     def __init__(
         self,
@@ -423,30 +426,12 @@ class _ReplicatedContext(Generic[ACT]):
         read_only: bool,
         min_lsn: int | str | None,
     ) -> None:
-        self._pool = pool
-        self._timeout = timeout
+        super().__init__(pool, timeout)
         self._read_only = read_only
         self._lsn = min_lsn
-        self._conn: ACT | None = None
 
     async def __aenter__(self) -> ACT:
         self._conn = await self._pool.getconn(
             self._timeout, read_only=self._read_only, min_lsn=self._lsn
         )
         return self._conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        conn = self._conn
-        assert conn is not None
-        self._conn = None
-        try:
-            if exc_type is None and conn.pgconn.transaction_status == INTRANS:
-                await conn.commit()
-        finally:
-            with contextlib.suppress(PoolClosed):
-                await self._pool.putconn(conn)

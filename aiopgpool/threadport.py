@@ -256,10 +256,3 @@ class ThreadPort(Generic[ConnT]):
         """The connection checked out under ``key``, if any."""
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         return self._core.held_by_key(key)
-
-    def release_nowait(self, slot: Slot[ConnT]) -> None:
-        """Give back a slot from :meth:`request_nowait` that will not be prepared."""
-        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
-        core = self._core
-        core._preparing -= 1
-        core.release_slot(slot)
