@@ -87,6 +87,9 @@ class LoopThread:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.forked = False
+        #: True while the portal serves (and this is not a forked child): the
+        #: hot paths' one test before they try the lock (see ``serves_caller``).
+        self.serving = False
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class LoopThread:
             logger.exception("pool %r: event loop thread failed", self.name)
         finally:
             self._portal = None
+            self.serving = False
             self.lock.release()
             self._ready.set()
 
@@ -132,6 +136,7 @@ class LoopThread:
             self._loop = asyncio.get_running_loop()
             self._ident = get_ident()
             self._portal = portal
+            self.serving = True
             self._ready.set()
             await portal.sleep_until_stopped()
 
@@ -232,6 +237,7 @@ def _close_all_at_exit() -> None:
 def _after_fork_in_child() -> None:
     for bridge in list(_bridges):
         bridge.forked = True
+        bridge.serving = False
         bridge._portal = None
         _orphans.append(bridge)
     _bridges.clear()

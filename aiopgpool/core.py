@@ -261,18 +261,12 @@ class PoolCore(Generic[ConnT]):
         # Under load every request waits, and each coroutine frame more in the
         # chain would cost again at every suspension and resumption: the wait
         # is written here rather than in a helper.
-        if key is None and self._fast:  # _fast implies open
+        if self._idle and (conn := self.lend_idle(timeout, key)) is not None:
+            return conn
+        if key is None and self._fast and not self._idle:  # the usual waited request
             if timeout is not None:
-                check_timeout("timeout", timeout)  # validated on every path
+                check_timeout("timeout", timeout)
             self.counters.requests += 1
-            idle = self._idle
-            if idle:
-                slot = idle.pop()
-                conn = self._lend_ready(slot, monotonic())
-                if conn is not None:
-                    return conn
-                self._preparing += 1
-                return self._lend(await self.validation.prepare(slot, None, None), None)
             kept = self.queue.take_free_one() if self.queue.free else None
         else:
             conn = self._request(timeout, key)
@@ -343,16 +337,38 @@ class PoolCore(Generic[ConnT]):
         self.counters.wait_time_total += seconds
         self.wait_hist.record(seconds)
 
+    def lend_idle(self, timeout: float | None, key: Hashable | None) -> ConnT | None:
+        """The checkout hot path: lend the top idle connection if it is ready as it is.
+
+        None: the request takes the slow path (nothing idle, a key, a feature
+        that needs the slow path, or the top connection needs a test or a
+        replacement, which the slow path makes). The one copy, shared by
+        ``getconn`` and the sync facade (under its lock). Ready: tested in
+        the last ``SOCKET_TEST_INTERVAL``, or not expired and its socket
+        quiet (a non-blocking system call).
+        """
+        idle = self._idle
+        if idle and key is None and self._fast:  # _fast implies open
+            if timeout is not None:
+                check_timeout("timeout", timeout)  # validated on every path
+            slot = idle.pop()
+            now = monotonic()
+            if now < slot.fresh_until or slot.still_ready(now):
+                self.counters.requests += 1
+                conn = slot.conn
+                assert conn is not None
+                slot.borrowed_at = now
+                self._borrowed[conn] = slot
+                return conn
+            idle.append(slot)  # to test or replace: the slow path takes it again
+        return None
+
     def _lend_ready(self, slot: Slot[ConnT], now: float) -> ConnT | None:
-        """Lend ``slot``'s connection if it is ready as it is; None: it needs preparing.
+        """Lend ``slot``, just handed to a waiter, if it is ready as it is; None: prepare it.
 
-        ``slot`` holds a connection of the current generation (every idle
-        one does; a slot handed to a waiter is checked by the waiter).
-
-        The one copy of the idle hot path's test: tested recently, or not
-        expired and its socket quiet (a non-blocking system call). Only for
-        requests with no key while the fast path is on (no check, no leak watch);
-        ``now`` is ``time.monotonic()``, read by the caller.
+        ``slot`` holds a connection of the current generation. Only for
+        requests with no key while the fast path is on (no check, no leak
+        watch); ``now`` is ``time.monotonic()``, read by the caller.
         """
         if now < slot.fresh_until or slot.still_ready(now):
             conn = slot.conn

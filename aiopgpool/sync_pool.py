@@ -62,7 +62,10 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
             keepalive=self._core,
             on_exit=partial(self._core.closing.close, 0),
         )
-        self._port: ThreadPort[C] = ThreadPort(self._core, self._bridge.lock)
+        self._lock = self._bridge.lock
+        self._port: ThreadPort[C] = ThreadPort(self._core, self._lock)
+        # Every return of a null pool or of a pool with a reset leaves the hot path.
+        self._returns_need_work = self._core.null or lifecycle.resets
         # Dropped without close(): closed on its loop (borrowed connections
         # left to their borrowers), and its thread ends.
         weakref.finalize(
@@ -138,9 +141,29 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         connection returned by another thread is handed over without going
         through the event loop; the loop is only needed to open or check one.
         """
-        bridge = self._bridge
-        if not bridge.serves_caller():  # _running_bridge(), inlined: the hot path
+        lock = self._lock
+        if not (self._bridge.serving and lock.acquire(False)):
+            self._lock_slowly()
+        try:
+            conn = self._core.lend_idle(timeout, key)  # the hot path, shared with the async pool
+        finally:
+            lock.release()
+        if conn is not None:
+            return conn
+        return self._getconn_slowly(timeout, key)
+
+    def _lock_slowly(self) -> None:
+        """Take the bridge's lock, waiting for it; raise if this thread cannot use the pool.
+
+        The hot paths try the lock without waiting first: the loop thread
+        itself always fails to, since it holds the lock while it runs.
+        """
+        if not self._bridge.serves_caller():
             self._refuse_caller()
+        self._lock.acquire()
+
+    def _getconn_slowly(self, timeout: float | None, key: Hashable | None) -> C:
+        bridge = self._running_bridge()
         port = self._port
         with bridge.lock:
             got = port.request_nowait(timeout, key)
@@ -153,7 +176,7 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
             if not isinstance(got, Slot):
                 return got
         elif not isinstance(got, Slot):
-            return got  # the hot path: an idle connection, ready
+            return got  # an idle connection, ready
         else:
             start = time.monotonic()
         # Leak reports show the borrower's stack: take it here, not on the loop.
@@ -180,17 +203,20 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         free, a second return raises :class:`PoolError`); a connection the
         pool does not keep is closed before it returns.
         """
-        bridge = self._bridge
-        if not bridge.serves_caller():  # _running_bridge(), inlined: the hot path
-            self._refuse_caller()
-        port = self._port
-        lifecycle = self._lifecycle
-        close = close or self._core.null
-        with bridge.lock:
+        lock = self._lock
+        if not (self._bridge.serving and lock.acquire(False)):
+            self._lock_slowly()
+        try:
             # Unchanged and nothing to reset: straight back, or handed to a waiting thread.
-            slot = port.give_back_nowait(conn, key, close or lifecycle.resets)
-            if slot is None:
-                return
+            slot = self._core.give_back(conn, key, close or self._returns_need_work)
+        finally:
+            lock.release()
+        if slot is not None:
+            self._finish_return(conn, slot, close or self._core.null)
+
+    def _finish_return(self, conn: C, slot: Slot[C], close: bool) -> None:
+        """A return off the hot path, after ``give_back``: clean, reset or close, then pass on."""
+        bridge, port, lifecycle = self._bridge, self._port, self._lifecycle
         # The borrower's own blocking work, in its own thread: the connection is
         # no longer borrowed, and no other thread can have it until it is passed on.
         bad = lost = None

@@ -18,7 +18,6 @@ from collections.abc import Hashable
 from time import monotonic
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .options import check_timeout
 from .slot import Slot
 
 if TYPE_CHECKING:
@@ -128,24 +127,13 @@ class ThreadPort(Generic[ConnT]):
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         core = self._core
-        if key is None and core._fast:
-            if timeout is not None:
-                check_timeout("timeout", timeout)  # validated on every path
-            core.counters.requests += 1
-            idle = core._idle
-            if idle:
-                slot = idle.pop()
-                conn = core._lend_ready(slot, monotonic())
-                if conn is not None:
-                    return conn
-                core._preparing += 1
-                return slot
-            kept = core.queue.take_free_one() if core.queue.free else None
-        else:
-            conn = core._request(timeout, key)
-            if conn is not None:
-                return conn
-            kept = core.queue.get_nowait()
+        conn = core.lend_idle(timeout, key)
+        if conn is not None:
+            return conn
+        conn = core._request(timeout, key)
+        if conn is not None:
+            return conn
+        kept = core.queue.get_nowait()
         if kept is not None:
             core._preparing += 1
             return kept
@@ -220,20 +208,6 @@ class ThreadPort(Generic[ConnT]):
 
     # -- return ------------------------------------------------------------------------
 
-    def give_back_nowait(
-        self, conn: ConnT, key: Hashable | None, needs_work: bool
-    ) -> Slot[ConnT] | None:
-        """Take a connection back: None when that was all, else the slot to :meth:`finish_return`.
-
-        ``needs_work``: never put it straight back (the caller closes or resets it first).
-
-        From now on the connection is not borrowed (its key is free), and a
-        slot returned is this thread's until it passes it on. Raises
-        :class:`~aiopgpool.PoolError` for a connection not borrowed from this pool.
-        """
-        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
-        return self._core.give_back(conn, key, needs_work)
-
     def note_bad_return_nowait(self, description: str) -> None:
         """Count (and log) a connection returned in a transaction, in error or mid-query."""
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
@@ -249,7 +223,7 @@ class ThreadPort(Generic[ConnT]):
             self._core.validation.forget_server(server, lost, refill=False)
 
     async def finish_return(self, slot: Slot[ConnT], close: bool) -> None:
-        """On the loop: the rest of a return begun with :meth:`give_back_nowait`."""
+        """On the loop: the rest of a return begun with ``PoolCore.give_back`` under the lock."""
         await self._core.validation.restore(slot, close)
 
     def held_by_key_nowait(self, key: Hashable) -> ConnT | None:
