@@ -22,8 +22,8 @@ Design, in short:
   the top slot, makes a non-blocking socket test unless one was made in the
   last 10 ms, and returns; ``putconn`` sees the connection idle with its
   attributes unchanged and pushes it back. No lock, no task, no server round
-  trip. Each is written once (:meth:`PoolCore._lend_ready`,
-  :meth:`PoolCore.give_back`) and shared with the thread port.
+  trip. Each is written once (:meth:`PoolCore.lend_idle`,
+  :meth:`PoolCore.give_back`) and shared with the sync facade.
 """
 
 from __future__ import annotations

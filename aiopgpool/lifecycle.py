@@ -179,7 +179,7 @@ class Lifecycle(ABC, Generic[ConnT]):
 
     #: Reads a connection's state, to compare with its baseline. The core
     #: calls it on every return: it must be cheap, never block and never
-    #: raise (a C-level callable such as an attrgetter, where possible).
+    #: raise (psycopg 3: a small Python function reading attributes).
     state_of: Callable[[ConnT], Baseline]
 
     def is_clean(self, conn: ConnT, baseline: Baseline) -> bool:

@@ -6,7 +6,8 @@ timeouts, lifecycle and stats are all the core's) and a
 the core's coroutine run through the bridge, except for two things done in
 the caller's own thread so that 16 threads do not queue behind one loop:
 
-* the fast paths of getconn and putconn, under the bridge's parking lock;
+* the fast paths of getconn and putconn (the core's own, shared with the
+  async pool), under the bridge's parking lock;
 * the blocking work that belongs to the borrower: commit, rollback, restoring
   attributes and the user's ``reset``, before the connection goes back.
 """
