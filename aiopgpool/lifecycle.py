@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+import traceback
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -474,7 +475,16 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
 
     async def connect(self) -> tuple[psycopg.AsyncConnection[Any], Baseline]:
         conninfo, kwargs = await self._target.resolve_async()
-        conn = await self._connection_class.connect(conninfo, **kwargs)
+        try:
+            conn = await self._connection_class.connect(conninfo, **kwargs)
+        except BaseException as exc:
+            # Interrupted mid-handshake (a deadline, a cancelled borrower), psycopg
+            # drops its half-open libpq connection without closing it: a frame in this
+            # traceback still holds it, and whatever keeps the exception (a reference
+            # cycle, say) would keep its backend alive, outside the pool's books.
+            # Cleared, the frames let it go now, and libpq closes it.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         try:
             autocommit = conn.autocommit
             await conn.set_autocommit(True)

@@ -4,11 +4,18 @@ no dirty connection to the next borrower."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
-from helpers import activity, call, eventually, finish, opened, unique_name
+from helpers import activity, call, closed_port, eventually, finish, opened, unique_name
 from psycopg.pq import TransactionStatus
+
+from aiopgpool import AsyncConnectionPool, PoolTimeout
+from aiopgpool.testing import PostgresServer
 
 IDLE = TransactionStatus.IDLE
 
@@ -51,6 +58,83 @@ async def test_cancelled_while_connecting_loses_no_slot(dsn: str, backends: Any)
         assert await call(backends, name) <= 1
         await pool.putconn(conn)
         assert pool.stats().in_use == 0
+
+
+@contextlib.asynccontextmanager
+async def _replies_held(server: PostgresServer) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A conninfo naming first a closed port, then ``server`` through a relay that passes
+    the client's bytes on and holds back every reply, and an event set once a client
+    closes its end of the relay (which then closes the server's).
+
+    A connect fails on the first host, then stays mid-handshake on the second while its
+    backend starts: a failover's connect, where the old primary refused to be written to.
+    """
+    client_closed = asyncio.Event()
+    upstreams: list[asyncio.StreamWriter] = []
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        _, up_w = await asyncio.open_connection(server.host, server.port)
+        upstreams.append(up_w)
+        with contextlib.suppress(ConnectionError):
+            while data := await client_r.read(65536):
+                up_w.write(data)
+        client_closed.set()
+        up_w.close()
+        client_w.close()
+
+    listener = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    conninfo = psycopg.conninfo.make_conninfo(
+        server.dsn,
+        host="127.0.0.1,127.0.0.1",
+        port=f"{closed_port()},{port}",
+        sslmode="disable",
+        gssencmode="disable",
+    )
+    try:
+        yield conninfo, client_closed
+    finally:
+        for up_w in upstreams:
+            up_w.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("give_up", ["deadline", "cancel"])
+async def test_connect_given_up_mid_handshake_closes_its_connection(
+    pg_server: PostgresServer, backends: Any, give_up: str
+) -> None:
+    """A borrower that gives up (its deadline, a cancellation) while psycopg's connect
+    waits for a server's reply leaves no connection behind. Interrupted, psycopg drops its
+    half-open connection unclosed, held by a frame that an earlier host's error keeps in a
+    reference cycle: its backend outlived the pool's books until the garbage collector ran
+    (it is off here), as in the failover test."""
+    name = unique_name(f"handshake-{give_up}")
+    gc.disable()
+    try:
+        async with _replies_held(pg_server) as (conninfo, client_closed):
+            pool = AsyncConnectionPool(conninfo, name=name, min_size=0, max_size=1)
+            await pool.open()
+            try:
+                if give_up == "deadline":
+                    task = asyncio.create_task(pool.getconn(timeout=0.5))
+                else:
+                    task = asyncio.create_task(pool.getconn(timeout=30.0))
+                    # The backend started, idle, no query yet (query ''): as in the failover.
+                    assert await eventually(backends, name, expect=1) == 1
+                    task.cancel()
+                await finish(task)
+                with pytest.raises(
+                    PoolTimeout if give_up == "deadline" else asyncio.CancelledError
+                ):
+                    task.result()
+                assert await eventually(client_closed.is_set, expect=True)
+                assert await eventually(backends, name, expect=0) == 0
+                stats = pool.stats()
+                assert (stats.size, stats.in_use) == (0, 0)
+            finally:
+                await pool.close()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("dirty", [False, True], ids=["clean", "dirty"])
