@@ -356,6 +356,27 @@ def configure_left_transaction() -> psycopg.ProgrammingError:
 
 AsyncCallback = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
 
+AsyncConnT = TypeVar("AsyncConnT", bound=psycopg.AsyncConnection[Any])
+
+
+async def connect_async(
+    connection_class: type[AsyncConnT], conninfo: str, kwargs: dict[str, Any]
+) -> AsyncConnT:
+    """``await connection_class.connect(conninfo, **kwargs)``, leaving nothing open if interrupted.
+
+    Interrupted mid-handshake (a deadline, a cancelled borrower), psycopg
+    drops its half-open libpq connection without closing it: a frame in the
+    exception's traceback still holds it, and whatever keeps the exception (a
+    reference cycle, say, in a multi-host attempt) would keep its backend
+    alive, outside any pool's books. Cleared, the frames let it go now, and
+    libpq closes it.
+    """
+    try:
+        return await connection_class.connect(conninfo, **kwargs)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
+
 
 PgConnT = TypeVar("PgConnT", bound="psycopg.BaseConnection[Any]")
 
@@ -475,16 +496,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
 
     async def connect(self) -> tuple[psycopg.AsyncConnection[Any], Baseline]:
         conninfo, kwargs = await self._target.resolve_async()
-        try:
-            conn = await self._connection_class.connect(conninfo, **kwargs)
-        except BaseException as exc:
-            # Interrupted mid-handshake (a deadline, a cancelled borrower), psycopg
-            # drops its half-open libpq connection without closing it: a frame in this
-            # traceback still holds it, and whatever keeps the exception (a reference
-            # cycle, say) would keep its backend alive, outside the pool's books.
-            # Cleared, the frames let it go now, and libpq closes it.
-            traceback.clear_frames(exc.__traceback__)
-            raise
+        conn = await connect_async(self._connection_class, conninfo, kwargs)
         try:
             autocommit = conn.autocommit
             await conn.set_autocommit(True)

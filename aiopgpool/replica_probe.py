@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 
 from .conninfo import ConnectTarget, parse_conninfo
+from .lifecycle import connect_async
 from .options import check_timeout
 
 __all__ = [
@@ -546,7 +547,7 @@ class Prober(Generic[P]):
         kwargs = {**kwargs, "autocommit": True}
         if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo:
             kwargs["connect_timeout"] = int(CONNECT_TIMEOUT)
-        return await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        return await connect_async(psycopg.AsyncConnection, conninfo, kwargs)
 
     @staticmethod
     async def _ask(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
