@@ -145,13 +145,21 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         lock = self._lock
         if not (self._bridge.serving and lock.acquire(False)):
             self._lock_slowly()
+        waiter = None
         try:
             conn = self._core.lend_idle(timeout, key)  # the hot path, shared with the async pool
+            if conn is not None:
+                return conn
+            # In the same hold of the lock: under contention, a thread that
+            # must wait takes the lock once, not twice.
+            got = self._port.request_nowait(timeout, key)
+            start = time.monotonic()
+            if got is None:
+                waiter = ThreadWaiter(self._core, key, start)
+                self._port.join_nowait(waiter)
         finally:
             lock.release()
-        if conn is not None:
-            return conn
-        return self._getconn_slowly(timeout, key)
+        return self._getconn_slowly(got, waiter, start, timeout, key)
 
     def _lock_slowly(self) -> None:
         """Take the bridge's lock, waiting for it; raise if this thread cannot use the pool.
@@ -163,26 +171,23 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
             self._refuse_caller()
         self._lock.acquire()
 
-    def _getconn_slowly(self, timeout: float | None, key: Hashable | None) -> C:
-        bridge = self._running_bridge()
-        port = self._port
-        with bridge.lock:
-            got = port.request_nowait(timeout, key)
-            if got is None:
-                start = time.monotonic()
-                waiter = ThreadWaiter(self._core, key, start)
-                port.join_nowait(waiter)
-        if got is None:
+    def _getconn_slowly(
+        self,
+        got: C | Slot[C] | None,
+        waiter: ThreadWaiter[C] | None,
+        start: float,
+        timeout: float | None,
+        key: Hashable | None,
+    ) -> C:
+        """The rest of a checkout the hot path could not serve: wait, or prepare on the loop."""
+        if waiter is not None:
             got = self._wait(waiter, timeout)
-            if not isinstance(got, Slot):
-                return got
-        elif not isinstance(got, Slot):
-            return got  # an idle connection, ready
-        else:
-            start = time.monotonic()
+        assert got is not None
+        if not isinstance(got, Slot):
+            return got  # lent by whoever woke us, or the key's connection again
         # Leak reports show the borrower's stack: take it here, not on the loop.
         stack = None if self._core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
-        return bridge.call(port.prepare, got, key, timeout, start, stack)
+        return self._running_bridge().call(self._port.prepare, got, key, timeout, start, stack)
 
     def _wait(self, waiter: ThreadWaiter[C], timeout: float | None) -> C | Slot[C]:
         """Sleep in the core's line; the connection, or the slot to prepare."""

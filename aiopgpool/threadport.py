@@ -118,18 +118,16 @@ class ThreadPort(Generic[ConnT]):
     def request_nowait(
         self, timeout: float | None, key: Hashable | None
     ) -> ConnT | Slot[ConnT] | None:
-        """Start a checkout: a connection, a slot to :meth:`prepare` on the loop, or None.
+        """Go on with a checkout ``PoolCore.lend_idle`` did not serve, in the same hold of the lock.
 
-        None: the request must wait; the caller puts its waiter in line with
+        A connection (the key's, held already), a slot to :meth:`prepare` on
+        the loop, or None: the request must wait; the caller puts its waiter in line with
         :meth:`join_nowait` in the same hold of the lock. Raises what
         ``getconn`` raises at once (bad arguments, closed pool, exhausted with
         ``timeout=0``, too many waiting).
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         core = self._core
-        conn = core.lend_idle(timeout, key)
-        if conn is not None:
-            return conn
         conn = core._request(timeout, key)
         if conn is not None:
             return conn
