@@ -36,9 +36,10 @@ from collections.abc import Hashable
 from time import monotonic
 from typing import Any, Generic, TypeVar
 
+from .admission import timeout_error, wait_timeout
 from .closing import Closing
 from .connector import Connector
-from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
+from .errors import PoolClosed, PoolError
 from .lifecycle import Lifecycle
 from .maintenance import Maintenance, close_dropped
 from .options import PoolOptions, check_key, check_timeout
@@ -55,10 +56,6 @@ ConnT = TypeVar("ConnT")
 
 NEW, OPEN, CLOSING, CLOSED = "new", "open", "closing", "closed"
 
-# With timeout=0 a request fails at once only when every slot is borrowed (or
-# being set up for a borrower); a slot merely in transit (refilled, returned)
-# is waited for, this long at most.
-IN_TRANSIT_WAIT = 10.0
 # The capacity of a null pool created with max_size=0 ("no bound").
 UNBOUNDED = 1 << 62
 
@@ -283,9 +280,9 @@ class PoolCore(Generic[ConnT]):
         start = monotonic()
         wait: float | None
         if timeout is None and self.timeout and not self.max_waiting:
-            wait = self.timeout  # the usual case of _wait_timeout(), inlined
+            wait = self.timeout  # the usual case of wait_timeout(), inlined
         else:
-            wait = self._wait_timeout(timeout)
+            wait = wait_timeout(self, timeout)
         stats.requests_waited += 1
         fut = self.queue.join(wait, start)
         try:
@@ -298,7 +295,7 @@ class PoolCore(Generic[ConnT]):
                     self.release_slot(handed)  # to the next waiter, or closed with the pool
                 raise
             stats.timeouts += 1
-            raise self._timeout_error(timeout) from self.connector.failure_cause()
+            raise timeout_error(self, timeout) from self.connector.failure_cause()
         now = monotonic()
         waited = now - start  # self._waited(), inlined: every waited request
         stats.wait_time_total += waited
@@ -419,37 +416,6 @@ class PoolCore(Generic[ConnT]):
         """``timeout`` as given to getconn (validated), or the pool's."""
         return self.timeout if timeout is None else check_timeout("timeout", timeout)
 
-    def _wait_timeout(self, timeout: float | None) -> float | None:
-        """How long to wait in line; raises instead when ``timeout`` is 0 or the line is full."""
-        timeout = self.effective_timeout(timeout)
-        if timeout == 0:
-            # Slots neither borrowed nor being set up for a borrower are in
-            # transit (refilling, being returned) and will come back; those
-            # already promised to the waiters ahead of us do not count.
-            # A refill that keeps failing to connect is not coming back soon.
-            in_transit = (
-                self.capacity(self.max_size)
-                - len(self._borrowed)
-                - self._preparing
-                - self.excess
-                - self.connector.stalled_fills()
-            )
-            if in_transit <= self.queue.waiting:
-                self.counters.timeouts += 1
-                raise PoolTimeout("connection pool exhausted") from self.connector.failure_cause()
-            timeout = IN_TRANSIT_WAIT
-        if self.max_waiting and self.queue.waiting >= self.max_waiting:
-            self.counters.timeouts += 1
-            raise TooManyRequests(
-                f"pool {self.name!r}: {self.queue.waiting} requests already waiting "
-                f"(max_waiting={self.max_waiting})"
-            )
-        return timeout
-
-    def _timeout_error(self, timeout: float | None) -> PoolTimeout:
-        timeout = self.effective_timeout(timeout)
-        return PoolTimeout(f"pool {self.name!r}: no connection available after {timeout:g} s")
-
     def release_slot(self, slot: Slot[ConnT]) -> None:
         """Give a slot back to the queue (or drop it, after a shrinking resize)."""
         if self.state == CLOSED:
@@ -509,11 +475,11 @@ class PoolCore(Generic[ConnT]):
         try:
             slot = self._borrowed.pop(conn)
         except (KeyError, TypeError):  # TypeError: unhashable, so certainly not ours
-            raise self._not_borrowed(conn, None) from None
+            raise self.validation.not_borrowed(conn, None) from None
         if slot.conn is not conn:
-            raise self._not_borrowed(conn, slot)
+            raise self.validation.not_borrowed(conn, slot)
         if self._key_of or key is not None:
-            self._unkey(conn, slot, key)
+            self.validation.unkey(conn, slot, key)
         now = monotonic()
         used = now - slot.borrowed_at  # HistogramRecorder.record(), inlined, in two speeds
         use = self.use_hist
@@ -541,19 +507,6 @@ class PoolCore(Generic[ConnT]):
             slot.leak_timer = None
         return slot
 
-    def _unkey(self, conn: ConnT, slot: Slot[ConnT], key: Hashable | None) -> None:
-        held = self._key_of.get(conn)
-        if key is not None and held != key:
-            self._borrowed[conn] = slot
-            raise PoolError(
-                f"pool {self.name!r}: this connection was taken "
-                + ("without a key" if held is None else f"under key {held!r}")
-                + f", not {key!r}"
-            )
-        if held is not None:
-            del self._key_of[conn]
-            del self._keyed[held]
-
     def after_return(self, slot: Slot[ConnT]) -> None:
         """A return is over: the slot goes back; closing or refilling follow."""
         self.release_slot(slot)
@@ -561,17 +514,6 @@ class PoolCore(Generic[ConnT]):
             self.closing.all_returned()
         elif self.state == OPEN and slot.conn is None:
             self.connector.fill()
-
-    def _not_borrowed(self, conn: ConnT, slot: Slot[ConnT] | None) -> PoolError:
-        if slot is not None and slot.conn is not None:
-            # another connection that compares equal to it: put that one back
-            self._borrowed[slot.conn] = slot
-        if self.state == CLOSED:
-            return PoolClosed(f"pool {self.name!r} is closed")
-        return PoolError(
-            f"pool {self.name!r}: this connection is not borrowed from this pool "
-            "(a foreign connection, or returned twice)"
-        )
 
     def held_by_key(self, key: Hashable) -> ConnT | None:
         """The connection checked out under ``key``, if any."""

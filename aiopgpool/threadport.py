@@ -18,6 +18,7 @@ from collections.abc import Hashable
 from time import monotonic
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from .admission import timeout_error, wait_timeout
 from .slot import Slot
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class ThreadPort(Generic[ConnT]):
         if kept is not None:
             core._preparing += 1
             return kept
-        core._wait_timeout(timeout)
+        wait_timeout(core, timeout)
         core.counters.requests_waited += 1
         return None
 
@@ -166,7 +167,7 @@ class ThreadPort(Generic[ConnT]):
         if core.queue.leave(waiter):
             core._waited(monotonic() - waiter._start)
             core.counters.timeouts += 1
-            raise core._timeout_error(timeout) from core.connector.failure_cause()
+            raise timeout_error(core, timeout) from core.connector.failure_cause()
         return waiter.result()
 
     def give_up_wait_nowait(self, waiter: ThreadWaiter[ConnT]) -> None:

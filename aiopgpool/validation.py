@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Hashable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .backoff import Backoff
-from .errors import PoolTimeout
+from .errors import PoolClosed, PoolError, PoolTimeout
 from .slot import Slot, mark_tested
 
 if TYPE_CHECKING:
@@ -183,6 +183,38 @@ class Validation(Generic[ConnT]):
             core.discard(slot, f"check failed ({exc.__class__.__name__}: {exc})", lost=True)
             return exc
         return None
+
+    def unkey(self, conn: ConnT, slot: Slot[ConnT], key: Hashable | None) -> None:
+        """A return of a connection taken or returned under a key: free the key.
+
+        Raises :class:`PoolError` (the connection stays borrowed) when ``key``
+        is not the one it was taken under.
+        """
+        core = self._core
+        held = core._key_of.get(conn)
+        if key is not None and held != key:
+            core._borrowed[conn] = slot
+            raise PoolError(
+                f"pool {core.name!r}: this connection was taken "
+                + ("without a key" if held is None else f"under key {held!r}")
+                + f", not {key!r}"
+            )
+        if held is not None:
+            del core._key_of[conn]
+            del core._keyed[held]
+
+    def not_borrowed(self, conn: ConnT, slot: Slot[ConnT] | None) -> PoolError:
+        """The error for a return of a connection this pool did not lend (or lent and got back)."""
+        core = self._core
+        if slot is not None and slot.conn is not None:
+            # another connection that compares equal to it: put that one back
+            core._borrowed[slot.conn] = slot
+        if core.state == "closed":
+            return PoolClosed(f"pool {core.name!r} is closed")
+        return PoolError(
+            f"pool {core.name!r}: this connection is not borrowed from this pool "
+            "(a foreign connection, or returned twice)"
+        )
 
     async def restore(self, slot: Slot[ConnT], close: bool) -> None:
         """The rest of a return that needs work: clean, reset, expire or discard."""
