@@ -191,11 +191,12 @@ class SyncLifecycle(
         conninfo, kwargs = self._target.resolve()
         conn = self._connection_class.connect(conninfo, **kwargs)
         try:
-            autocommit = conn.autocommit
-            conn.autocommit = True
-            row = conn.execute(BACKEND_PID_QUERY, prepare=False).fetchone()
-            self.through_pooler(conn, (row or (0,))[0], kwargs)
-            conn.autocommit = autocommit
+            if self.pooler_check_due(conn, kwargs):
+                autocommit = conn.autocommit
+                conn.autocommit = True
+                row = conn.execute(BACKEND_PID_QUERY, prepare=False).fetchone()
+                self.through_pooler(conn, (row or (0,))[0], kwargs)
+                conn.autocommit = autocommit
             if self._configure is not None:
                 self._configure(conn)
                 if conn.pgconn.transaction_status != IDLE:

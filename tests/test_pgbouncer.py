@@ -17,7 +17,8 @@ import psycopg
 import pytest
 from helpers import unique_name
 
-from aiopgpool import AsyncConnectionPool, ConnectionPool
+from aiopgpool import AsyncConnectionPool, ConnectionPool, lifecycle
+from aiopgpool.lifecycle import BACKEND_PID_QUERY
 from aiopgpool.testing import PgBouncer, PostgresServer
 
 MakeBouncer = Callable[..., PgBouncer]  # the pgbouncer fixture (see conftest)
@@ -216,3 +217,51 @@ async def test_role_tracking_works_through_a_session_mode_bouncer(
             await conn.execute("CREATE TABLE accepted (x int)")
     finally:
         await pool.close(timeout=2.0)
+
+
+class _Counting(psycopg.AsyncConnection):  # type: ignore[type-arg]
+    """Counts the pool's pooler question, over every connection of this class."""
+
+    asked = 0
+
+    async def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        if query == BACKEND_PID_QUERY:
+            type(self).asked += 1
+        return await super().execute(query, *args, **kwargs)
+
+
+@pytest.mark.parametrize("through", ["bouncer", "direct"])
+async def test_the_pooler_answer_serves_every_new_connection_to_the_same_endpoint(
+    pgbouncer: MakeBouncer, dsn: str, through: str
+) -> None:
+    """One connection asks ``pg_backend_pid()``; later ones to the same endpoint, in any
+    pool of the process, reuse its answer (prepared statements off behind a pooler, on
+    otherwise) instead of a round trip each, until it is POOLER_ANSWER_TTL old."""
+    target = pgbouncer("transaction").dsn if through == "bouncer" else dsn
+    lifecycle._pooler_answers.clear()
+    _Counting.asked = 0
+    first = AsyncConnectionPool(
+        target, name=unique_name("pooler-first"), min_size=1, connection_class=_Counting
+    )
+    async with first:
+        await first.wait(10.0)
+    assert _Counting.asked == 1
+    second = AsyncConnectionPool(
+        target, name=unique_name("pooler-second"), min_size=3, connection_class=_Counting
+    )
+    async with second:
+        await second.wait(10.0)
+        conns = [await second.getconn(10.0) for _ in range(3)]
+        expected = None if through == "bouncer" else 5  # psycopg's default
+        assert [c.prepare_threshold for c in conns] == [expected] * 3
+        for conn in conns:
+            await second.putconn(conn)
+    assert _Counting.asked == 1, "a connection to a known endpoint asked again"
+    # An answer past its time is asked again.
+    for key, (answer, _) in list(lifecycle._pooler_answers.items()):
+        lifecycle._pooler_answers[key] = (answer, time.monotonic() - 1)
+    async with AsyncConnectionPool(
+        target, name=unique_name("pooler-third"), min_size=1, connection_class=_Counting
+    ) as third:
+        await third.wait(10.0)
+    assert _Counting.asked == 2
