@@ -256,14 +256,18 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
                 close = True
         if close:
             lifecycle.close(conn)  # now, as psycopg2 does
-        if bad is not None or (lifecycle.tracks_role and (lost is not None or broken)):
+        trouble = lifecycle.tracks_role and (lost is not None or broken)
+        if close or bad is not None or trouble:
             with bridge.lock:
                 if bad is not None:
                     port.note_bad_return_nowait(bad)
-                if lifecycle.tracks_role and (lost is not None or broken):
+                if trouble:
                     port.server_trouble_nowait(slot.server, lost)
-        # The rest (back to the idle ones or to a waiter, a close counted, expiry,
-        # refilling) happens on the loop, without keeping the caller waiting.
+                if close:
+                    # Counted out now, so that stats() right after putconn() agree.
+                    port.discard_nowait(slot, "closed on return")
+        # The rest (back to the idle ones or to a waiter, expiry, refilling)
+        # happens on the loop, without keeping the caller waiting.
         bridge.call_soon(port.finish_return, slot, close)
 
     @contextmanager

@@ -221,9 +221,23 @@ class ThreadPort(Generic[ConnT]):
         else:
             self._core.validation.forget_server(server, lost, refill=False)
 
+    def discard_nowait(self, slot: Slot[ConnT], reason: str) -> None:
+        """Count out a returned connection its thread closed: ``slot`` is free from now on."""
+        assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
+        self._core.discard(slot, reason)
+
     async def finish_return(self, slot: Slot[ConnT], close: bool) -> None:
-        """On the loop: the rest of a return begun with ``PoolCore.give_back`` under the lock."""
-        await self._core.validation.restore(slot, close)
+        """On the loop: the rest of a return begun with ``PoolCore.give_back`` under the lock.
+
+        ``close``: the connection was closed and counted out (:meth:`discard_nowait`);
+        only its slot goes back.
+        """
+        core = self._core
+        if close and slot.conn is None:
+            slot.returned_at = monotonic()
+            core.after_return(slot)
+            return
+        await core.validation.restore(slot, close)
 
     def held_by_key_nowait(self, key: Hashable) -> ConnT | None:
         """The connection checked out under ``key``, if any."""

@@ -914,6 +914,26 @@ def test_null_pool_closes_each_connection_on_return(dsn: str, backends: Any) -> 
         assert pool.stats().size == 0
 
 
+def test_a_connection_closed_on_return_is_counted_out_before_putconn_returns(dsn: str) -> None:
+    """stats() right after putconn() agree with it: the null pool's size, close=True."""
+    with opened(dsn, "null-size", cls=NullConnectionPool, max_size=2) as null:
+        closed = null.stats().connections_closed  # opening tried one connection
+        for n in range(1, 4):
+            conn = null.getconn()
+            assert null.stats().size == 1
+            null.putconn(conn)
+            stats = null.stats()
+            assert (stats.size, stats.in_use, stats.connections_closed) == (0, 0, closed + n), stats
+    with opened(dsn, "close-size", min_size=0, max_size=2) as pool:
+        conn = pool.getconn()
+        closed = pool.stats().connections_closed
+        pool.putconn(conn, close=True)
+        stats = pool.stats()
+        assert (stats.size, stats.connections_closed) == (0, closed + 1), stats
+        with pool.connection() as again:  # the slot is back: the pool connects anew
+            assert again is not conn
+
+
 def test_null_pool_bounds_concurrency_by_max_size(dsn: str, backends: Any) -> None:
     with opened(dsn, "null-bound", cls=NullConnectionPool, max_size=2, timeout=20.0) as pool:
         errors: list[BaseException] = []
