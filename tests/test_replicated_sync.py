@@ -191,3 +191,42 @@ def test_a_promotion_moves_the_writes() -> None:
             with pool.connection(read_only=True) as conn:  # no replica left: the primary
                 assert where(conn) == (False, new.port)
             assert role(pool, "primary") == "down"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_wait_loses_no_slot_on_any_member(rc: ReplicatedCluster) -> None:
+    """The sync twin's cancellation: a getconn interrupted while it waits (a signal, as
+    Ctrl-C would), for the primary or for a replica, raises that interrupt, leaves the
+    line it was in, and every member keeps all its slots."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    pool = make_pool(rc, "sync-interrupted", open=True, min_size=1, max_size=1)
+    try:
+        held = [pool.getconn(), pool.getconn(read_only=True), pool.getconn(read_only=True)]
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            for read_only in (False, True):
+                signal.setitimer(signal.ITIMER_REAL, 0.3)
+                with pytest.raises(_Interrupted):
+                    pool.getconn(timeout=5.0, read_only=read_only)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        for conn in held:
+            pool.putconn(conn)
+        members = pool.stats()
+        assert all(s.waiting == 0 and s.in_use == 0 for s in members.values()), members
+        again = [pool.getconn(timeout=5.0), pool.getconn(timeout=5.0, read_only=True)]
+        for conn in again:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            pool.putconn(conn)
+        assert all(s.in_use == 0 for s in pool.stats().values())
+    finally:
+        pool.close()
