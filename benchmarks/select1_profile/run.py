@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +154,20 @@ def _strace(args: argparse.Namespace, case: str, subject: str, ops: int) -> dict
         return calls
 
 
-def strace(args: argparse.Namespace, case: str, subject: str) -> dict[str, Any]:
+def _per_op(
+    count: Callable[[argparse.Namespace, str, str, int], dict[str, int]],
+    args: argparse.Namespace,
+    case: str,
+    subject: str,
+) -> tuple[int, int, dict[str, float]]:
+    """``count`` at the two segment lengths of ``--ops``, differenced per op."""
     k1, k2 = (int(x) for x in args.ops.split(","))
-    a, b = _strace(args, case, subject, k1), _strace(args, case, subject, k2)
-    diff = {k: (b.get(k, 0) - a.get(k, 0)) / (k2 - k1) for k in set(a) | set(b)}
+    a, b = count(args, case, subject, k1), count(args, case, subject, k2)
+    return k1, k2, {k: (b.get(k, 0) - a.get(k, 0)) / (k2 - k1) for k in set(a) | set(b)}
+
+
+def strace(args: argparse.Namespace, case: str, subject: str) -> dict[str, Any]:
+    k1, k2, diff = _per_op(_strace, args, case, subject)
     return {
         "case": case,
         "subject": subject,
@@ -200,9 +211,7 @@ def _perf(args: argparse.Namespace, case: str, subject: str, ops: int) -> dict[s
 
 
 def syscalls(args: argparse.Namespace, case: str, subject: str) -> dict[str, Any]:
-    k1, k2 = (int(x) for x in args.ops.split(","))
-    a, b = _perf(args, case, subject, k1), _perf(args, case, subject, k2)
-    diff = {k: (b.get(k, 0) - a.get(k, 0)) / (k2 - k1) for k in set(a) | set(b)}
+    k1, k2, diff = _per_op(_perf, args, case, subject)
     return {
         "case": case,
         "subject": subject,
