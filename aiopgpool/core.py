@@ -349,20 +349,18 @@ class PoolCore(Generic[ConnT]):
             if timeout is not None:
                 check_timeout("timeout", timeout)  # validated on every path
             slot = idle.pop()
-            now = monotonic()
-            if now < slot.fresh_until or slot.still_ready(now):
+            conn = self._lend_ready(slot, monotonic())
+            if conn is not None:
                 self.counters.requests += 1
-                conn = slot.conn
-                assert conn is not None
-                slot.borrowed_at = now
-                self._borrowed[conn] = slot
                 return conn
             idle.append(slot)  # to test or replace: the slow path takes it again
         return None
 
     def _lend_ready(self, slot: Slot[ConnT], now: float) -> ConnT | None:
-        """Lend ``slot``, just handed to a waiter, if it is ready as it is; None: prepare it.
+        """Lend ``slot`` if it is ready as it is; None: it needs preparing.
 
+        The one copy of the readiness test and the lend, for the idle hot path
+        (:meth:`lend_idle`) and a slot handed to a waiter (async or thread).
         ``slot`` holds a connection of the current generation. Only for
         requests with no key while the fast path is on (no check, no leak
         watch); ``now`` is ``time.monotonic()``, read by the caller.
