@@ -33,6 +33,7 @@ import logging
 import weakref
 from asyncio import get_running_loop
 from collections.abc import Hashable
+from math import floor
 from time import monotonic
 from typing import Any, Generic, TypeVar
 
@@ -299,10 +300,7 @@ class PoolCore(Generic[ConnT]):
         now = monotonic()
         waited = now - start  # self._waited(), inlined: every waited request
         stats.wait_time_total += waited
-        us = int(waited * 1e6)
-        hist = self.wait_hist
-        hist.counts[us.bit_length()] += 1
-        hist.total_us += us
+        self.wait_hist.counts[floor(waited * 1e6).bit_length()] += 1
         if (
             key is None
             and self._fast
@@ -331,8 +329,8 @@ class PoolCore(Generic[ConnT]):
         return None
 
     def _waited(self, seconds: float) -> None:
-        self.counters.wait_time_total += seconds
-        self.wait_hist.record(seconds)
+        self.counters.wait_time_total += seconds  # the wait histogram's sum
+        self.wait_hist.count(seconds)
 
     def lend_idle(self, timeout: float | None, key: Hashable | None) -> ConnT | None:
         """The checkout hot path: lend the top idle connection if it is ready as it is.
@@ -485,7 +483,7 @@ class PoolCore(Generic[ConnT]):
             use.short += 1
             use.short_sum += used
         else:
-            us = int(used * 1e6)
+            us = floor(used * 1e6)
             use.counts[us.bit_length()] += 1
             use.total_us += us
         if (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from math import floor
 from typing import Any
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
 #: bucket of the bit length of its whole microseconds, which costs a few
 #: bytecodes on a hot path (a bisect over decimal bounds cost about 1,700
 #: instructions per return); a value exactly at a bound counts in the next.
+#: Whole microseconds come from ``math.floor``: ``int()`` of a float costs
+#: twice as much (about 620 instructions against 280 on CPython 3.11).
 DURATION_BOUNDS: tuple[float, ...] = tuple(2**k / 1e6 for k in range(25))
 #: The use-time histogram's first bound: 2**10 µs, about 1 ms (use times below it are
 #: counted, not bucketed: a third of the cost on the return hot path).
@@ -55,10 +58,12 @@ class HistogramRecorder:
 
     ``counts[i]`` counts values whose whole microseconds have bit length
     ``i``; ``total_us`` is their sum in whole microseconds. A hot path may
-    record inline: ``us = int(seconds * 1e6); rec.counts[us.bit_length()] += 1;
+    record inline: ``us = floor(seconds * 1e6); rec.counts[us.bit_length()] += 1;
     rec.total_us += us``; or, for a value below :attr:`short_below`, count it
     in ``short`` and add it to ``short_sum`` (seconds), about a third of the
-    cost. ``floor_bits``: the first bucket's bound is ``2**floor_bits`` µs.
+    cost. A histogram whose sum is kept elsewhere only counts (:meth:`count`)
+    and is given its sum at :meth:`snapshot`. ``floor_bits``: the first
+    bucket's bound is ``2**floor_bits`` µs.
     """
 
     __slots__ = ("bounds", "counts", "floor_bits", "short", "short_below", "short_sum", "total_us")
@@ -71,18 +76,27 @@ class HistogramRecorder:
         self.clear()
 
     def record(self, seconds: float) -> None:
-        """Count one duration."""
-        us = int(seconds * 1e6)
+        """Count one duration and add it to the sum."""
+        us = floor(seconds * 1e6)
         self.counts[us.bit_length()] += 1
         self.total_us += us
 
-    def snapshot(self, extra_zeros: int = 0) -> Histogram:
-        """The histogram now; ``extra_zeros`` durations of 0 not recorded one by one are added."""
+    def count(self, seconds: float) -> None:
+        """Count one duration in its bucket only (the sum is kept elsewhere)."""
+        self.counts[floor(seconds * 1e6).bit_length()] += 1
+
+    def snapshot(self, extra_zeros: int = 0, total: float | None = None) -> Histogram:
+        """The histogram now.
+
+        ``extra_zeros`` durations of 0 not recorded one by one are added;
+        ``total``: the sum, when it is kept elsewhere (see :meth:`count`).
+        """
         first, n = self.floor_bits, len(DURATION_BOUNDS)
         raw = self.counts
         counts = [sum(raw[: first + 1]) + self.short + extra_zeros, *raw[first + 1 : n]]
         counts.append(sum(raw[n:]))
-        total = self.total_us / 1e6 + self.short_sum
+        if total is None:
+            total = self.total_us / 1e6 + self.short_sum
         return Histogram(self.bounds, tuple(counts), total, sum(counts))
 
     def clear(self) -> None:
@@ -198,7 +212,8 @@ def snapshot(
         leaks=c.leaks,
         connections_closed=c.connections_closed,
         # Requests served at once are not recorded one by one: they waited 0.
-        wait_time_histogram=wait.snapshot(c.requests - c.requests_waited),
+        # Waits are only counted in their buckets: their sum is wait_time_total.
+        wait_time_histogram=wait.snapshot(c.requests - c.requests_waited, c.wait_time_total),
         use_time_histogram=use.snapshot(),
         connect_time_histogram=connect.snapshot(),
     )

@@ -760,7 +760,7 @@ async def test_histogram_counts_match_requests_and_returns() -> None:
         assert stats.requests_waited == 2
         assert stats.timeouts == 2
         assert sum(stats.use_time_histogram.counts) == returns
-        assert stats.wait_time_histogram.sum == pytest.approx(stats.wait_time_total, abs=1e-5)
+        assert stats.wait_time_histogram.sum == stats.wait_time_total  # the same figure
         assert stats.connect_time_histogram.count == stats.connections_created == 2
         core.reset_stats()
         stats = core.stats()
