@@ -232,12 +232,7 @@ class ThreadPort(Generic[ConnT]):
         ``close``: the connection was closed and counted out (:meth:`discard_nowait`);
         only its slot goes back.
         """
-        core = self._core
-        if close and slot.conn is None:
-            slot.returned_at = monotonic()
-            core.after_return(slot)
-            return
-        await core.validation.restore(slot, close)
+        await self._core.validation.restore(slot, close)
 
     def held_by_key_nowait(self, key: Hashable) -> ConnT | None:
         """The connection checked out under ``key``, if any."""

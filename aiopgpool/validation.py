@@ -217,19 +217,24 @@ class Validation(Generic[ConnT]):
         )
 
     async def restore(self, slot: Slot[ConnT], close: bool) -> None:
-        """The rest of a return that needs work: clean, reset, expire or discard."""
+        """The rest of a return that needs work: clean, reset, expire or discard.
+
+        ``close``: discard it; its connection may be closed and counted out
+        already (the sync facade does that in the borrower's thread), and then
+        only the slot goes back.
+        """
         core = self._core
         conn = slot.conn
-        assert conn is not None
         lifecycle = core.lifecycle
         try:
             if close:
-                core.discard(slot, "closed by its borrower")
+                core.discard(slot, "closed by its borrower")  # nothing to do if done already
             elif core.state != "open" or core.null or core.excess:
                 core.discard(slot, "not kept")
             elif slot.generation != core.generation:
                 core.discard(slot, "drained")
             else:
+                assert conn is not None
                 core.check_loop()
                 if lifecycle.is_bad_return(conn):
                     self.note_bad_return(lifecycle.describe_state(conn))
