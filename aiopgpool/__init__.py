@@ -7,6 +7,8 @@ configuration.
 
 from __future__ import annotations
 
+# First: decides whether the compiled hot-path modules or their sources load.
+from . import native as native
 from .config import config_pool, get_pool
 from .dropins import (
     AbstractConnectionPool,

@@ -38,7 +38,7 @@ def wait_timeout(core: PoolCore[Any], timeout: float | None) -> float | None:
         )
         if in_transit <= core.queue.waiting:
             core.counters.timeouts += 1
-            raise PoolTimeout("connection pool exhausted") from core.connector.failure_cause()
+            raise _caused(PoolTimeout("connection pool exhausted"), core)
         timeout = IN_TRANSIT_WAIT
     if core.max_waiting and core.queue.waiting >= core.max_waiting:
         core.counters.timeouts += 1
@@ -52,4 +52,12 @@ def wait_timeout(core: PoolCore[Any], timeout: float | None) -> float | None:
 def timeout_error(core: PoolCore[Any], timeout: float | None) -> PoolTimeout:
     """The error of a request that waited its whole ``timeout`` in vain."""
     timeout = core.effective_timeout(timeout)
-    return PoolTimeout(f"pool {core.name!r}: no connection available after {timeout:g} s")
+    error = PoolTimeout(f"pool {core.name!r}: no connection available after {timeout:g} s")
+    return _caused(error, core)
+
+
+def _caused(error: PoolTimeout, core: PoolCore[Any]) -> PoolTimeout:
+    """``error`` chained to the last connection error, if any (what ``raise ... from``
+    does; set by hand because mypyc, which compiles this module, drops that cause)."""
+    error.__cause__ = core.connector.failure_cause()
+    return error

@@ -185,7 +185,7 @@ class PoolCore(Generic[ConnT]):
     # -- opening -----------------------------------------------------------------
 
     async def open(
-        self, wait: bool = False, timeout: float = 30.0, *, fail_fast: bool = False
+        self, wait: bool = False, timeout: object = 30.0, *, fail_fast: bool = False
     ) -> None:
         """Start the pool: fill ``min_size`` connections in the background.
 
@@ -193,10 +193,11 @@ class PoolCore(Generic[ConnT]):
         (the last connection error chained) after ``timeout`` seconds; with
         ``fail_fast=True`` too, the first connection error is raised at once.
         """
-        check_timeout("timeout", timeout, allow_none=False)
+        seconds = check_timeout("timeout", timeout, allow_none=False)
         self.open_nowait()
         if wait:
-            await self.connector.wait(timeout, fail_fast=fail_fast)
+            assert seconds is not None
+            await self.connector.wait(seconds, fail_fast=fail_fast)
 
     def open_nowait(self) -> None:
         """Start the pool on the running loop, without waiting for connections."""
@@ -250,40 +251,43 @@ class PoolCore(Generic[ConnT]):
 
     # -- checkout ----------------------------------------------------------------
 
-    async def getconn(self, timeout: float | None = None, *, key: Hashable | None = None) -> ConnT:
+    async def getconn(self, timeout: object = None, *, key: Hashable | None = None) -> ConnT:
         """A connection, waiting up to ``timeout`` (default: the pool's) for one.
 
         The same ``key`` while its connection is held returns that connection
-        again, without taking another slot.
+        again, without taking another slot. ``timeout`` is typed ``object``
+        here and in the other entry points the facades call with the user's
+        value: it is validated by ``check_timeout``, which names it, while
+        compiled (``aiopgpool.native``) a ``float`` parameter would be
+        checked before, with a ``TypeError`` of its own.
         """
         # Under load every request waits, and each coroutine frame more in the
         # chain would cost again at every suspension and resumption: the wait
         # is written here rather than in a helper.
         if self._idle and (conn := self.lend_idle(timeout, key)) is not None:
             return conn
+        seconds = None if timeout is None else check_timeout("timeout", timeout)
         if key is None and self._fast and not self._idle:  # the usual waited request
-            if timeout is not None:
-                check_timeout("timeout", timeout)
             self.counters.requests += 1
             kept = self.queue.take_free_one() if self.queue.free else None
         else:
-            conn = self._request(timeout, key)
+            conn = self._request(key)
             if conn is not None:
                 return conn  # the key's connection again: not a new request
             kept = self.queue.get_nowait()
         if kept is not None:
             self._preparing += 1
-            return self._lend(await self.validation.prepare(kept, None, timeout), key)
+            return self._lend(await self.validation.prepare(kept, None, seconds), key)
         # Nothing kept: wait in line (on the pool's own loop only).
         if get_running_loop() is not self.loop:
             self.check_loop()
         stats = self.counters
         start = monotonic()
         wait: float | None
-        if timeout is None and self.timeout and not self.max_waiting:
+        if seconds is None and self.timeout and not self.max_waiting:
             wait = self.timeout  # the usual case of wait_timeout(), inlined
         else:
-            wait = wait_timeout(self, timeout)
+            wait = wait_timeout(self, seconds)
         stats.requests_waited += 1
         fut = self.queue.join(wait, start)
         try:
@@ -296,7 +300,8 @@ class PoolCore(Generic[ConnT]):
                     self.release_slot(handed)  # to the next waiter, or closed with the pool
                 raise
             stats.timeouts += 1
-            raise timeout_error(self, timeout) from self.connector.failure_cause()
+            # timeout_error chains the last connection error itself (mypyc drops `from`).
+            raise timeout_error(self, seconds)  # noqa: B904
         now = monotonic()
         waited = now - start  # self._waited(), inlined: every waited request
         stats.wait_time_total += waited
@@ -311,12 +316,11 @@ class PoolCore(Generic[ConnT]):
             if conn is not None:
                 return conn
         self._preparing += 1
-        return self._lend(await self.validation.prepare(slot, start, timeout), key)
+        return self._lend(await self.validation.prepare(slot, start, seconds), key)
 
-    def _request(self, timeout: float | None, key: Hashable | None) -> ConnT | None:
-        """Validate a request off the hot path; the key's connection if it is held already."""
-        if timeout is not None:
-            check_timeout("timeout", timeout)
+    def _request(self, key: Hashable | None) -> ConnT | None:
+        """Validate a request off the hot path (its timeout checked already); the key's
+        connection if it is held already."""
         if key is not None:
             check_key(key)
         if self.state != OPEN:
@@ -332,7 +336,7 @@ class PoolCore(Generic[ConnT]):
         self.counters.wait_time_total += seconds  # the wait histogram's sum
         self.wait_hist.count(seconds)
 
-    def lend_idle(self, timeout: float | None, key: Hashable | None) -> ConnT | None:
+    def lend_idle(self, timeout: object, key: Hashable | None) -> ConnT | None:
         """The checkout hot path: lend the top idle connection if it is ready as it is.
 
         None: the request takes the slow path (nothing idle, a key, a feature
@@ -447,8 +451,11 @@ class PoolCore(Generic[ConnT]):
 
     # -- return --------------------------------------------------------------------
 
-    async def putconn(self, conn: ConnT, key: Hashable | None = None, close: bool = False) -> None:
-        """Give a connection back; ``close=True`` discards it.
+    async def putconn(
+        self, conn: ConnT, key: Hashable | None = None, close: object = False
+    ) -> None:
+        """Give a connection back; a true ``close`` discards it (any true value, as in
+        psycopg2's pools: typed ``object`` for the reason :meth:`getconn` gives).
 
         A connection left in a transaction or in error is rolled back, one left
         mid-query or broken is discarded, and changed attributes (autocommit,
@@ -456,9 +463,9 @@ class PoolCore(Generic[ConnT]):
         """
         slot = self.give_back(conn, key, close)
         if slot is not None:
-            await self.validation.restore(slot, close)
+            await self.validation.restore(slot, bool(close))
 
-    def give_back(self, conn: ConnT, key: Hashable | None, close: bool) -> Slot[ConnT] | None:
+    def give_back(self, conn: ConnT, key: Hashable | None, close: object) -> Slot[ConnT] | None:
         """Take a borrowed connection back: None when that was all (the hot path).
 
         Else its slot, for ``validation.restore()``. Either way ``conn`` is no

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import traceback
 import weakref
 from time import monotonic
@@ -23,7 +24,7 @@ from .waiting import HandoffQueue
 if TYPE_CHECKING:
     from .core import PoolCore
 
-__all__ = ["Maintenance", "close_dropped"]
+__all__ = ["Maintenance", "borrower_stack", "close_dropped"]
 
 logger = logging.getLogger("aiopgpool")
 
@@ -54,6 +55,21 @@ def _tick(ref: weakref.ref[Maintenance[Any]]) -> None:
     maintenance = ref()
     if maintenance is not None:
         maintenance.run()
+
+
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+
+
+def borrower_stack() -> str:
+    """The calling thread's stack up to its last frame outside aiopgpool, for leak reports.
+
+    Cut by file, not by a count of frames: compiled modules (see ``aiopgpool.native``)
+    have no frames of their own.
+    """
+    frames = traceback.extract_stack()
+    while frames and frames[-1].filename.startswith(_PACKAGE_DIR):
+        frames.pop()
+    return "".join(traceback.format_list(frames))
 
 
 class Maintenance(Generic[ConnT]):
@@ -199,7 +215,7 @@ class Maintenance(Generic[ConnT]):
         loop = core.loop
         assert loop is not None and core.leak_timeout is not None
         if stack is None:
-            stack = "".join(traceback.format_stack()[:-3])
+            stack = borrower_stack()
         slot.leak_timer = loop.call_later(core.leak_timeout, self._report_leak, slot, stack)
 
     def _report_leak(self, slot: Slot[ConnT], stack: str) -> None:

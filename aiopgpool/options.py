@@ -28,7 +28,7 @@ def make_name(name: str | None) -> str:
     return name
 
 
-def check_timeout(label: str, value: float | None, *, allow_none: bool = True) -> float | None:
+def check_timeout(label: str, value: object, *, allow_none: bool = True) -> float | None:
     """Validate a duration in seconds: a number >= 0, ``inf`` for ever (or None where allowed)."""
     if value is None:
         if allow_none:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
@@ -33,6 +32,7 @@ from .conninfo import ConnectTarget
 from .core import PoolCore
 from .errors import PoolClosed
 from .lifecycle import PoolLink
+from .maintenance import borrower_stack
 from .options import DEFAULTS, PoolOptions
 from .slot import Slot
 from .stats import PoolStats, psycopg_pool_stats
@@ -186,7 +186,7 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         if not isinstance(got, Slot):
             return got  # lent by whoever woke us, or the key's connection again
         # Leak reports show the borrower's stack: take it here, not on the loop.
-        stack = None if self._core.leak_timeout is None else "".join(traceback.format_stack()[:-1])
+        stack = None if self._core.leak_timeout is None else borrower_stack()
         return self._running_bridge().call(self._port.prepare, got, key, timeout, start, stack)
 
     def _wait(self, waiter: ThreadWaiter[C], timeout: float | None) -> C | Slot[C]:
@@ -218,7 +218,7 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         finally:
             lock.release()
         if slot is not None:
-            self._finish_return(conn, slot, close or self._core.null)
+            self._finish_return(conn, slot, bool(close) or self._core.null)
 
     def _finish_return(self, conn: C, slot: Slot[C], close: bool) -> None:
         """A return off the hot path, after ``give_back``: clean, reset or close, then pass on."""

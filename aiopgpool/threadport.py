@@ -19,6 +19,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .admission import timeout_error, wait_timeout
+from .options import check_timeout
 from .slot import Slot
 
 if TYPE_CHECKING:
@@ -116,9 +117,7 @@ class ThreadPort(Generic[ConnT]):
 
     # -- checkout ----------------------------------------------------------------------
 
-    def request_nowait(
-        self, timeout: float | None, key: Hashable | None
-    ) -> ConnT | Slot[ConnT] | None:
+    def request_nowait(self, timeout: object, key: Hashable | None) -> ConnT | Slot[ConnT] | None:
         """Go on with a checkout ``PoolCore.lend_idle`` did not serve, in the same hold of the lock.
 
         A connection (the key's, held already), a slot to :meth:`prepare` on
@@ -129,14 +128,15 @@ class ThreadPort(Generic[ConnT]):
         """
         assert self._lock.locked(), "ThreadPort: call *_nowait methods under the bridge lock"
         core = self._core
-        conn = core._request(timeout, key)
+        seconds = None if timeout is None else check_timeout("timeout", timeout)
+        conn = core._request(key)
         if conn is not None:
             return conn
         kept = core.queue.get_nowait()
         if kept is not None:
             core._preparing += 1
             return kept
-        wait_timeout(core, timeout)
+        wait_timeout(core, seconds)
         core.counters.requests_waited += 1
         return None
 
@@ -167,7 +167,7 @@ class ThreadPort(Generic[ConnT]):
         if core.queue.leave(waiter):
             core._waited(monotonic() - waiter._start)
             core.counters.timeouts += 1
-            raise timeout_error(core, timeout) from core.connector.failure_cause()
+            raise timeout_error(core, timeout)
         return waiter.result()
 
     def give_up_wait_nowait(self, waiter: ThreadWaiter[ConnT]) -> None:

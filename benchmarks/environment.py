@@ -56,6 +56,13 @@ def load_average() -> list[float] | None:
         return None
 
 
+def aiopgpool_form() -> str:
+    """Which form of aiopgpool's hot paths this process runs (see aiopgpool.native)."""
+    from aiopgpool import native
+
+    return "compiled (mypyc)" if native.COMPILED else f"pure Python ({native.REASON})"
+
+
 def machine_info() -> dict[str, Any]:
     """The machine, the Python and the installed versions of the pools under test."""
     versions: dict[str, str | None] = {}
@@ -73,6 +80,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),
         "packages": versions,
+        "aiopgpool_form": aiopgpool_form(),
         "load_average_at_start": load_average(),
     }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from benchmarks.environment import (
     ServerUnavailable,
+    aiopgpool_form,
     command_line,
     database,
     describe,
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
         parser.error(str(exc))
     command = command_line(argv)
     print(f"$ {command}")
+    print(f"aiopgpool hot paths: {aiopgpool_form()}")
     print(
         f"{len(plan.cases)} cases x {len(plan.pools)} pools, {settings.rounds} rounds of"
         f" {settings.duration:g} s (+{settings.warmup:g} s warm-up), pool size {POOL_SIZE};"
@@ -177,6 +179,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             f"{started_at}  {machine['cpu_count']} CPU {machine['cpu_model']}  Python"
             f" {machine['python']}  PostgreSQL {server.get('server_version', '?')}"
             f" ({server.get('source')})  {settings.rounds} rounds x {settings.duration:g} s"
+            f"  aiopgpool {machine['aiopgpool_form'].split(' (')[0]}"
         )
         draw_chart(rows, targets, command, subtitle, out / "latest.png")
         print(f"wrote {out / 'latest.png'}")

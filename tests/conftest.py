@@ -40,6 +40,14 @@ from aiopgpool.testing.process import check_loopback
 pytest_plugins = ["uvloop_plugin"]
 
 
+def pytest_report_header() -> str:
+    """Which form of the hot paths this run tests (see aiopgpool.native)."""
+    from aiopgpool import native
+
+    form = "compiled by mypyc" if native.COMPILED else f"pure Python ({native.REASON})"
+    return f"aiopgpool hot paths: {form}"
+
+
 class CountBackends(Protocol):
     def __call__(self, application_name: str) -> int: ...
 

@@ -364,10 +364,11 @@ def test_keyed_connection_put_back_without_its_key(dsn: str, make: Maker, impl: 
 
 @all_impls
 @kinds
-def test_putconn_close_discards(dsn: str, make: Maker, impl: Impl, kind: str) -> None:
+@pytest.mark.parametrize("close", [True, 1], ids=repr)  # any true value, as psycopg2's
+def test_putconn_close_discards(dsn: str, make: Maker, impl: Impl, kind: str, close: Any) -> None:
     pool = make(cls_of(impl, kind), 1, 1, dsn)
     conn = pool.getconn()
-    pool.putconn(conn, close=True)
+    pool.putconn(conn, close=close)
     assert conn.closed
     again = pool.getconn()
     assert again is not conn

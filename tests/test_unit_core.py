@@ -607,14 +607,25 @@ async def test_reset_runs_on_every_return_and_false_discards() -> None:
         assert_balanced(core, fake)
 
 
-async def test_putconn_close_true_discards() -> None:
+@pytest.mark.parametrize("close", [True, 1], ids=repr)  # any true value, as in psycopg2
+async def test_putconn_close_true_discards(close: Any) -> None:
     fake = FakeLifecycle()
     async with opened(make_core(fake, max_size=1)) as core:
         conn = await core.getconn()
-        await core.putconn(conn, close=True)
+        await core.putconn(conn, close=close)
         assert conn.closed
         assert_balanced(core, fake)
         assert await core.getconn() is not conn
+
+
+@pytest.mark.parametrize("close", [False, 0, None], ids=repr)
+async def test_putconn_close_false_keeps(close: Any) -> None:
+    fake = FakeLifecycle()
+    async with opened(make_core(fake, max_size=1)) as core:
+        conn = await core.getconn()
+        await core.putconn(conn, close=close)
+        assert not conn.closed
+        assert await core.getconn() is conn
 
 
 # -- cheap max_size ---------------------------------------------------------------------------

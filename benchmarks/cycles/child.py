@@ -31,13 +31,17 @@ from benchmarks.adapters_async import AsyncAdapter
 from benchmarks.adapters_sync import SyncAdapter
 from benchmarks.plan import PoolSpec, all_pools
 
+#: aiopgpool's subjects run twice: as installed, and with AIOPGPOOL_PURE_PYTHON set by the
+#: parent (its pure-Python modules; see aiopgpool.native): both forms in one run.
+PURE = "-pure"
 #: The subjects: the throughput command's async and sync pools (psycopg2's is left out:
 #: it is not in the comparison this command was made for).
-SUBJECTS: dict[str, PoolSpec] = {
-    p.key: p
-    for p in all_pools()
-    if p.family in ("async", "sync") and p.name not in ("psycopg2", "aiopgpool-discard")
-}
+SUBJECTS: dict[str, PoolSpec] = {}
+for _pool in all_pools():
+    if _pool.family in ("async", "sync") and _pool.name not in ("psycopg2", "aiopgpool-discard"):
+        SUBJECTS[_pool.key] = _pool
+        if _pool.name == "aiopgpool":
+            SUBJECTS[_pool.key + PURE] = _pool
 #: Connections in every subject's pool (the waited op: TASKS tasks on them).
 POOL_SIZE = 2
 TASKS = 20

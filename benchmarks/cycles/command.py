@@ -41,16 +41,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cycles.child import POOL_SIZE, SEGMENT_FUNCTION, SUBJECTS, TASKS
+from benchmarks.cycles.child import POOL_SIZE, PURE, SEGMENT_FUNCTION, SUBJECTS, TASKS
 from benchmarks.environment import (
     ServerUnavailable,
+    aiopgpool_form,
     command_line,
     database,
     machine_info,
     redact_dsn,
     server_info,
 )
-from benchmarks.plan import PoolSpec
 
 DESCRIPTION = (
     "Count the instructions of one checkout/return cycle (plain: a connection idle;"
@@ -124,19 +124,22 @@ def _summary(path: Path) -> int:
 
 
 def measure(
-    subject: PoolSpec,
+    key: str,
     dsn: str,
     counts: tuple[tuple[int, int], tuple[int, int]],
     valgrind: str,
     interval: float | None,
 ) -> Measured:
-    """Run ``subject`` in a child under callgrind; instructions per cycle from its dumps."""
+    """Run subject ``key`` in a child under callgrind; instructions per cycle from its dumps."""
     (p1, p2), (w1, w2) = counts
-    argv = [sys.executable, "-m", "benchmarks.cycles.child", subject.key, dsn]
+    argv = [sys.executable, "-m", "benchmarks.cycles.child", key, dsn]
     argv += [f"{p1},{p2}", f"{w1},{w2}"]
     if interval is not None:
         argv.append(repr(interval))
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("AIOPGPOOL_PURE_PYTHON", None)
+    if key.endswith(PURE):
+        env["AIOPGPOOL_PURE_PYTHON"] = "1"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-cycles-") as tmp:
         out_dir = Path(tmp)
@@ -149,13 +152,13 @@ def measure(
         )
         if proc.returncode != 0:
             raise RuntimeError(
-                f"{subject.key}: child exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+                f"{key}: child exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
             )
         # Dumps come in pairs (see child.in_segment): the second of each is the segment.
         parts = [_summary(out_dir / f"cg.out.{i}") for i in range(2, 9, 2)]
     i1, i2, i3, i4 = parts
     return Measured(
-        subject=subject.key,
+        subject=key,
         plain=(i2 - i1) / (p2 - p1),
         waited=(i4 - i3) / (w2 - w1),
         parts=parts,
@@ -226,6 +229,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     counts = QUICK if args.quick else FULL
     command = command_line(argv)
     print(f"$ {command}", flush=True)
+    print(f"aiopgpool hot paths: {aiopgpool_form()}", flush=True)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = machine_info()
     results: dict[str, list[Measured]] = {}
@@ -242,7 +246,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
                 for i in range(args.repeat):
                     print(f"{key} run {i + 1}/{args.repeat} ...", end=" ", flush=True)
                     try:
-                        m = measure(subject, dsn, counts, args.valgrind, interval)
+                        m = measure(key, dsn, counts, args.valgrind, interval)
                     except Exception as exc:
                         failures[key] = str(exc)
                         print(f"failed: {str(exc)[:300]}", flush=True)
@@ -253,7 +257,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
                     )
                 if aiopgpool and not args.no_socket_test and key in results:
                     print(f"{key} with a socket test at every checkout ...", end=" ", flush=True)
-                    m = measure(subject, dsn, counts, args.valgrind, ALWAYS)
+                    m = measure(key, dsn, counts, args.valgrind, ALWAYS)
                     socket_tests[key] = m
                     print(f"plain {m.plain:,.0f} ({m.wall_s} s)", flush=True)
     except ServerUnavailable as exc:

@@ -1,0 +1,94 @@
+"""Build: the hot-path modules compiled to C by mypyc where that works, else pure Python.
+
+mypyc compiles the typed sources as they are (see README: Compiled hot paths). Nothing
+else differs: every module also ships as Python, and ``aiopgpool.native`` loads the
+Python sources instead when ``AIOPGPOOL_PURE_PYTHON`` is set, or when a compiled
+module is older than its source (a development checkout edited after its build).
+
+``AIOPGPOOL_PURE_PYTHON=1`` at build time skips compiling; so does a machine without
+a C compiler or Python's headers (the build goes on in pure Python, with a warning).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).parent
+STAMP = "_compiled.json"  # what was compiled, from which sources (sha256)
+
+
+def _modules() -> list[str]:
+    """``MODULES`` of aiopgpool/native.py, which checks at import what this compiled."""
+    tree = ast.parse((HERE / "aiopgpool" / "native.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MODULES":
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError("aiopgpool/native.py defines no MODULES")
+
+
+COMPILED = _modules()
+SOURCES = [f"aiopgpool/{name}.py" for name in COMPILED]
+
+
+def _why_not_compile() -> str | None:
+    """None when the modules can be compiled here, else the reason they are not."""
+    if os.environ.get("AIOPGPOOL_PURE_PYTHON"):
+        return "AIOPGPOOL_PURE_PYTHON is set"
+    if sys.implementation.name != "cpython":
+        return f"mypyc needs CPython, not {sys.implementation.name}"
+    try:
+        import mypyc.build  # noqa: F401
+    except ImportError:
+        return "mypyc (part of mypy) is not installed in the build environment"
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(os.environ.get("CC", compiler).split()[0]) is None:
+        return f"no C compiler ({compiler!r}) found"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "Python's C headers (Python.h) are not installed"
+    return None
+
+
+class BuildExt(build_ext):
+    """Build the compiled modules if possible; record their sources' digests beside them."""
+
+    def run(self) -> None:
+        super().run()
+        package = Path(self.get_ext_fullpath("aiopgpool.core")).parent
+        built = [Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions]
+        stamp = package / STAMP
+        if built and all(path.is_file() for path in built):
+            digests = {
+                name: hashlib.sha256((HERE / "aiopgpool" / f"{name}.py").read_bytes()).hexdigest()
+                for name in COMPILED
+            }
+            stamp.write_text(json.dumps(digests, indent=1) + "\n")
+        else:
+            stamp.unlink(missing_ok=True)
+            print("aiopgpool: compiling failed; the package stays pure Python", file=sys.stderr)
+
+
+def _ext_modules() -> list[Any]:
+    reason = _why_not_compile()
+    if reason is not None:
+        print(f"aiopgpool: building pure Python ({reason})", file=sys.stderr)
+        return []
+    from mypyc.build import mypycify
+
+    extensions = mypycify(SOURCES, group_name="aiopgpool")
+    for ext in extensions:
+        ext.optional = True  # a failed compile leaves the pure-Python package
+    return list(extensions)
+
+
+setup(ext_modules=_ext_modules(), cmdclass={"build_ext": BuildExt})
