@@ -1,12 +1,13 @@
-"""Build: the hot-path modules compiled to C by mypyc where that works, else pure Python.
+"""Build: pure Python; with ``AIOPGPOOL_COMPILE=1``, the hot-path modules compiled to C by
+mypyc where that works (opt-in: see README, Compiled hot paths, for the open crash).
 
 mypyc compiles the typed sources as they are (see README: Compiled hot paths). Nothing
 else differs: every module also ships as Python, and ``aiopgpool.native`` loads the
 Python sources instead when ``AIOPGPOOL_PURE_PYTHON`` is set, or when a compiled
 module is older than its source (a development checkout edited after its build).
 
-``AIOPGPOOL_PURE_PYTHON=1`` at build time skips compiling; so does a machine without
-a C compiler or Python's headers (the build goes on in pure Python, with a warning).
+Without ``AIOPGPOOL_COMPILE``, with ``AIOPGPOOL_PURE_PYTHON=1``, or on a machine without
+a C compiler or Python's headers, the build is pure Python (with a message saying why).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ SOURCES = [f"aiopgpool/{name}.py" for name in COMPILED]
 
 
 def _why_not_compile() -> str | None:
-    """None when the modules can be compiled here, else the reason they are not."""
+    """None when the modules are to be compiled here, else the reason they are not."""
+    if not os.environ.get("AIOPGPOOL_COMPILE"):
+        return "compiling is opt-in: AIOPGPOOL_COMPILE=1"
     if os.environ.get("AIOPGPOOL_PURE_PYTHON"):
         return "AIOPGPOOL_PURE_PYTHON is set"
     if sys.implementation.name != "cpython":
