@@ -3,8 +3,8 @@ mypyc where that works (opt-in: see README, Compiled hot paths, for the open cra
 
 mypyc compiles the typed sources as they are (see README: Compiled hot paths). Nothing
 else differs: every module also ships as Python, and ``aiopgpool.native`` loads the
-Python sources instead when ``AIOPGPOOL_PURE_PYTHON`` is set, or when a compiled
-module is older than its source (a development checkout edited after its build).
+Python sources instead when ``AIOPGPOOL_PURE_PYTHON`` is set, or when a source's digest
+differs from the one recorded here (a development checkout edited after its build).
 
 Without ``AIOPGPOOL_COMPILE``, with ``AIOPGPOOL_PURE_PYTHON=1``, or on a machine without
 a C compiler or Python's headers, the build is pure Python (with a message saying why).
@@ -54,8 +54,8 @@ def _why_not_compile() -> str | None:
         import mypyc.build  # noqa: F401
     except ImportError:
         return "mypyc (part of mypy) is not installed in the build environment"
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(os.environ.get("CC", compiler).split()[0]) is None:
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
         return f"no C compiler ({compiler!r}) found"
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
         return "Python's C headers (Python.h) are not installed"

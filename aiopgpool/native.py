@@ -23,7 +23,7 @@ from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["COMPILED", "MODULES", "REASON", "choose"]
+__all__ = ["COMPILED", "MODULES", "REASON", "choose", "form"]
 
 logger = logging.getLogger("aiopgpool")
 
@@ -37,12 +37,12 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
     """Finds the listed modules' ``.py`` files, ahead of the compiled ones beside them."""
 
     def __init__(self, paths: dict[str, Path]) -> None:
-        self._paths = paths
+        self.paths = paths
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        source = self._paths.get(fullname)
+        source = self.paths.get(fullname)
         return None if source is None else importlib.util.spec_from_file_location(fullname, source)
 
 
@@ -61,7 +61,7 @@ def _why_pure() -> str | None:
     except (OSError, ValueError) as exc:
         return _warned(f"unreadable {_STAMP.name}: {exc}")
     for name in MODULES:
-        if not any((_PACKAGE / f"{name}{suffix}").is_file() for suffix in EXTENSION_SUFFIXES):
+        if not _has_extension(name):
             return f"not compiled for this Python ({name} has no {EXTENSION_SUFFIXES[0]})"
         source = _PACKAGE / f"{name}.py"
         try:
@@ -71,6 +71,11 @@ def _why_pure() -> str | None:
         if digests.get(name) != current:
             return _warned(f"{source.name} changed since it was compiled (reinstall to compile)")
     return None
+
+
+def _has_extension(name: str) -> bool:
+    """Whether module ``name`` has a compiled file for this Python beside its source."""
+    return any((_PACKAGE / f"{name}{suffix}").is_file() for suffix in EXTENSION_SUFFIXES)
 
 
 def _warned(reason: str) -> str:
@@ -83,10 +88,18 @@ def choose() -> tuple[bool, str]:
     reason = _why_pure()
     if reason is None:
         return True, "compiled by mypyc"
-    paths = {f"{__package__}.{name}": _PACKAGE / f"{name}.py" for name in MODULES}
-    if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SourceFinder(paths))
+    # Only compiled files could shadow the sources: without any, the usual import finds
+    # the .py files, and no finder of ours sits in front of every import.
+    if any(_has_extension(name) for name in MODULES):
+        paths = {f"{__package__}.{name}": _PACKAGE / f"{name}.py" for name in MODULES}
+        if not any(isinstance(f, _SourceFinder) and f.paths == paths for f in sys.meta_path):
+            sys.meta_path.insert(0, _SourceFinder(paths))
     return False, reason
+
+
+def form() -> str:
+    """The form that runs, for headers and reports: compiled, or pure Python and why."""
+    return "compiled by mypyc" if COMPILED else f"pure Python ({REASON})"
 
 
 #: True when the hot paths run compiled; :data:`REASON` says why or why not.

@@ -60,7 +60,7 @@ def aiopgpool_form() -> str:
     """Which form of aiopgpool's hot paths this process runs (see aiopgpool.native)."""
     from aiopgpool import native
 
-    return "compiled (mypyc)" if native.COMPILED else f"pure Python ({native.REASON})"
+    return native.form()
 
 
 def machine_info() -> dict[str, Any]:

@@ -44,8 +44,7 @@ def pytest_report_header() -> str:
     """Which form of the hot paths this run tests (see aiopgpool.native)."""
     from aiopgpool import native
 
-    form = "compiled by mypyc" if native.COMPILED else f"pure Python ({native.REASON})"
-    return f"aiopgpool hot paths: {form}"
+    return f"aiopgpool hot paths: {native.form()}"
 
 
 class CountBackends(Protocol):
