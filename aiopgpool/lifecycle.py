@@ -26,6 +26,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 
 from .conninfo import ConnectTarget
 from .slot import Baseline, never_quiet
+from .teardown import close_async
 
 __all__ = [
     "CANCEL_TIMEOUT",
@@ -492,14 +493,6 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
             setattr(conn, "_pool", self.link)  # noqa: B010 (psycopg types it as its own pool)
         return conn
 
-    def close(self, conn: PgConnT) -> None:
-        # close() has no suspension point for AsyncConnection either:
-        # pgconn.finish() is a non-blocking write of Terminate. Calling it
-        # directly keeps close synchronous, so a second cancellation cannot
-        # interrupt it.
-        with contextlib.suppress(Exception):
-            conn.pgconn.finish()
-
     def quiet_test(self, conn: PgConnT) -> Callable[[], bool]:
         pgconn = conn.pgconn
         return quiet_socket_test(
@@ -532,6 +525,9 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         self._check = check
         self.has_check = check is not None
         self.has_reset = reset is not None
+
+    def close(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        close_async(conn)  # not under a call in progress: see teardown
 
     async def connect(self) -> tuple[psycopg.AsyncConnection[Any], Baseline]:
         conninfo, kwargs = await self._target.resolve_async()

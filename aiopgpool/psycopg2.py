@@ -28,6 +28,7 @@ from .dropins import DropInBase, PersistentMixin
 from .lifecycle import quiet_socket_test, what_to_restore
 from .slot import Baseline
 from .sync_lifecycle import BlockingLifecycle, SyncCallback
+from .teardown import shut_down
 
 __all__ = [
     "AbstractConnectionPool",
@@ -43,6 +44,7 @@ __all__ = [
 Connection = Any  # psycopg2.extensions.connection (psycopg2 ships no type hints)
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
+_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
 _INTRANS = ext.TRANSACTION_STATUS_INTRANS
 # psycopg2's names of the attributes a return restores, where they differ from psycopg's.
 _PSYCOPG2_NAMES = {"read_only": "readonly"}
@@ -90,6 +92,12 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         )
 
     def close(self, conn: Connection) -> None:
+        # psycopg2's close() takes the connection's mutex: with a query running
+        # in another thread it would hold the pool's loop thread until that
+        # query ended. Shut down first, the query fails at once and lets go.
+        with contextlib.suppress(Exception):
+            if conn.info.transaction_status == _ACTIVE:
+                shut_down(conn.fileno())
         with contextlib.suppress(Exception):
             conn.close()
 

@@ -37,6 +37,7 @@ from .lifecycle import (
     what_to_restore,
 )
 from .slot import Baseline
+from .teardown import close_blocking
 
 __all__ = [
     "BlockingLifecycle",
@@ -186,6 +187,9 @@ class SyncLifecycle(
         self._target = target
         self._connection_class = connection_class
         self.follow_role(state_reader(connection_class), target.wants_primary)
+
+    def close(self, conn: psycopg.Connection[Any]) -> None:
+        close_blocking(conn)  # not under a call in progress: see teardown
 
     def connect_blocking(self) -> tuple[psycopg.Connection[Any], Baseline]:
         conninfo, kwargs = self._target.resolve()

@@ -1,0 +1,110 @@
+"""Closing a connection that someone may still be using.
+
+A psycopg call in progress (a query, ``notifies()``) waits on its
+connection's socket, and psycopg's wait takes the descriptor off the event
+loop and puts it back every 0.1 s. Closing the descriptor under such a call
+is never safe:
+
+- uvloop aborts the process when a registration it has staged meets a closed
+  descriptor (libuv's epoll flush calls ``abort()``: libuv issue 5130). The
+  pool met it as a ``Fatal Python error: Aborted`` while ``close()`` closed
+  connections still borrowed.
+- asyncio's selector, or a thread's ``poll()``, would then watch whatever
+  socket next gets that number: another connection's queries could fail, or
+  a thread could read another connection's bytes.
+
+So a connection in use is shut down rather than closed: its server sees the
+client go, and the call in progress fails at once with
+``psycopg.OperationalError``. Its descriptor is closed when that call has let
+go of the connection (psycopg holds ``conn.lock`` through every call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from typing import Any
+
+import psycopg
+
+#: How long a thread waits for a sync connection's call to let go before it
+#: leaves the descriptor to the connection's own finalizer.
+LET_GO_TIMEOUT = 300.0
+
+# Tasks closing async connections once free (the loop keeps only weak references).
+_pending: set[asyncio.Task[None]] = set()
+
+
+def shut_down(fileno: int) -> None:
+    """Shut a socket down both ways, leaving its descriptor open; never raises."""
+    with contextlib.suppress(OSError, ValueError):
+        sock = socket.socket(fileno=fileno)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.detach()
+
+
+def _finish(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> None:
+    # pgconn.finish() writes Terminate without blocking and closes the socket;
+    # called directly (not conn.close()), so no suspension point interrupts it.
+    with contextlib.suppress(Exception):
+        conn.pgconn.finish()
+
+
+def _shut_down(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(Exception):  # already closed: no socket any more
+        shut_down(conn.pgconn.socket)
+
+
+def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Close ``conn`` now, or shut it down now and close it when its call ends.
+
+    Never blocks, never suspends, never raises.
+    """
+    if not conn.lock.locked():  # nobody can take it between this test and finish()
+        _finish(conn)
+        return
+    _shut_down(conn)
+    try:
+        task = asyncio.get_running_loop().create_task(_finish_when_free(conn))
+    except RuntimeError:  # no loop any more: the connection's finalizer closes it
+        return
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+async def _finish_when_free(conn: psycopg.AsyncConnection[Any]) -> None:
+    # asyncio.Lock is fair: a call started after the one in progress waits
+    # behind this one, then finds the connection closed without waiting on it.
+    async with conn.lock:
+        _finish(conn)
+
+
+def close_blocking(conn: psycopg.Connection[Any]) -> None:
+    """Close a sync ``conn`` now, or shut it down now and close it when its call ends.
+
+    The call in progress runs in another thread: a short-lived thread waits
+    (up to :data:`LET_GO_TIMEOUT`) for it to let go. Never blocks, never raises.
+    """
+    lock = conn.lock
+    if lock.acquire(blocking=False):
+        try:
+            _finish(conn)
+        finally:
+            lock.release()
+        return
+    _shut_down(conn)
+    threading.Thread(
+        target=_finish_when_released, args=(conn,), name="aiopgpool-close", daemon=True
+    ).start()
+
+
+def _finish_when_released(conn: psycopg.Connection[Any]) -> None:
+    if conn.lock.acquire(timeout=LET_GO_TIMEOUT):
+        try:
+            _finish(conn)
+        finally:
+            conn.lock.release()

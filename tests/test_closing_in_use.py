@@ -1,0 +1,210 @@
+"""Closing connections that are in use: close() / closeall() never pull a socket from under a
+query in progress (aiopgpool.teardown).
+
+A borrowed connection running a query when its pool closes is shut down, so its query fails
+at once, and its descriptor is closed only once that query has let go. Closed under the query,
+uvloop aborted the process (libuv's epoll flush calls abort() when a staged registration meets
+a closed descriptor), and asyncio or a thread would watch whatever socket next got its number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import psycopg
+import psycopg.waiting
+import psycopg2
+import pytest
+from helpers import eventually, eventually_blocking, unique_name
+
+from aiopgpool import AsyncConnectionPool, ConnectionPool
+from aiopgpool.psycopg2 import ThreadedConnectionPool
+
+SLEEP = "SELECT pg_sleep(5)"
+ACTIVE = psycopg.pq.TransactionStatus.ACTIVE
+# Each test's queries would take 5 s: ending well within that shows the close woke them.
+WOKEN_WITHIN = 4.0
+
+
+def descriptor_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def finished(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> bool:
+    """True once libpq's connection is freed and its descriptor closed."""
+    return conn.pgconn.pgconn_ptr is None
+
+
+def run_now(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never suspends to its end, synchronously."""
+    with pytest.raises(StopIteration):
+        coro.send(None)
+
+
+async def busy(pool: AsyncConnectionPool, n: int) -> tuple[list[Any], list[asyncio.Task[Any]]]:
+    """``n`` borrowed connections, each running a 5 s query in its own task."""
+    conns = [await pool.getconn() for _ in range(n)]
+
+    async def query(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(SLEEP)
+
+    tasks = [asyncio.create_task(query(conn)) for conn in conns]
+    await asyncio.sleep(0.3)  # every query sent, every task waiting on its socket
+    assert all(
+        conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE for conn in conns
+    )
+    return conns, tasks
+
+
+@pytest.mark.parametrize("how", ["close", "closeall"])
+async def test_closing_a_pool_shuts_down_queries_in_progress(
+    dsn: str, backends: Any, how: str
+) -> None:
+    name = unique_name(f"in-use-{how}")
+    pool = AsyncConnectionPool(dsn, name=name, min_size=0, max_size=3, timeout=5)
+    await pool.open()
+    conns, tasks = await busy(pool, 3)
+    fds = [conn.pgconn.socket for conn in conns]
+    if how == "close":
+        await pool.close(timeout=0.1)
+    else:
+        await pool.closeall()
+    assert pool.closed
+    # Shut down, not closed: the queries' waits still hold these descriptors.
+    assert all(descriptor_open(fd) for fd in fds)
+    assert not any(finished(conn) for conn in conns)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WOKEN_WITHIN)
+    assert all(isinstance(r, psycopg.OperationalError) for r in results), results
+    # Closed once each query let go.
+    assert await eventually(lambda: all(finished(c) for c in conns), expect=True) is True
+    assert await eventually(backends, name, expect=0, timeout=10) == 0
+
+
+async def test_a_close_between_a_wait_and_the_next_poll_does_not_abort(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash, replayed deterministically: psycopg's wait re-registers its socket every
+    0.1 s; the pool closes in the same pass of the loop, before the loop polls. On uvloop the
+    staged registration of a closed descriptor aborted the process."""
+    pool = AsyncConnectionPool(dsn, name=unique_name("in-use-pass"), min_size=0, max_size=1)
+    await pool.open()
+    conn = await pool.getconn()
+    fd = conn.pgconn.socket
+    armed = asyncio.Event()
+    fired: list[int] = []
+    real = psycopg.waiting.get_running_loop
+
+    class Hooked:
+        """The running loop, with ``add_reader`` closing the pool right after it."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self._loop = loop
+
+        def add_reader(self, fileno: int, callback: Callable[..., Any], *args: Any) -> None:
+            self._loop.add_reader(fileno, callback, *args)
+            if armed.is_set() and fileno == fd and not fired:
+                fired.append(fileno)
+                run_now(pool.closeall())  # no suspension point: same pass, before the poll
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self._loop, attr)
+
+    monkeypatch.setattr(psycopg.waiting, "get_running_loop", lambda: Hooked(real()))
+    task = asyncio.create_task(conn.execute(SLEEP))
+    await asyncio.sleep(0.05)
+    armed.set()  # the next re-registration (within 0.1 s) closes the pool
+    with pytest.raises(psycopg.OperationalError):
+        await asyncio.wait_for(task, WOKEN_WITHIN)
+    assert fired == [fd]
+    assert pool.closed
+    assert await eventually(lambda: finished(conn), expect=True) is True
+
+
+def test_closing_the_sync_pool_shuts_down_a_query_in_another_thread(
+    dsn: str, backends: Any
+) -> None:
+    name = unique_name("in-use-sync")
+    pool = ConnectionPool(dsn, name=name, min_size=0, max_size=1, timeout=5)
+    pool.open()
+    conn = pool.getconn()
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def query() -> None:
+        started.set()
+        try:
+            conn.execute(SLEEP)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    started.wait()
+    eventually_blocking(lambda: conn.pgconn.transaction_status, ACTIVE)
+    pool.close(timeout=0.1)
+    thread.join(WOKEN_WITHIN)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], psycopg.OperationalError), errors
+    assert eventually_blocking(lambda: finished(conn), True) is True
+    assert eventually_blocking(lambda: backends(name), 0, timeout=10) == 0
+
+
+def test_the_sync_pool_closes_a_connection_only_once_its_call_lets_go(dsn: str) -> None:
+    """psycopg holds ``conn.lock`` through every call: held here, as a call in another thread
+    would, the connection is shut down by close() but its descriptor stays open until the lock
+    is let go."""
+    pool = ConnectionPool(dsn, name=unique_name("in-use-lock"), min_size=0, max_size=1)
+    pool.open()
+    conn = pool.getconn()
+    fd = conn.pgconn.socket
+    locked, release = threading.Event(), threading.Event()
+
+    def call_in_progress() -> None:
+        with conn.lock:
+            locked.set()
+            release.wait()
+
+    thread = threading.Thread(target=call_in_progress)
+    thread.start()
+    locked.wait()
+    pool.close(timeout=0.1)
+    assert descriptor_open(fd) and not finished(conn)
+    release.set()
+    thread.join()
+    assert eventually_blocking(lambda: finished(conn), True) is True
+
+
+def test_psycopg2_closeall_does_not_wait_for_a_query_in_another_thread(dsn: str) -> None:
+    """psycopg2's close() takes the connection's mutex: closeall() used to hold the pool's loop
+    thread until another thread's query ended."""
+    pool = ThreadedConnectionPool(0, 2, dsn, application_name=unique_name("in-use-pg2"))
+    conn = pool.getconn()
+    errors: list[BaseException] = []
+
+    def query() -> None:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(SLEEP)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    eventually_blocking(
+        lambda: conn.info.transaction_status, psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
+    )
+    closer = threading.Thread(target=pool.closeall)
+    closer.start()
+    closer.join(WOKEN_WITHIN)
+    thread.join(WOKEN_WITHIN)
+    assert not closer.is_alive() and not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], psycopg2.Error), errors
+    assert conn.closed
