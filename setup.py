@@ -1,13 +1,12 @@
-"""Build: pure Python; with ``AIOPGPOOL_COMPILE=1``, the hot-path modules compiled to C by
-mypyc where that works (opt-in: see README, Compiled hot paths, for the open crash).
+"""Build: the hot-path modules compiled to C by mypyc where that works, else pure Python.
 
 mypyc compiles the typed sources as they are (see README: Compiled hot paths). Nothing
 else differs: every module also ships as Python, and ``aiopgpool.native`` loads the
 Python sources instead when ``AIOPGPOOL_PURE_PYTHON`` is set, or when a source's digest
 differs from the one recorded here (a development checkout edited after its build).
 
-Without ``AIOPGPOOL_COMPILE``, with ``AIOPGPOOL_PURE_PYTHON=1``, or on a machine without
-a C compiler or Python's headers, the build is pure Python (with a message saying why).
+With ``AIOPGPOOL_PURE_PYTHON=1``, or on a machine without a C compiler or Python's
+headers, or when the compiler fails, the build is pure Python (with a message saying why).
 """
 
 from __future__ import annotations
@@ -43,9 +42,7 @@ SOURCES = [f"aiopgpool/{name}.py" for name in COMPILED]
 
 
 def _why_not_compile() -> str | None:
-    """None when the modules are to be compiled here, else the reason they are not."""
-    if not os.environ.get("AIOPGPOOL_COMPILE"):
-        return "compiling is opt-in: AIOPGPOOL_COMPILE=1"
+    """None when the modules can be compiled here, else the reason they are not."""
     if os.environ.get("AIOPGPOOL_PURE_PYTHON"):
         return "AIOPGPOOL_PURE_PYTHON is set"
     if sys.implementation.name != "cpython":

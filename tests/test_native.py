@@ -1,8 +1,8 @@
-"""The compiled hot paths (setup.py with AIOPGPOOL_COMPILE=1, aiopgpool.native): which form
-loads, and the build's fallback to pure Python.
+"""The compiled hot paths (setup.py, aiopgpool.native): which form loads, and the build's
+fallback to pure Python.
 
-``AIOPGPOOL_TEST_EXPECT_COMPILED`` (1 or 0) makes the suite fail unless it runs the form
-it was meant to test; the tests of a compiled copy skip where the package is pure Python.
+``AIOPGPOOL_TEST_EXPECT_COMPILED`` (CI sets it: 1, or 0 for the pure-Python run) makes
+the suite fail unless it runs the form it was meant to test.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def probe(path: Path, **env: str) -> tuple[bool, bool, str, str]:
 def test_the_form_ci_expects_is_the_one_running() -> None:
     expect = os.environ.get("AIOPGPOOL_TEST_EXPECT_COMPILED")
     if not expect:
-        pytest.skip("AIOPGPOOL_TEST_EXPECT_COMPILED is not set")
+        pytest.skip("AIOPGPOOL_TEST_EXPECT_COMPILED is not set (CI sets it)")
     assert native.COMPILED is (expect == "1"), native.REASON
 
 
@@ -110,7 +110,7 @@ def test_the_build_falls_back_to_pure_python(tmp_path: Path, cc: str, why: str) 
     """What a machine without a working C compiler gets: a pure-Python wheel."""
     if not (ROOT / "setup.py").is_file():
         pytest.skip("not a source checkout")
-    env = {**os.environ, "CC": cc, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "AIOPGPOOL_COMPILE": "1"}
+    env = {**os.environ, "CC": cc, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("AIOPGPOOL_PURE_PYTHON", None)
     src = tmp_path / "src"
     shutil.copytree(
