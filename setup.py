@@ -5,8 +5,9 @@ else differs: every module also ships as Python, and ``aiopgpool.native`` loads 
 Python sources instead when ``AIOPGPOOL_PURE_PYTHON`` is set, or when a source's digest
 differs from the one recorded here (a development checkout edited after its build).
 
-With ``AIOPGPOOL_PURE_PYTHON=1``, or on a machine without a C compiler or Python's
-headers, or when the compiler fails, the build is pure Python (with a message saying why).
+With ``AIOPGPOOL_PURE_PYTHON=1``, on Python 3.12 and later (unless ``AIOPGPOOL_COMPILE=1``),
+on a machine without a C compiler or Python's headers, or when the compiler fails, the
+build is pure Python (with a message saying why).
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def _why_not_compile() -> str | None:
         return "AIOPGPOOL_PURE_PYTHON is set"
     if sys.implementation.name != "cpython":
         return f"mypyc needs CPython, not {sys.implementation.name}"
+    if sys.version_info >= (3, 12) and not os.environ.get("AIOPGPOOL_COMPILE"):
+        # mypyc (2.4) passes an exception into an awaited coroutine with the
+        # three-argument throw(), deprecated since 3.12: every cancellation of a
+        # compiled await warns, and under -W error raises DeprecationWarning instead.
+        return (
+            "Python 3.12+: mypyc's compiled awaits use the deprecated three-argument "
+            "throw() (a DeprecationWarning at each cancellation); AIOPGPOOL_COMPILE=1 "
+            "compiles anyway"
+        )
     try:
         import mypyc.build  # noqa: F401
     except ImportError:

@@ -32,7 +32,7 @@ import asyncio
 import logging
 import weakref
 from asyncio import get_running_loop
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from math import floor
 from time import monotonic
 from typing import Any, Generic, TypeVar
@@ -42,7 +42,7 @@ from .closing import Closing
 from .connector import Connector
 from .errors import PoolClosed, PoolError
 from .lifecycle import Lifecycle
-from .maintenance import Maintenance, close_dropped
+from .maintenance import Maintenance, on_drop
 from .options import PoolOptions, check_key, check_timeout
 from .slot import Slot
 from .stats import USE_FLOOR_BITS, Counters, HistogramRecorder, PoolStats, snapshot
@@ -72,8 +72,8 @@ class PoolCore(Generic[ConnT]):
     # longer shares its keys, and every self.x on the hot paths becomes a
     # dict lookup (slots cut about 1,000 instructions per waited checkout).
     __slots__ = (
-        "__weakref__",
         "_borrowed",
+        "_dropped",
         "_fast",
         "_idle",
         "_key_of",
@@ -133,8 +133,9 @@ class PoolCore(Generic[ConnT]):
         self.leak_timeout = options.leak_timeout
         self.ping_after_idle = options.ping_after_idle
         # The object users hold: referenced weakly, so that a pool nobody
-        # references can be collected (see close_dropped).
-        self.owner_ref = weakref.ref(self if owner is None else owner)
+        # references can be collected (see close_dropped). A bare core (the
+        # unit tests') is its own owner.
+        self.owner_ref: Callable[[], object] = self._itself if owner is None else weakref.ref(owner)
         self._owner_type = type(self if owner is None else owner).__name__
 
         self.state = NEW
@@ -164,7 +165,10 @@ class PoolCore(Generic[ConnT]):
         self.maintenance: Maintenance[ConnT] = Maintenance(self)
         self.validation: Validation[ConnT] = Validation(self)
         self.closing: Closing[ConnT] = Closing(self)
-        weakref.finalize(self, close_dropped, self.name, self.queue, lifecycle).atexit = False
+        self._dropped = on_drop(self.name, self.queue, lifecycle)
+
+    def _itself(self) -> PoolCore[ConnT]:
+        return self
 
     def capacity(self, max_size: int) -> int:
         """Slots for ``max_size`` (a null pool's 0: no bound)."""

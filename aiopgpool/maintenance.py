@@ -14,7 +14,7 @@ import os
 import traceback
 import weakref
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .lifecycle import Lifecycle
 from .options import check_sizes
@@ -51,6 +51,23 @@ def close_dropped(name: str, queue: HandoffQueue[Slot[Any]], lifecycle: Lifecycl
         lifecycle.close(conn)
 
 
+class _Anchor:
+    """Lives exactly as long as the core holding it, and can be referenced weakly.
+
+    A compiled core cannot be (mypyc gives its classes no weakref slot on Python
+    3.12 and later), so the dropped-pool finalizer watches this instead.
+    """
+
+    __slots__ = ("__weakref__",)
+
+
+def on_drop(name: str, queue: HandoffQueue[Slot[Any]], lifecycle: Lifecycle[Any]) -> object:
+    """An object for a core to hold: when the core is collected, :func:`close_dropped` runs."""
+    anchor = _Anchor()
+    weakref.finalize(anchor, close_dropped, name, queue, lifecycle).atexit = False
+    return anchor
+
+
 def _tick(ref: weakref.ref[Maintenance[Any]]) -> None:
     maintenance = ref()
     if maintenance is not None:
@@ -78,8 +95,7 @@ class Maintenance(Generic[ConnT]):
     __slots__ = ("__weakref__", "_core", "_timer")
 
     def __init__(self, core: PoolCore[ConnT]) -> None:
-        # Weakly: the core holds this object; no cycle, so a dropped pool goes at once.
-        self._core = cast("PoolCore[ConnT]", weakref.proxy(core))
+        self._core = core
         self._timer: asyncio.TimerHandle | None = None
 
     def schedule(self) -> None:
@@ -100,11 +116,8 @@ class Maintenance(Generic[ConnT]):
 
     def run(self) -> None:
         """One run: close expired and surplus idle connections, refill, re-arm."""
-        try:
-            core = self._core
-            if core.state != "open":
-                return
-        except ReferenceError:
+        core = self._core
+        if core.state != "open":
             return
         try:
             self.expire_idle(core.max_idle, keep_min=True)
