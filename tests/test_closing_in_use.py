@@ -57,10 +57,12 @@ async def busy(pool: AsyncConnectionPool, n: int) -> tuple[list[Any], list[async
         await conn.execute(SLEEP)
 
     tasks = [asyncio.create_task(query(conn)) for conn in conns]
-    await asyncio.sleep(0.3)  # every query sent, every task waiting on its socket
-    assert all(
-        conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE for conn in conns
+    # Every query sent, every task waiting on its socket:
+    active = await eventually(
+        lambda: all(conn.pgconn.transaction_status == ACTIVE for conn in conns), expect=True
     )
+    assert active is True
+    await asyncio.sleep(0.05)
     return conns, tasks
 
 
