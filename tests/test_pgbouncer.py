@@ -212,6 +212,7 @@ async def test_role_tracking_works_through_a_session_mode_bouncer(
         admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
         admin.execute("SELECT pg_reload_conf()")
         admin.close()
+    await asyncio.sleep(0.5)  # the backends take the reset in (CI once raced it)
     try:
         async with pool.connection(timeout=10.0) as conn:
             await conn.execute("CREATE TABLE accepted (x int)")
