@@ -29,16 +29,18 @@ HERE = Path(__file__).parent
 STAMP = "_compiled.json"  # what was compiled, from which sources (sha256)
 
 
-def _modules() -> list[str]:
-    """``MODULES`` of aiopgpool/native.py, which checks at import what this compiled."""
+def _native(name: str) -> Any:
+    """The literal ``name`` of aiopgpool/native.py, which checks at import what this compiled
+    (read, not imported: the build must not import the package)."""
     tree = ast.parse((HERE / "aiopgpool" / "native.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MODULES":
-            return list(ast.literal_eval(node.value))
-    raise RuntimeError("aiopgpool/native.py defines no MODULES")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"aiopgpool/native.py defines no {name}")
 
 
-COMPILED = _modules()
+COMPILED = list(_native("MODULES"))
+COMPILED_BELOW = tuple(_native("COMPILED_BELOW"))
 SOURCES = [f"aiopgpool/{name}.py" for name in COMPILED]
 
 
@@ -48,7 +50,7 @@ def _why_not_compile() -> str | None:
         return "AIOPGPOOL_PURE_PYTHON is set"
     if sys.implementation.name != "cpython":
         return f"mypyc needs CPython, not {sys.implementation.name}"
-    if sys.version_info >= (3, 12) and not os.environ.get("AIOPGPOOL_COMPILE"):
+    if sys.version_info >= COMPILED_BELOW and not os.environ.get("AIOPGPOOL_COMPILE"):
         # mypyc (2.4) passes an exception into an awaited coroutine with the
         # three-argument throw(), deprecated since 3.12: every cancellation of a
         # compiled await warns, and under -W error raises DeprecationWarning instead.

@@ -116,7 +116,7 @@ def test_the_build_falls_back_to_pure_python(tmp_path: Path, cc: str, why: str) 
     env.pop("AIOPGPOOL_PURE_PYTHON", None)
     if cc:
         env.update(CC=cc, AIOPGPOOL_COMPILE="1")  # past the Python version's own reason
-    elif sys.version_info < (3, 12):
+    elif sys.version_info < native.COMPILED_BELOW:
         pytest.skip("this Python's build compiles")
     else:
         env.pop("AIOPGPOOL_COMPILE", None)
