@@ -34,6 +34,7 @@ import weakref
 from asyncio import get_running_loop
 from collections.abc import Callable, Hashable
 from math import floor
+from threading import get_ident
 from time import monotonic
 from typing import Any, Generic, TypeVar
 
@@ -92,6 +93,7 @@ class PoolCore(Generic[ConnT]):
         "leak_timeout",
         "lifecycle",
         "loop",
+        "loop_thread",
         "maintenance",
         "max_idle",
         "max_lifetime",
@@ -152,6 +154,10 @@ class PoolCore(Generic[ConnT]):
         self.generation = 0
         self._preparing = 0  # slots being checked or connected for a borrower
         self.loop: asyncio.AbstractEventLoop | None = None
+        # The thread last seen running ``loop``: a return compares thread
+        # identities (see give_back), not loops, which costs a getpid() system
+        # call on Python 3.10 and 3.11.
+        self.loop_thread = 0
         self.counters = Counters()
         self.wait_hist = HistogramRecorder()
         # Use times below about 1 ms share the first bucket: counting them costs
@@ -211,6 +217,7 @@ class PoolCore(Generic[ConnT]):
         if self.state != NEW:
             raise PoolClosed(f"pool {self.name!r} is closed and cannot be reopened")
         self.loop = asyncio.get_running_loop()
+        self.loop_thread = get_ident()
         self.queue.bind(self.loop)
         self.state = OPEN
         self.update_fast()
@@ -239,7 +246,9 @@ class PoolCore(Generic[ConnT]):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        if loop is not self.loop and self.loop is not None:
+        if loop is self.loop:
+            self.loop_thread = get_ident()  # the loop may have moved to another thread
+        elif self.loop is not None:
             raise PoolError(
                 f"pool {self.name!r} was opened on event loop {self.loop!r} and is used from "
                 f"{loop!r}: a pool serves the loop it was opened on; create one per loop"
@@ -477,8 +486,11 @@ class PoolCore(Generic[ConnT]):
         connection not borrowed here, or returned under another key. It never
         suspends nor schedules; it may complete a waiter's future.
         """
-        if self._waiters and not self.threaded and get_running_loop() is not self.loop:
-            self.check_loop()  # a waiter's future may be completed: on the pool's loop only
+        if self._waiters and not self.threaded and get_ident() != self.loop_thread:
+            # A waiter's future may be completed: from the pool's loop's thread only.
+            # (In that thread, another loop can run only while the pool's does
+            # not, and a waiter woken then resumes when the pool's loop runs.)
+            self.check_loop()
         try:
             slot = self._borrowed.pop(conn)
         except (KeyError, TypeError):  # TypeError: unhashable, so certainly not ours

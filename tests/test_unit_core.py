@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import tracemalloc
 from time import monotonic
 from typing import Any
@@ -740,6 +741,95 @@ async def test_putconn_with_the_wrong_key_raises_and_keeps_it_borrowed() -> None
         assert core.held_by_key("a") is None
         assert_balanced(core, fake)
         await checkout_all(core)
+
+
+def _in_thread(fn: Any) -> Any:
+    """``fn()`` in a new thread, joined: its result, or its exception raised here."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            box["exc"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    if "exc" in box:
+        raise box["exc"]
+    return box.get("result")
+
+
+def _waiting_for_one(loop: asyncio.AbstractEventLoop) -> tuple[PoolCore[FakeConn], FakeConn, Any]:
+    """A core of one connection opened on ``loop``: the connection, and a task waiting for it."""
+    core = make_core(max_size=1)
+    loop.run_until_complete(core.open(wait=True, timeout=2.0))
+    conn = loop.run_until_complete(core.getconn())
+    waiter = loop.create_task(core.getconn())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert core.stats().waiting == 1
+    return core, conn, waiter
+
+
+def test_a_return_from_another_threads_loop_raises_where_it_would_wake_a_waiter() -> None:
+    loop = asyncio.new_event_loop()
+    core, conn, waiter = _waiting_for_one(loop)
+    try:
+        # A return made on a loop running in another thread would complete the
+        # waiter's future there: refused, naming both loops, and nothing lost.
+        with pytest.raises(PoolError, match="was opened on event loop"):
+            _in_thread(lambda: asyncio.run(core.putconn(conn)))
+        assert core.stats().in_use == 1
+        loop.run_until_complete(core.putconn(conn))
+        assert loop.run_until_complete(waiter) is conn
+        loop.run_until_complete(core.putconn(conn))
+        # Without waiters the return completes nothing: it is not checked.
+        conn = loop.run_until_complete(core.getconn())
+        _in_thread(lambda: asyncio.run(core.putconn(conn)))
+        assert core.stats().idle == 1
+    finally:
+        loop.run_until_complete(shut(core))
+        loop.close()
+
+
+def test_a_pool_follows_its_loop_to_another_thread() -> None:
+    loop = asyncio.new_event_loop()
+    core, conn, waiter = _waiting_for_one(loop)
+    try:
+
+        async def give_back_and_wait() -> Any:
+            await core.putconn(conn)  # the first return from this thread checks the loop
+            return await waiter
+
+        # The same loop, now run by another thread: returns hand over as before.
+        assert _in_thread(lambda: loop.run_until_complete(give_back_and_wait())) is conn
+        assert core.loop_thread != threading.get_ident()
+        _in_thread(lambda: loop.run_until_complete(core.putconn(conn)))
+        assert core.stats().idle == 1
+    finally:
+        loop.run_until_complete(shut(core))
+        loop.close()
+
+
+def test_a_return_on_another_loop_of_the_pools_thread_wakes_the_waiter_on_the_pools() -> None:
+    # In the pool's thread, another loop runs only while the pool's does not:
+    # the waiter's future completes, and the waiter resumes when its loop runs.
+    loop = asyncio.new_event_loop()
+    core, conn, waiter = _waiting_for_one(loop)
+    try:
+        other = asyncio.new_event_loop()
+        try:
+            other.run_until_complete(core.putconn(conn))
+        finally:
+            other.close()
+        assert loop.run_until_complete(waiter) is conn
+        loop.run_until_complete(core.putconn(conn))
+        assert core.stats().idle == 1
+    finally:
+        loop.run_until_complete(shut(core))
+        loop.close()
 
 
 # -- stats ----------------------------------------------------------------------------------------
