@@ -44,7 +44,6 @@ __all__ = [
 Connection = Any  # psycopg2.extensions.connection (psycopg2 ships no type hints)
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
-_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
 _INTRANS = ext.TRANSACTION_STATUS_INTRANS
 # psycopg2's names of the attributes a return restores, where they differ from psycopg's.
 _PSYCOPG2_NAMES = {"read_only": "readonly"}
@@ -95,8 +94,10 @@ class Psycopg2Lifecycle(BlockingLifecycle[Connection]):
         # psycopg2's close() takes the connection's mutex: with a query running
         # in another thread it would hold the pool's loop thread until that
         # query ended. Shut down first, the query fails at once and lets go.
+        # Not only when ACTIVE: psycopg2 sends BEGIN and then the query under
+        # one hold of the mutex, and in between the status is INTRANS.
         with contextlib.suppress(Exception):
-            if conn.info.transaction_status == _ACTIVE:
+            if conn.info.transaction_status != _IDLE:
                 shut_down(conn.fileno())
         with contextlib.suppress(Exception):
             conn.close()

@@ -21,6 +21,7 @@ import psycopg2
 import pytest
 from helpers import eventually, eventually_blocking, unique_name
 
+import aiopgpool.psycopg2
 from aiopgpool import AsyncConnectionPool, ConnectionPool
 from aiopgpool.psycopg2 import ThreadedConnectionPool
 
@@ -210,3 +211,22 @@ def test_psycopg2_closeall_does_not_wait_for_a_query_in_another_thread(dsn: str)
     assert not closer.is_alive() and not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], psycopg2.Error), errors
     assert conn.closed
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_psycopg2_shuts_down_a_connection_closed_outside_idle(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, in_transaction: bool
+) -> None:
+    """Not only mid-query: psycopg2 sends BEGIN and then the query under one hold of the
+    connection's mutex, and in between the status is INTRANS (a CI run under load
+    closed in that window, and close() waited for the 5 s query)."""
+    shut: list[int] = []
+    monkeypatch.setattr(aiopgpool.psycopg2, "shut_down", lambda fileno: shut.append(fileno))
+    pool = ThreadedConnectionPool(0, 1, dsn, application_name=unique_name("in-use-pg2-tx"))
+    conn = pool.getconn()
+    fileno = conn.fileno()
+    if in_transaction:
+        conn.cursor().execute("SELECT 1")  # not autocommit: the transaction stays open
+    pool.closeall()
+    assert conn.closed
+    assert shut == ([fileno] if in_transaction else [])
