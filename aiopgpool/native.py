@@ -29,9 +29,6 @@ logger = logging.getLogger("aiopgpool")
 
 #: The modules setup.py compiles (the hot paths and what they call).
 MODULES = ("core", "slot", "waiting", "threadport", "stats", "admission")
-#: The build (setup.py) compiles on Pythons older than this only, unless AIOPGPOOL_COMPILE=1:
-#: on 3.12+ mypyc's awaits pass exceptions with the deprecated three-argument throw().
-COMPILED_BELOW = (3, 12)
 _PACKAGE = Path(__file__).parent
 _STAMP = _PACKAGE / "_compiled.json"
 
