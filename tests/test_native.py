@@ -163,7 +163,7 @@ async def test_cancelled_and_timed_out_waits_raise_their_own_errors() -> None:
         held = await core.getconn()
         with throw_deprecation_is_an_error():
             # In line (the hand-off queue's future).
-            with pytest.raises(TimeoutError):
+            with pytest.raises(asyncio.TimeoutError):  # not yet TimeoutError on 3.10
                 await asyncio.wait_for(core.getconn(), 0.05)
             waiting = asyncio.create_task(core.getconn())
             await asyncio.sleep(0.01)
