@@ -39,6 +39,8 @@ class AsyncAdapter(abc.ABC):
     name: ClassVar[str]
     driver: ClassVar[str] = "psycopg"
     is_floor: ClassVar[bool] = False
+    #: A reference row (shown, never the fastest pool): the FIFO floor.
+    is_reference: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     @abc.abstractmethod

@@ -21,6 +21,8 @@ class SyncAdapter(abc.ABC):
     name: ClassVar[str]
     driver: ClassVar[str] = "psycopg"
     is_floor: ClassVar[bool] = False
+    #: A reference row (shown, never the fastest pool): the FIFO floor.
+    is_reference: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     @abc.abstractmethod
@@ -171,13 +173,15 @@ class SyncFloor(SyncAdapter):
     name = "floor"
     is_floor = True
     description = "minimal fair queue of psycopg Connections (no pool logic)"
+    #: Hand out the least recently returned idle connection first.
+    fifo: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._pool: SyncFloorPool | None = None
 
     def open(self, dsn: str, min_size: int, max_size: int) -> None:
         """Connect ``min_size`` connections; more connect lazily up to ``max_size``."""
-        self._pool = SyncFloorPool(dsn, max_size, dict(PSYCOPG_KWARGS))
+        self._pool = SyncFloorPool(dsn, max_size, dict(PSYCOPG_KWARGS), fifo=self.fifo)
         self._pool.fill(min_size)
 
     def acquire(self) -> Any:
@@ -201,10 +205,27 @@ class SyncFloor(SyncAdapter):
             self._pool.close()
 
 
+class SyncFloorFifo(SyncFloor):
+    """The sync floor in psycopg_pool's order: a reference row, not the ratios' base.
+
+    With one thread and ten idle connections, psycopg_pool hands out each in
+    turn while aiopgpool and the floor reuse the one just returned; on a VM that
+    order alone can change SELECT 1's speed (README, Benchmarks). This row shows
+    by how much in the same run.
+    """
+
+    name = "floor-fifo"
+    is_floor = False
+    is_reference = True
+    description = "the sync floor, least recently returned connection first (psycopg_pool's order)"
+    fifo = True
+
+
 #: The sync pools, in table order (the floor last).
 SYNC_ADAPTERS: tuple[type[SyncAdapter], ...] = (
     AiopgpoolSync,
     PsycopgPoolSync,
     Psycopg2Threaded,
+    SyncFloorFifo,
     SyncFloor,
 )

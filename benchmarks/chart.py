@@ -15,6 +15,7 @@ _COLORS = {
     "asyncpg": "#2ca02c",
     "asyncpg-noreset": "#98df8a",
     "psycopg2": "#9467bd",
+    "floor-fifo": "#7f7f7f",
 }
 
 

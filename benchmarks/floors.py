@@ -5,6 +5,10 @@ first come, first served by direct hand-off (a returned connection goes straight
 to the oldest waiter), and connects lazily up to ``max_size``. It checks nothing,
 resets nothing and never times out: it is what a pool costs at the very least,
 so every pool's throughput is reported as a ratio to it.
+
+The sync floor can also hand out the least recently returned connection first
+(``fifo=True``, psycopg_pool's order): the benchmark runs that variant beside
+the others as ``sync/floor-fifo``, to show what the order alone does.
 """
 
 from __future__ import annotations
@@ -95,11 +99,15 @@ class _Waiter:
 class SyncFloorPool:
     """The sync floor: a lock, a deque of idle connections, a deque of waiters."""
 
-    def __init__(self, conninfo: str, max_size: int, kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, conninfo: str, max_size: int, kwargs: dict[str, Any], *, fifo: bool = False
+    ) -> None:
         self._conninfo = conninfo
         self._kwargs = kwargs
         self._max_size = max_size
         self._size = 0
+        # fifo: hand out the least recently returned idle connection (psycopg_pool's order).
+        self._fifo = fifo
         self._lock = threading.Lock()
         self._idle: deque[psycopg.Connection[Any]] = deque()
         self._waiters: deque[_Waiter] = deque()
@@ -116,7 +124,7 @@ class SyncFloorPool:
         """Return an idle connection, a new one (below max_size), or wait in line."""
         with self._lock:
             if self._idle:
-                return self._idle.pop()
+                return self._idle.popleft() if self._fifo else self._idle.pop()
             if self._size < self._max_size:
                 self._size += 1
                 waiter = None

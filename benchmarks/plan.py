@@ -103,6 +103,11 @@ class PoolSpec:
         """True for the family's floor."""
         return self.adapter.is_floor
 
+    @property
+    def is_reference(self) -> bool:
+        """True for a row shown for comparison only (never the fastest pool)."""
+        return self.adapter.is_reference
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -73,7 +73,7 @@ def winners(rows: list[Row]) -> dict[str, Row]:
     """Per case id, the non-floor pool with the highest median ratio."""
     best: dict[str, Row] = {}
     for row in rows:
-        if row.pool.is_floor or row.ratio is None:
+        if row.pool.is_floor or row.pool.is_reference or row.ratio is None:
             continue
         cur = best.get(row.case.id)
         if cur is None or (cur.ratio is not None and row.ratio > cur.ratio):
@@ -177,7 +177,7 @@ def _footers(plan: Plan) -> list[str]:
         "even: min/mean ops completed per worker (1.00 = even, near 0 = a worker starved).",
         "cpu/op: this process's CPU time per op, all threads (not the server's): the pool's"
         " cost, little affected by other load on the machine.",
-        "* = fastest pool (floor excluded) in that case.",
+        "* = fastest pool (floors excluded) in that case.",
     ]
     keys = {p.key for p in plan.pools}
     kinds = {c.kind for c in plan.cases}

@@ -9,6 +9,8 @@ from benchmarks.plan import ASYNC_CONCURRENCY, BURST_TASKS, SYNC_CONCURRENCY
 from benchmarks.runner import Results
 
 ASYNC_FLOOR = "async/floor"
+SYNC_FLOOR = "sync/floor"
+SYNC_FLOOR_FIFO = "sync/floor-fifo"
 SYNC_PEER = "sync/psycopg_pool"
 
 
@@ -105,8 +107,25 @@ def evaluate(results: Results) -> list[TargetResult]:
                     value,
                     len(ratios),
                     status,
+                    note=_order_note(results, t) if t.case_id.startswith("sync/select1@") else "",
                     by_cpu=_cpu_ratio(mine, base),
                     spread=quartiles(ratios.values()),
                 )
             )
     return out
+
+
+def _order_note(results: Results, target: Target) -> str:
+    """psycopg_pool's order alone, in ``target``'s case: the FIFO floor over the floor.
+
+    Only where queries run: which idle connection a checkout gets matters to
+    the server and the kernel's scheduling, not to the pool's own work.
+    """
+    fifo = results.samples.get((target.case_id, SYNC_FLOOR_FIFO), [])
+    lifo = results.samples.get((target.case_id, SYNC_FLOOR), [])
+    order = median(paired_ratios(fifo, lifo).values())
+    if order is None:
+        return ""
+    by_cpu = _cpu_ratio(fifo, lifo)
+    cpu = "" if by_cpu is None else f", by cpu {by_cpu:.2f}x"
+    return f"psycopg_pool's order alone: floor-fifo {order:.2f}x floor{cpu}"

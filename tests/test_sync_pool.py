@@ -1244,6 +1244,8 @@ def _reap(pid: int, deadline: float) -> int | None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+# Forking a process with threads is the point of the test (Python 3.12+ warns).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_fork_child_gets_a_clear_error_and_the_parent_pool_still_works(dsn: str) -> None:
     with opened(dsn, "fork", min_size=2, max_size=2) as pool:
         conns = [pool.getconn(), pool.getconn()]
