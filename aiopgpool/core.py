@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from asyncio import get_running_loop
 from collections.abc import Callable, Hashable
 from math import floor
 from threading import get_ident
@@ -291,8 +290,13 @@ class PoolCore(Generic[ConnT]):
         if kept is not None:
             self._preparing += 1
             return self._lend(await self.validation.prepare(kept, None, seconds), key)
-        # Nothing kept: wait in line (on the pool's own loop only).
-        if get_running_loop() is not self.loop:
+        # Nothing kept: wait in line, on the pool's own loop only. Compared by
+        # thread, as give_back does: get_running_loop() is a getpid() system
+        # call on Python 3.10 and 3.11. Another loop of this thread is caught
+        # where its task refuses the pool loop's future (below); a closed pool
+        # loop here (which could not arm the deadline) means another loop too.
+        loop = self.loop
+        if get_ident() != self.loop_thread or loop is None or loop.is_closed():
             self.check_loop()
         stats = self.counters
         start = monotonic()
@@ -311,6 +315,10 @@ class PoolCore(Generic[ConnT]):
                 handed = self.queue.withdraw(fut)
                 if handed is not None:
                     self.release_slot(handed)  # to the next waiter, or closed with the pool
+                if isinstance(exc, RuntimeError):
+                    # "got Future attached to a different loop": awaited on
+                    # another loop of the pool's thread. PoolError, naming both.
+                    self.check_loop()
                 raise
             stats.timeouts += 1
             # timeout_error chains the last connection error itself (mypyc drops `from`).

@@ -11,6 +11,8 @@ import asyncio
 import math
 import threading
 import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from time import monotonic
 from typing import Any
 
@@ -762,21 +764,28 @@ def _in_thread(fn: Any) -> Any:
     return box.get("result")
 
 
-def _waiting_for_one(loop: asyncio.AbstractEventLoop) -> tuple[PoolCore[FakeConn], FakeConn, Any]:
-    """A core of one connection opened on ``loop``: the connection, and a task waiting for it."""
+@contextmanager
+def _waiting_for_one() -> Iterator[
+    tuple[asyncio.AbstractEventLoop, PoolCore[FakeConn], FakeConn, asyncio.Task[FakeConn]]
+]:
+    """A core of one connection, opened on a new loop: the loop, the core, the
+    connection, and a task waiting for it. Closes the core, then the loop."""
+    loop = asyncio.new_event_loop()
     core = make_core(max_size=1)
-    loop.run_until_complete(core.open(wait=True, timeout=2.0))
-    conn = loop.run_until_complete(core.getconn())
-    waiter = loop.create_task(core.getconn())
-    loop.run_until_complete(asyncio.sleep(0.01))
-    assert core.stats().waiting == 1
-    return core, conn, waiter
+    try:
+        loop.run_until_complete(core.open(wait=True, timeout=2.0))
+        conn = loop.run_until_complete(core.getconn())
+        waiter = loop.create_task(core.getconn())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert core.stats().waiting == 1
+        yield loop, core, conn, waiter
+    finally:
+        loop.run_until_complete(shut(core))
+        loop.close()
 
 
 def test_a_return_from_another_threads_loop_raises_where_it_would_wake_a_waiter() -> None:
-    loop = asyncio.new_event_loop()
-    core, conn, waiter = _waiting_for_one(loop)
-    try:
+    with _waiting_for_one() as (loop, core, conn, waiter):
         # A return made on a loop running in another thread would complete the
         # waiter's future there: refused, naming both loops, and nothing lost.
         with pytest.raises(PoolError, match="was opened on event loop"):
@@ -789,15 +798,10 @@ def test_a_return_from_another_threads_loop_raises_where_it_would_wake_a_waiter(
         conn = loop.run_until_complete(core.getconn())
         _in_thread(lambda: asyncio.run(core.putconn(conn)))
         assert core.stats().idle == 1
-    finally:
-        loop.run_until_complete(shut(core))
-        loop.close()
 
 
 def test_a_pool_follows_its_loop_to_another_thread() -> None:
-    loop = asyncio.new_event_loop()
-    core, conn, waiter = _waiting_for_one(loop)
-    try:
+    with _waiting_for_one() as (loop, core, conn, waiter):
 
         async def give_back_and_wait() -> Any:
             await core.putconn(conn)  # the first return from this thread checks the loop
@@ -808,28 +812,55 @@ def test_a_pool_follows_its_loop_to_another_thread() -> None:
         assert core.loop_thread != threading.get_ident()
         _in_thread(lambda: loop.run_until_complete(core.putconn(conn)))
         assert core.stats().idle == 1
+
+
+def _on_another_loop(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``coro_fn()`` on a new event loop of this thread, then close that loop."""
+    other = asyncio.new_event_loop()
+    try:
+        return other.run_until_complete(coro_fn())
     finally:
-        loop.run_until_complete(shut(core))
-        loop.close()
+        other.close()
 
 
 def test_a_return_on_another_loop_of_the_pools_thread_wakes_the_waiter_on_the_pools() -> None:
     # In the pool's thread, another loop runs only while the pool's does not:
     # the waiter's future completes, and the waiter resumes when its loop runs.
-    loop = asyncio.new_event_loop()
-    core, conn, waiter = _waiting_for_one(loop)
-    try:
-        other = asyncio.new_event_loop()
-        try:
-            other.run_until_complete(core.putconn(conn))
-        finally:
-            other.close()
+    with _waiting_for_one() as (loop, core, conn, waiter):
+        _on_another_loop(lambda: core.putconn(conn))
         assert loop.run_until_complete(waiter) is conn
         loop.run_until_complete(core.putconn(conn))
         assert core.stats().idle == 1
-    finally:
-        loop.run_until_complete(shut(core))
-        loop.close()
+
+
+def test_a_wait_on_another_loop_of_the_pools_thread_raises_pool_error() -> None:
+    # The wait checks the thread, not the running loop: the other loop's task
+    # refuses the pool loop's future, and that becomes the PoolError.
+    with _waiting_for_one() as (loop, core, conn, waiter):
+        with pytest.raises(PoolError, match="was opened on event loop"):
+            _on_another_loop(lambda: core.getconn(timeout=1.0))
+        assert core.stats().waiting == 1  # only the waiter of the pool's loop
+        loop.run_until_complete(core.putconn(conn))
+        assert loop.run_until_complete(waiter) is conn
+        loop.run_until_complete(core.putconn(conn))
+        assert core.stats().idle == 1
+        assert core.stats().in_use == 0
+
+
+def test_a_wait_after_the_pools_loop_closed_raises_pool_error() -> None:
+    loop = asyncio.new_event_loop()
+    core = make_core(max_size=1)
+    loop.run_until_complete(core.open(wait=True, timeout=2.0))
+    conn = loop.run_until_complete(core.getconn())
+    loop.close()
+    assert conn is not None
+
+    async def wait() -> Any:
+        return await core.getconn(timeout=1.0)
+
+    with pytest.raises(PoolError, match="was opened on event loop"):
+        asyncio.run(wait())
+    assert core.stats().waiting == 0
 
 
 # -- stats ----------------------------------------------------------------------------------------
