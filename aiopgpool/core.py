@@ -293,10 +293,9 @@ class PoolCore(Generic[ConnT]):
         # Nothing kept: wait in line, on the pool's own loop only. Compared by
         # thread, as give_back does: get_running_loop() is a getpid() system
         # call on Python 3.10 and 3.11. Another loop of this thread is caught
-        # where its task refuses the pool loop's future (below); a closed pool
-        # loop here (which could not arm the deadline) means another loop too.
-        loop = self.loop
-        if get_ident() != self.loop_thread or loop is None or loop.is_closed():
+        # where it fails: the pool's loop closed (the deadline cannot be
+        # armed), or its task refuses the pool loop's future (below).
+        if get_ident() != self.loop_thread:
             self.check_loop()
         stats = self.counters
         start = monotonic()
@@ -305,8 +304,12 @@ class PoolCore(Generic[ConnT]):
             wait = self.timeout  # the usual case of wait_timeout(), inlined
         else:
             wait = wait_timeout(self, seconds)
+        try:
+            fut = self.queue.join(wait, start)
+        except RuntimeError:
+            self.check_loop()  # "Event loop is closed": PoolError, naming both loops
+            raise
         stats.requests_waited += 1
-        fut = self.queue.join(wait, start)
         try:
             slot = await fut
         except BaseException as exc:

@@ -225,10 +225,12 @@ class HandoffQueue(Generic[T]):
         return None
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        # The new timer first: if the loop refuses it (closed), nothing changed.
+        sweeper = loop.call_at(when, self._sweep, loop)
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._sweep_at = when
-        self._sweeper = loop.call_at(when, self._sweep, loop)
+        self._sweeper = sweeper
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Time out every waiter whose deadline passed; re-arm for the next deadline."""

@@ -35,10 +35,15 @@ from benchmarks.plan import PoolSpec, all_pools
 #: parent (its pure-Python modules; see aiopgpool.native): both forms in one run.
 PURE = "-pure"
 #: The subjects: the throughput command's async and sync pools (psycopg2's is left out:
-#: it is not in the comparison this command was made for).
+#: it is not in the comparison this command was made for; so are reference rows such as
+#: the FIFO floor, whose order matters only to queries, which these cycles do not run).
 SUBJECTS: dict[str, PoolSpec] = {}
 for _pool in all_pools():
-    if _pool.family in ("async", "sync") and _pool.name not in ("psycopg2", "aiopgpool-discard"):
+    if (
+        _pool.family in ("async", "sync")
+        and _pool.name not in ("psycopg2", "aiopgpool-discard")
+        and not _pool.is_reference
+    ):
         SUBJECTS[_pool.key] = _pool
         if _pool.name == "aiopgpool":
             SUBJECTS[_pool.key + PURE] = _pool
