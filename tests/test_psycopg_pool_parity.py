@@ -555,6 +555,34 @@ async def test_foreign_event_loop_raises_pool_error(dsn: str) -> None:
         assert pool.stats().in_use == 0
 
 
+def test_another_loop_of_the_pools_thread_raises_pool_error_where_it_would_wait(
+    dsn: str,
+) -> None:
+    """The same in one thread: the wait compares threads, and learns of the other loop
+    when that loop's task refuses the pool loop's future."""
+    loop = asyncio.new_event_loop()
+    manager = async_pool(AsyncConnectionPool, dsn, "loops-one-thread", max_size=1, timeout=2.0)
+    try:
+        pool = loop.run_until_complete(manager.__aenter__())
+        conn = loop.run_until_complete(pool.getconn())
+        other = asyncio.new_event_loop()
+        try:
+            with pytest.raises(PoolError, match="was opened on event loop"):
+                other.run_until_complete(pool.getconn(timeout=1.0))
+        finally:
+            other.close()
+        assert pool.stats().waiting == 0
+        # Nothing was lost: the connection goes back and out again on the pool's loop.
+        loop.run_until_complete(pool.putconn(conn))
+        again = loop.run_until_complete(pool.getconn())
+        assert again is conn and not again.closed
+        loop.run_until_complete(pool.putconn(again))
+        assert pool.stats().in_use == 0
+    finally:
+        loop.run_until_complete(manager.__aexit__(None, None, None))
+        loop.close()
+
+
 # -- wait() and putconn() arguments ---------------------------------------------------
 
 
