@@ -163,10 +163,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package."""
-    extras = ".[psycopg2,testing,opentelemetry,prometheus]"
-    session.install("-e", extras, "mypy", "types-psycopg2", env={"AIOPGPOOL_PURE_PYTHON": "1"})
+    """mypy --strict on the package and on the benchmarks."""
+    extras = ".[psycopg2,testing,opentelemetry,prometheus,bench]"
+    session.install(
+        "-e", extras, "mypy", "types-psycopg2", "types-tqdm", env={"AIOPGPOOL_PURE_PYTHON": "1"}
+    )
     session.run("mypy", "--strict", "aiopgpool")
+    session.run("mypy", "--strict", "benchmarks")
 
 
 @nox.session

@@ -29,7 +29,7 @@ from typing import Any
 from aiopgpool import AsyncConnectionPool, AsyncReplicatedPool
 from aiopgpool.testing import ReplicatedCluster
 
-KWARGS = {"autocommit": True}
+KWARGS: dict[str, Any] = {"autocommit": True}
 ROWS = 10_000
 
 
@@ -81,10 +81,16 @@ async def run(rounds: int, duration: float, tasks: int, pairs: int) -> dict[str,
             )
             conn.execute("VACUUM ANALYZE items")
         rc.wait_caught_up()
-        size = {"min_size": tasks, "max_size": tasks, "kwargs": KWARGS}
-        plain: AsyncConnectionPool = AsyncConnectionPool(rc.primary.dsn, name="plain", **size)
+        plain: AsyncConnectionPool = AsyncConnectionPool(
+            rc.primary.dsn, name="plain", min_size=tasks, max_size=tasks, kwargs=dict(KWARGS)
+        )
         replicated = AsyncReplicatedPool(
-            rc.primary.dsn, [n.dsn for n in rc.standbys], name="replicated", **size
+            rc.primary.dsn,
+            [n.dsn for n in rc.standbys],
+            name="replicated",
+            min_size=tasks,
+            max_size=tasks,
+            kwargs=dict(KWARGS),
         )
         await plain.open(wait=True)
         await replicated.open(wait=True)

@@ -110,7 +110,7 @@ def asyncpg_multihost_kwargs(conninfo: str) -> dict[str, Any]:
     if params.get("target_session_attrs"):
         out["target_session_attrs"] = params["target_session_attrs"]
     if params.get("connect_timeout"):
-        out["timeout"] = float(params["connect_timeout"])
+        out["timeout"] = float(str(params["connect_timeout"]))
     return out
 
 

@@ -152,7 +152,7 @@ async def _role_change(pool: str, s: Any, *, read_only: bool) -> dict[str, Any]:
         params = {"target_session_attrs": "read-write"}
         if s.connect_timeout:
             params["connect_timeout"] = str(s.connect_timeout)
-        conninfo = rc.conninfo(**params)
+        conninfo = rc.conninfo(None, **params)
         peer = PEERS[pool]()
         await peer.open(conninfo, s.pool_size, s.timeout)
         tally = Tally()

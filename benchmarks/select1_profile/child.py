@@ -114,7 +114,7 @@ class LoopCounter:
             c["socket_tests"] += 1
             return real_still_ready(slot, now)
 
-        aiopgpool.slot.Slot.still_ready = still_ready  # type: ignore[method-assign]
+        aiopgpool.slot.Slot.still_ready = still_ready  # type: ignore[method-assign,assignment]
 
         def gc_cb(phase: str, info: dict[str, Any]) -> None:
             if phase == "start":
@@ -162,7 +162,11 @@ def main(argv: list[str]) -> int:
         for ops in segments:
             seg: dict[str, Any] = {"ops": ops}
             if mode == "callgrind":
-                in_segment(lambda ops=ops: loop.run_until_complete(workload(adapter, tasks, ops)))
+
+                def measured(ops: int = ops) -> None:
+                    loop.run_until_complete(workload(adapter, tasks, ops))
+
+                in_segment(measured)
             elif mode == "cprofile":
                 prof = cProfile.Profile()
                 prof.enable()
