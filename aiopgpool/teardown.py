@@ -13,21 +13,32 @@ is never safe:
   socket next gets that number: another connection's queries could fail, or
   a thread could read another connection's bytes.
 
-So a connection in use is shut down rather than closed: its server sees the
-client go, and the call in progress fails at once with
-``psycopg.OperationalError``. Its descriptor is closed when that call has let
-go of the connection (psycopg holds ``conn.lock`` through every call).
+So a connection in use is shut down rather than closed: the call in progress
+fails at once with ``psycopg.OperationalError``. Its descriptor is closed when
+that call has let go of the connection (psycopg holds ``conn.lock`` through
+every call).
+
+A server running a query reads nothing from its client until the query ends,
+so a shut-down socket alone would leave the query running there (holding its
+locks) to its end. A connection with a query in progress is also sent a
+cancel request, from a short-lived thread: it travels on a connection of its
+own, made by libpq with blocking calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
+
+logger = logging.getLogger("aiopgpool")
 
 #: How long a thread waits for a sync connection's call to let go before it
 #: leaves the descriptor to the connection's own finalizer.
@@ -59,15 +70,57 @@ def _shut_down(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> 
         shut_down(conn.pgconn.socket)
 
 
+def _cancel_request(
+    conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+) -> Callable[[], None] | None:
+    """What sends (blocking) a cancel request for the query ``conn`` runs on its server;
+    None if it runs none.
+
+    Made before the socket is shut down: once the query in progress reads
+    the end of the stream, libpq drops the connection and with it what a
+    cancel request needs (the server's address and key). Never raises.
+    """
+    try:
+        pgconn = conn.pgconn
+        if pgconn.transaction_status != TransactionStatus.ACTIVE:
+            return None
+        if not psycopg.capabilities.has_cancel_safe():
+            return pgconn.get_cancel().cancel
+        cancel_conn = pgconn.cancel_conn()  # libpq >= 17: honours connect_timeout and TLS
+    except Exception:
+        return None
+
+    def send() -> None:
+        try:
+            cancel_conn.blocking()
+        finally:
+            cancel_conn.finish()
+
+    return send
+
+
+def _send_cancel(send: Callable[[], None]) -> None:
+    try:
+        send()
+    except Exception as exc:
+        logger.debug("could not cancel the query of a connection closed in use: %s", exc)
+
+
 def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Close ``conn`` now, or shut it down now and close it when its call ends.
+    """Close ``conn`` now, or shut it down now (cancelling its query on the server) and
+    close it when its call ends.
 
     Never blocks, never suspends, never raises.
     """
     if not conn.lock.locked():  # nobody can take it between this test and finish()
         _finish(conn)
         return
+    request = _cancel_request(conn)
     _shut_down(conn)
+    if request is not None:
+        threading.Thread(
+            target=_send_cancel, args=(request,), name="aiopgpool-cancel", daemon=True
+        ).start()
     try:
         task = asyncio.get_running_loop().create_task(_finish_when_free(conn))
     except RuntimeError:  # no loop any more: the connection's finalizer closes it
@@ -84,10 +137,12 @@ async def _finish_when_free(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 def close_blocking(conn: psycopg.Connection[Any]) -> None:
-    """Close a sync ``conn`` now, or shut it down now and close it when its call ends.
+    """Close a sync ``conn`` now, or shut it down now (cancelling its query on the server)
+    and close it when its call ends.
 
-    The call in progress runs in another thread: a short-lived thread waits
-    (up to :data:`LET_GO_TIMEOUT`) for it to let go. Never blocks, never raises.
+    The call in progress runs in another thread: a short-lived thread sends
+    the cancel request and waits (up to :data:`LET_GO_TIMEOUT`) for that call
+    to let go. Never blocks, never raises.
     """
     lock = conn.lock
     if lock.acquire(blocking=False):
@@ -96,13 +151,18 @@ def close_blocking(conn: psycopg.Connection[Any]) -> None:
         finally:
             lock.release()
         return
+    request = _cancel_request(conn)
     _shut_down(conn)
     threading.Thread(
-        target=_finish_when_released, args=(conn,), name="aiopgpool-close", daemon=True
+        target=_finish_when_released, args=(conn, request), name="aiopgpool-close", daemon=True
     ).start()
 
 
-def _finish_when_released(conn: psycopg.Connection[Any]) -> None:
+def _finish_when_released(
+    conn: psycopg.Connection[Any], request: Callable[[], None] | None
+) -> None:
+    if request is not None:
+        _send_cancel(request)
     if conn.lock.acquire(timeout=LET_GO_TIMEOUT):
         try:
             _finish(conn)

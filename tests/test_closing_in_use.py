@@ -2,7 +2,8 @@
 query in progress (aiopgpool.teardown).
 
 A borrowed connection running a query when its pool closes is shut down, so its query fails
-at once, and its descriptor is closed only once that query has let go. Closed under the query,
+at once, and its descriptor is closed only once that query has let go. The query is also
+cancelled on the server, which would otherwise run it to its end. Closed under the query,
 uvloop aborted the process (libuv's epoll flush calls abort() when a staged registration meets
 a closed descriptor), and asyncio or a thread would watch whatever socket next got its number.
 """
@@ -22,11 +23,13 @@ import pytest
 from helpers import eventually, eventually_blocking, unique_name
 
 import aiopgpool.psycopg2
+import aiopgpool.teardown
 from aiopgpool import AsyncConnectionPool, ConnectionPool
 from aiopgpool.psycopg2 import ThreadedConnectionPool
 
 SLEEP = "SELECT pg_sleep(5)"
-ACTIVE = psycopg.pq.TransactionStatus.ACTIVE
+# A query the server would run long after the test, unless it is cancelled.
+LONG_SLEEP = "SELECT pg_sleep(120)"
 # Each test's queries would take 5 s: ending well within that shows the close woke them.
 WOKEN_WITHIN = 4.0
 
@@ -50,31 +53,57 @@ def run_now(coro: Coroutine[Any, Any, None]) -> None:
         coro.send(None)
 
 
-async def busy(pool: AsyncConnectionPool, n: int) -> tuple[list[Any], list[asyncio.Task[Any]]]:
-    """``n`` borrowed connections, each running a 5 s query in its own task."""
+def running_long_sleep(dsn: str, application_name: str) -> int:
+    """How many backends with ``application_name`` are running :data:`LONG_SLEEP` already.
+
+    Closing before a backend has read its query would test nothing: a socket
+    closed with the query unread ends that backend at once.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND state = 'active' AND query = %s",
+            (application_name, LONG_SLEEP),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.fixture(params=["cancel_conn", "get_cancel"])
+def cancel_api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """libpq >= 17's cancel connection, or the older ``PQcancel`` (what an older libpq has)."""
+    if request.param == "get_cancel":
+        monkeypatch.setattr(psycopg.capabilities, "has_cancel_safe", lambda: False)
+    elif not psycopg.capabilities.has_cancel_safe():
+        pytest.skip("this libpq has no cancel connection (libpq < 17)")
+    return str(request.param)
+
+
+async def busy(
+    dsn: str, pool: AsyncConnectionPool, n: int
+) -> tuple[list[Any], list[asyncio.Task[Any]]]:
+    """``n`` borrowed connections, each running :data:`LONG_SLEEP` on the server, in its own
+    task."""
     conns = [await pool.getconn() for _ in range(n)]
 
     async def query(conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(SLEEP)
+        await conn.execute(LONG_SLEEP)
 
     tasks = [asyncio.create_task(query(conn)) for conn in conns]
-    # Every query sent, every task waiting on its socket:
-    active = await eventually(
-        lambda: all(conn.pgconn.transaction_status == ACTIVE for conn in conns), expect=True
-    )
-    assert active is True
-    await asyncio.sleep(0.05)
+    # Every query running on the server, every task waiting on its socket:
+    assert await eventually(running_long_sleep, dsn, pool.name, expect=n) == n
     return conns, tasks
 
 
 @pytest.mark.parametrize("how", ["close", "closeall"])
-async def test_closing_a_pool_shuts_down_queries_in_progress(
-    dsn: str, backends: Any, how: str
+async def test_closing_a_pool_shuts_down_and_cancels_queries_in_progress(
+    dsn: str, backends: Any, how: str, cancel_api: str
 ) -> None:
+    """Shut down, the client is gone, but a server running a query reads nothing until the
+    query ends: without a cancel request these backends would sleep on for two minutes."""
     name = unique_name(f"in-use-{how}")
     pool = AsyncConnectionPool(dsn, name=name, min_size=0, max_size=3, timeout=5)
     await pool.open()
-    conns, tasks = await busy(pool, 3)
+    conns, tasks = await busy(dsn, pool, 3)
     fds = [conn.pgconn.socket for conn in conns]
     if how == "close":
         await pool.close(timeout=0.1)
@@ -86,9 +115,9 @@ async def test_closing_a_pool_shuts_down_queries_in_progress(
     assert not any(finished(conn) for conn in conns)
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WOKEN_WITHIN)
     assert all(isinstance(r, psycopg.OperationalError) for r in results), results
-    # Closed once each query let go.
+    # Closed once each query let go; cancelled on the server.
     assert await eventually(lambda: all(finished(c) for c in conns), expect=True) is True
-    assert await eventually(backends, name, expect=0, timeout=10) == 0
+    assert await eventually(backends, name, expect=0, timeout=30) == 0
 
 
 async def test_a_close_between_a_wait_and_the_next_poll_does_not_abort(
@@ -131,33 +160,30 @@ async def test_a_close_between_a_wait_and_the_next_poll_does_not_abort(
     assert await eventually(lambda: finished(conn), expect=True) is True
 
 
-def test_closing_the_sync_pool_shuts_down_a_query_in_another_thread(
-    dsn: str, backends: Any
+def test_closing_the_sync_pool_shuts_down_and_cancels_a_query_in_another_thread(
+    dsn: str, backends: Any, cancel_api: str
 ) -> None:
     name = unique_name("in-use-sync")
     pool = ConnectionPool(dsn, name=name, min_size=0, max_size=1, timeout=5)
     pool.open()
     conn = pool.getconn()
     errors: list[BaseException] = []
-    started = threading.Event()
 
     def query() -> None:
-        started.set()
         try:
-            conn.execute(SLEEP)
+            conn.execute(LONG_SLEEP)
         except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=query)
     thread.start()
-    started.wait()
-    eventually_blocking(lambda: conn.pgconn.transaction_status, ACTIVE)
+    assert eventually_blocking(lambda: running_long_sleep(dsn, name), 1) == 1
     pool.close(timeout=0.1)
     thread.join(WOKEN_WITHIN)
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], psycopg.OperationalError), errors
     assert eventually_blocking(lambda: finished(conn), True) is True
-    assert eventually_blocking(lambda: backends(name), 0, timeout=10) == 0
+    assert eventually_blocking(lambda: backends(name), 0, timeout=30) == 0
 
 
 def test_the_sync_pool_closes_a_connection_only_once_its_call_lets_go(dsn: str) -> None:
@@ -230,3 +256,31 @@ def test_psycopg2_shuts_down_a_connection_closed_outside_idle(
     pool.closeall()
     assert conn.closed
     assert shut == ([fileno] if in_transaction else [])
+
+
+async def test_no_cancel_request_for_a_connection_in_use_but_not_in_a_query(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy (its lock held) but idle on the server: the shut-down socket ends its backend."""
+    sent: list[object] = []
+    monkeypatch.setattr(aiopgpool.teardown, "_send_cancel", sent.append)
+    pool = AsyncConnectionPool(dsn, name=unique_name("cancel-idle"), min_size=0, max_size=1)
+    await pool.open()
+    conn = await pool.getconn()
+    async with conn.lock:
+        await pool.closeall()
+        assert not finished(conn)
+    assert await eventually(lambda: finished(conn), expect=True) is True
+    assert sent == []
+
+
+def test_a_cancel_request_that_fails_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refused() -> None:
+        raise psycopg.OperationalError("connection to server refused")
+
+    with caplog.at_level("DEBUG", logger="aiopgpool"):
+        aiopgpool.teardown._send_cancel(refused)
+    assert "could not cancel the query" in caplog.text
+    assert "connection to server refused" in caplog.text
