@@ -26,7 +26,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 
 from .conninfo import ConnectTarget
 from .slot import Baseline, never_quiet
-from .teardown import close_async
+from .teardown import CANCEL_TIMEOUT, close_async
 
 __all__ = [
     "CANCEL_TIMEOUT",
@@ -90,9 +90,6 @@ def _endpoint(conn: psycopg.BaseConnection[Any]) -> tuple[str, str, str]:
 # ParameterStatus names a server reports when it stops being a writable primary.
 _IN_HOT_STANDBY = b"in_hot_standby"
 _READ_ONLY = b"default_transaction_read_only"
-# Seconds to wait for the server to take a cancel request for a query left
-# running on a returned connection.
-CANCEL_TIMEOUT = 5.0
 
 #: The attributes a return restores, in :data:`Baseline` order after the status.
 ATTRIBUTES = ("autocommit", "isolation_level", "read_only", "deferrable")

@@ -21,8 +21,8 @@ every call).
 A server running a query reads nothing from its client until the query ends,
 so a shut-down socket alone would leave the query running there (holding its
 locks) to its end. A connection with a query in progress is also sent a
-cancel request, from a short-lived thread: it travels on a connection of its
-own, made by libpq with blocking calls.
+cancel request (libpq >= 17), from a short-lived thread: it travels on a
+connection of its own.
 """
 
 from __future__ import annotations
@@ -30,15 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import threading
-from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 import psycopg
-from psycopg.pq import TransactionStatus
+from psycopg.pq import PollingStatus, TransactionStatus
+from psycopg.pq.abc import PGcancelConn
 
 logger = logging.getLogger("aiopgpool")
+
+#: Seconds to wait for the server to take a cancel request.
+CANCEL_TIMEOUT = 5.0
 
 #: How long a thread waits for a sync connection's call to let go before it
 #: leaves the descriptor to the connection's own finalizer.
@@ -72,36 +77,52 @@ def _shut_down(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> 
 
 def _cancel_request(
     conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
-) -> Callable[[], None] | None:
-    """What sends (blocking) a cancel request for the query ``conn`` runs on its server;
-    None if it runs none.
+) -> PGcancelConn | None:
+    """A cancel request for the query ``conn`` runs on its server, not sent yet; None if it
+    runs none, or if libpq is older than 17.
 
     Made before the socket is shut down: once the query in progress reads
     the end of the stream, libpq drops the connection and with it what a
-    cancel request needs (the server's address and key). Never raises.
+    cancel request needs (the server's address and key). libpq < 17 has only
+    ``PQcancel``, which psycopg calls holding the GIL, for as long as an
+    unreachable server takes (every thread of the process stops): no cancel
+    then. Never raises.
     """
+    if not psycopg.capabilities.has_cancel_safe():
+        return None
     try:
         pgconn = conn.pgconn
         if pgconn.transaction_status != TransactionStatus.ACTIVE:
             return None
-        if not psycopg.capabilities.has_cancel_safe():
-            return pgconn.get_cancel().cancel
-        cancel_conn = pgconn.cancel_conn()  # libpq >= 17: honours connect_timeout and TLS
+        return pgconn.cancel_conn()
     except Exception:
         return None
 
-    def send() -> None:
-        try:
-            cancel_conn.blocking()
-        finally:
-            cancel_conn.finish()
 
-    return send
+def _send_cancel(request: PGcancelConn) -> None:
+    """Send ``request``, waiting up to :data:`CANCEL_TIMEOUT`; never raises.
 
-
-def _send_cancel(send: Callable[[], None]) -> None:
+    libpq's non-blocking calls, waited on with ``poll()``: psycopg's
+    ``blocking()`` keeps the GIL while libpq waits.
+    """
     try:
-        send()
+        try:
+            deadline = monotonic() + CANCEL_TIMEOUT
+            request.start()
+            while (status := request.poll()) != PollingStatus.OK:
+                if status == PollingStatus.FAILED:
+                    raise psycopg.OperationalError(request.get_error_message())
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no answer within {CANCEL_TIMEOUT:g} s")
+                waiting = select.poll()
+                waiting.register(
+                    request.socket,
+                    select.POLLIN if status == PollingStatus.READING else select.POLLOUT,
+                )
+                waiting.poll(remaining * 1000)
+        finally:
+            request.finish()
     except Exception as exc:
         logger.debug("could not cancel the query of a connection closed in use: %s", exc)
 
@@ -158,9 +179,7 @@ def close_blocking(conn: psycopg.Connection[Any]) -> None:
     ).start()
 
 
-def _finish_when_released(
-    conn: psycopg.Connection[Any], request: Callable[[], None] | None
-) -> None:
+def _finish_when_released(conn: psycopg.Connection[Any], request: PGcancelConn | None) -> None:
     if request is not None:
         _send_cancel(request)
     if conn.lock.acquire(timeout=LET_GO_TIMEOUT):

@@ -11,6 +11,7 @@ a closed descriptor), and asyncio or a thread would watch whatever socket next g
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -21,11 +22,14 @@ import psycopg.waiting
 import psycopg2
 import pytest
 from helpers import eventually, eventually_blocking, unique_name
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import aiopgpool.psycopg2
 import aiopgpool.teardown
 from aiopgpool import AsyncConnectionPool, ConnectionPool
 from aiopgpool.psycopg2 import ThreadedConnectionPool
+from aiopgpool.testing import terminate_backends
+from aiopgpool.testing.proxy import TcpProxy
 
 SLEEP = "SELECT pg_sleep(5)"
 # A query the server would run long after the test, unless it is cancelled.
@@ -68,14 +72,11 @@ def running_long_sleep(dsn: str, application_name: str) -> int:
     return int(row[0]) if row else 0
 
 
-@pytest.fixture(params=["cancel_conn", "get_cancel"])
-def cancel_api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """libpq >= 17's cancel connection, or the older ``PQcancel`` (what an older libpq has)."""
-    if request.param == "get_cancel":
-        monkeypatch.setattr(psycopg.capabilities, "has_cancel_safe", lambda: False)
-    elif not psycopg.capabilities.has_cancel_safe():
-        pytest.skip("this libpq has no cancel connection (libpq < 17)")
-    return str(request.param)
+@pytest.fixture
+def cancel_conn() -> None:
+    """libpq >= 17's cancel connection, which the close's cancel request needs."""
+    if not psycopg.capabilities.has_cancel_safe():
+        pytest.skip("this libpq has no cancel connection (libpq < 17): no cancel request")
 
 
 async def busy(
@@ -96,7 +97,7 @@ async def busy(
 
 @pytest.mark.parametrize("how", ["close", "closeall"])
 async def test_closing_a_pool_shuts_down_and_cancels_queries_in_progress(
-    dsn: str, backends: Any, how: str, cancel_api: str
+    dsn: str, backends: Any, how: str, cancel_conn: None
 ) -> None:
     """Shut down, the client is gone, but a server running a query reads nothing until the
     query ends: without a cancel request these backends would sleep on for two minutes."""
@@ -161,7 +162,7 @@ async def test_a_close_between_a_wait_and_the_next_poll_does_not_abort(
 
 
 def test_closing_the_sync_pool_shuts_down_and_cancels_a_query_in_another_thread(
-    dsn: str, backends: Any, cancel_api: str
+    dsn: str, backends: Any, cancel_conn: None
 ) -> None:
     name = unique_name("in-use-sync")
     pool = ConnectionPool(dsn, name=name, min_size=0, max_size=1, timeout=5)
@@ -274,13 +275,53 @@ async def test_no_cancel_request_for_a_connection_in_use_but_not_in_a_query(
     assert sent == []
 
 
-def test_a_cancel_request_that_fails_is_logged_not_raised(
-    caplog: pytest.LogCaptureFixture,
+async def test_no_cancel_request_without_libpq_17(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refused() -> None:
-        raise psycopg.OperationalError("connection to server refused")
+    """libpq < 17 has only PQcancel, which psycopg calls holding the GIL for as long as an
+    unreachable server takes: the close sends no cancel request then."""
+    monkeypatch.setattr(psycopg.capabilities, "has_cancel_safe", lambda: False)
+    sent: list[object] = []
+    monkeypatch.setattr(aiopgpool.teardown, "_send_cancel", sent.append)
+    pool = AsyncConnectionPool(dsn, name=unique_name("cancel-old"), min_size=0, max_size=1)
+    await pool.open()
+    _, tasks = await busy(dsn, pool, 1)
+    await pool.closeall()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WOKEN_WITHIN)
+    assert isinstance(results[0], psycopg.OperationalError), results
+    assert sent == []
+    assert running_long_sleep(dsn, pool.name) == 1  # on the server, the query runs on
+    terminate_backends(dsn, pool.name)
 
-    with caplog.at_level("DEBUG", logger="aiopgpool"):
-        aiopgpool.teardown._send_cancel(refused)
-    assert "could not cancel the query" in caplog.text
-    assert "connection to server refused" in caplog.text
+
+async def test_a_cancel_request_to_an_unreachable_server_gives_up_and_stops_nothing(
+    dsn: str, cancel_conn: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The network to the server is cut while a query runs: the close's cancel request gets
+    no answer. It gives up after CANCEL_TIMEOUT and says so at DEBUG; meanwhile the rest of
+    the process runs on (psycopg's blocking cancel would hold the GIL all along)."""
+    monkeypatch.setattr(aiopgpool.teardown, "CANCEL_TIMEOUT", 1.0)
+    caplog.set_level(logging.DEBUG, logger="aiopgpool")
+    params = conninfo_to_dict(dsn)
+    with TcpProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432))) as cut:
+        # connect_timeout: a cancel request that blocks gives up too (after freezing the loop).
+        params.update(host="127.0.0.1", port=str(cut.port), connect_timeout="3")
+        pool = AsyncConnectionPool(
+            make_conninfo("", **params), name=unique_name("cancel-cut"), min_size=0, max_size=1
+        )
+        await pool.open()
+        conn = await pool.getconn()
+        task = asyncio.create_task(conn.execute(LONG_SLEEP))
+        assert await eventually(running_long_sleep, dsn, pool.name, expect=1) == 1
+        cut.blackhole()
+        await pool.closeall()
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(task, WOKEN_WITHIN)
+        ticks = 0
+        while "could not cancel the query" not in caplog.text and ticks < 200:
+            await asyncio.sleep(0.05)  # the loop turns while the request waits
+            ticks += 1
+        assert "could not cancel the query" in caplog.text
+        assert ticks >= 10, "the loop stood still while the cancel request waited"
+        cut.forward()
+        terminate_backends(dsn, pool.name)
