@@ -17,7 +17,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from time import monotonic
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -25,6 +24,7 @@ import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
 from .conninfo import ConnectTarget
+from .pooler import through_pooler_async
 from .slot import Baseline, never_quiet
 from .teardown import CANCEL_TIMEOUT, close_async
 
@@ -65,26 +65,6 @@ def role_words(row: Any) -> str | None:
     if row and row[1] == "on":
         return "transaction_read_only=on"
     return None
-
-
-# Asked of every new connection: is there a pooler between us and the server? Never
-# prepared (prepare=False): behind a transaction-mode pooler, a caller's prepare_threshold=0
-# would prepare it on one server connection and fail the next connect on that name.
-BACKEND_PID_QUERY = "SELECT pg_backend_pid()"
-#: Seconds for which an endpoint's answer to "is a pooler in between?" serves new connections.
-POOLER_ANSWER_TTL = 60.0
-# (host, address, port) -> (a pooler is in between, answer valid until: time.monotonic()).
-_pooler_answers: dict[tuple[str, str, str], tuple[bool, float]] = {}
-
-
-def _endpoint(conn: psycopg.BaseConnection[Any]) -> tuple[str, str, str]:
-    """Where ``conn`` went: host, address (when libpq knows it) and port, as libpq says."""
-    pgconn = conn.pgconn
-    try:
-        address = pgconn.hostaddr.decode()
-    except psycopg.NotSupportedError:  # libpq < 12
-        address = ""
-    return pgconn.host.decode(), address, pgconn.port.decode()
 
 
 # ParameterStatus names a server reports when it stops being a writable primary.
@@ -402,44 +382,17 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
     #: Set on every connection as its ``_pool`` (see :class:`PoolLink`).
     link: PoolLink | None = None
 
-    #: A connection of this pool reached its server through a pooler (see :meth:`through_pooler`).
+    #: A connection of this pool reached its server through a pooler (see :mod:`.pooler`).
     pooler_seen = False
 
-    def pooler_check_due(self, conn: PgConnT, kwargs: dict[str, Any]) -> bool:
-        """True when ``conn``'s server must be asked whether a pooler stands in between.
+    def adapt_to_pooler(self, conn: PgConnT, kwargs: dict[str, Any]) -> None:
+        """``conn`` reached its server through a pooler (PgBouncer).
 
-        Not when a connection to the same endpoint (host, address, port)
-        asked in the last :data:`POOLER_ANSWER_TTL` seconds, in any pool of
-        this process: that answer is applied to ``conn`` instead, which saves
-        every other new connection a round trip (a cold burst of 200 requests
-        on 10 new connections was 9 % slower with the question on each).
+        Behind a pooler in transaction mode, statements psycopg prepares on
+        one server connection are missing on the next, so automatic preparing
+        is turned off (unless ``kwargs`` set ``prepare_threshold``: for
+        PgBouncer >= 1.21 with ``max_prepared_statements``).
         """
-        key = _endpoint(conn)
-        known = _pooler_answers.get(key)
-        if known is None or known[1] < monotonic():
-            return True
-        if known[0]:
-            self._adapt_to_pooler(conn, kwargs)
-        return False
-
-    def through_pooler(self, conn: PgConnT, backend_pid: int, kwargs: dict[str, Any]) -> None:
-        """Adapt ``conn`` when a pooler (PgBouncer) stands between it and the server.
-
-        ``backend_pid`` is ``pg_backend_pid()`` as the server answered it: a
-        pooler gives its clients a key of its own, so the pid libpq got at
-        startup differs. Behind a pooler in transaction mode, statements
-        psycopg prepares on one server connection are missing on the next, so
-        automatic preparing is turned off (unless ``kwargs`` set
-        ``prepare_threshold``: for PgBouncer >= 1.21 with
-        ``max_prepared_statements``). The answer is remembered for the endpoint
-        (see :meth:`pooler_check_due`).
-        """
-        through = backend_pid != conn.pgconn.backend_pid
-        _pooler_answers[_endpoint(conn)] = (through, monotonic() + POOLER_ANSWER_TTL)
-        if through:
-            self._adapt_to_pooler(conn, kwargs)
-
-    def _adapt_to_pooler(self, conn: PgConnT, kwargs: dict[str, Any]) -> None:
         if "prepare_threshold" not in kwargs:
             conn.prepare_threshold = None
         if not self.pooler_seen:
@@ -530,12 +483,8 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         conninfo, kwargs = await self._target.resolve_async()
         conn = await connect_async(self._connection_class, conninfo, kwargs)
         try:
-            if self.pooler_check_due(conn, kwargs):
-                autocommit = conn.autocommit
-                await conn.set_autocommit(True)
-                cur = await conn.execute(BACKEND_PID_QUERY, prepare=False)
-                self.through_pooler(conn, (await cur.fetchone() or (0,))[0], kwargs)
-                await conn.set_autocommit(autocommit)
+            if await through_pooler_async(conn):
+                self.adapt_to_pooler(conn, kwargs)
             if self._configure is not None:
                 await self._configure(conn)
                 if conn.pgconn.transaction_status != IDLE:

@@ -22,7 +22,6 @@ import psycopg
 
 from .conninfo import ConnectTarget
 from .lifecycle import (
-    BACKEND_PID_QUERY,
     CANCEL_TIMEOUT,
     IDLE,
     INTRANS,
@@ -36,6 +35,7 @@ from .lifecycle import (
     state_reader,
     what_to_restore,
 )
+from .pooler import through_pooler_blocking
 from .slot import Baseline
 from .teardown import close_blocking
 
@@ -195,12 +195,8 @@ class SyncLifecycle(
         conninfo, kwargs = self._target.resolve()
         conn = self._connection_class.connect(conninfo, **kwargs)
         try:
-            if self.pooler_check_due(conn, kwargs):
-                autocommit = conn.autocommit
-                conn.autocommit = True
-                row = conn.execute(BACKEND_PID_QUERY, prepare=False).fetchone()
-                self.through_pooler(conn, (row or (0,))[0], kwargs)
-                conn.autocommit = autocommit
+            if through_pooler_blocking(conn):
+                self.adapt_to_pooler(conn, kwargs)
             if self._configure is not None:
                 self._configure(conn)
                 if conn.pgconn.transaction_status != IDLE:

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import psycopg
 
 from aiopgpool import AsyncConnectionPool
+from aiopgpool.pooler import BACKEND_PID_QUERY
 
 _seq = itertools.count(1)
 
@@ -111,3 +113,27 @@ async def finish(task: asyncio.Task[Any], timeout: float = 5.0) -> None:
     """Wait (bounded) for a task to end, whatever its outcome."""
     done, _ = await asyncio.wait({task}, timeout=timeout)
     assert task in done, "task did not finish in time"
+
+
+class PoolerQuestionsAsync(psycopg.AsyncConnection):  # type: ignore[type-arg]
+    """Counts the pool's pooler question (``asked``), over every connection of this class."""
+
+    asked = 0
+
+    async def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        if query == BACKEND_PID_QUERY:
+            type(self).asked += 1
+        return await super().execute(query, *args, **kwargs)
+
+
+class PoolerQuestionsSync(psycopg.Connection):  # type: ignore[type-arg]
+    """:class:`PoolerQuestionsAsync` for sync connections (counted from several threads)."""
+
+    asked = 0
+    _lock = threading.Lock()
+
+    def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        if query == BACKEND_PID_QUERY:
+            with self._lock:
+                type(self).asked += 1
+        return super().execute(query, *args, **kwargs)

@@ -15,10 +15,9 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from helpers import unique_name
+from helpers import PoolerQuestionsAsync, unique_name
 
-from aiopgpool import AsyncConnectionPool, ConnectionPool, lifecycle
-from aiopgpool.lifecycle import BACKEND_PID_QUERY
+from aiopgpool import AsyncConnectionPool, ConnectionPool, pooler
 from aiopgpool.testing import PgBouncer, PostgresServer
 
 MakeBouncer = Callable[..., PgBouncer]  # the pgbouncer fixture (see conftest)
@@ -195,6 +194,13 @@ async def test_role_tracking_works_through_a_session_mode_bouncer(
     name = unique_name(f"bouncer-role-{mode}")
     pool = AsyncConnectionPool(conninfo, name=name, min_size=2, max_size=2)
     await pool.open(wait=True, timeout=10.0)
+    # PgBouncer gives a client a server connection at its first query, and passes on the
+    # server's reports from then on: one of the two has made none (it took the other's answer
+    # to the pooler question).
+    conns = [await pool.getconn(5.0) for _ in range(2)]
+    for conn in conns:
+        await conn.execute("SELECT 1")
+        await pool.putconn(conn)
     admin = psycopg.connect(
         own_server.dsn, autocommit=True, options="-c default_transaction_read_only=off"
     )
@@ -220,35 +226,24 @@ async def test_role_tracking_works_through_a_session_mode_bouncer(
         await pool.close(timeout=2.0)
 
 
-class _Counting(psycopg.AsyncConnection):  # type: ignore[type-arg]
-    """Counts the pool's pooler question, over every connection of this class."""
-
-    asked = 0
-
-    async def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def,override]
-        if query == BACKEND_PID_QUERY:
-            type(self).asked += 1
-        return await super().execute(query, *args, **kwargs)
-
-
 @pytest.mark.parametrize("through", ["bouncer", "direct"])
 async def test_the_pooler_answer_serves_every_new_connection_to_the_same_endpoint(
     pgbouncer: MakeBouncer, dsn: str, through: str
 ) -> None:
     """One connection asks ``pg_backend_pid()``; later ones to the same endpoint, in any
     pool of the process, reuse its answer (prepared statements off behind a pooler, on
-    otherwise) instead of a round trip each, until it is POOLER_ANSWER_TTL old."""
+    otherwise) instead of a round trip each, until it is ANSWER_TTL old."""
     target = pgbouncer("transaction").dsn if through == "bouncer" else dsn
-    lifecycle._pooler_answers.clear()
-    _Counting.asked = 0
+    pooler._answers.clear()
+    PoolerQuestionsAsync.asked = 0
     first = AsyncConnectionPool(
-        target, name=unique_name("pooler-first"), min_size=1, connection_class=_Counting
+        target, name=unique_name("pooler-first"), min_size=1, connection_class=PoolerQuestionsAsync
     )
     async with first:
         await first.wait(10.0)
-    assert _Counting.asked == 1
+    assert PoolerQuestionsAsync.asked == 1
     second = AsyncConnectionPool(
-        target, name=unique_name("pooler-second"), min_size=3, connection_class=_Counting
+        target, name=unique_name("pooler-second"), min_size=3, connection_class=PoolerQuestionsAsync
     )
     async with second:
         await second.wait(10.0)
@@ -257,12 +252,12 @@ async def test_the_pooler_answer_serves_every_new_connection_to_the_same_endpoin
         assert [c.prepare_threshold for c in conns] == [expected] * 3
         for conn in conns:
             await second.putconn(conn)
-    assert _Counting.asked == 1, "a connection to a known endpoint asked again"
+    assert PoolerQuestionsAsync.asked == 1, "a connection to a known endpoint asked again"
     # An answer past its time is asked again.
-    for key, (answer, _) in list(lifecycle._pooler_answers.items()):
-        lifecycle._pooler_answers[key] = (answer, time.monotonic() - 1)
+    for key, (answer, _) in list(pooler._answers.items()):
+        pooler._answers[key] = (answer, time.monotonic() - 1)
     async with AsyncConnectionPool(
-        target, name=unique_name("pooler-third"), min_size=1, connection_class=_Counting
+        target, name=unique_name("pooler-third"), min_size=1, connection_class=PoolerQuestionsAsync
     ) as third:
         await third.wait(10.0)
-    assert _Counting.asked == 2
+    assert PoolerQuestionsAsync.asked == 2
