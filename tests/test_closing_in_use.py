@@ -22,13 +22,13 @@ import psycopg.waiting
 import psycopg2
 import pytest
 from helpers import eventually, eventually_blocking, unique_name
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 import aiopgpool.psycopg2
 import aiopgpool.teardown
 from aiopgpool import AsyncConnectionPool, ConnectionPool
 from aiopgpool.psycopg2 import ThreadedConnectionPool
-from aiopgpool.testing import terminate_backends
+from aiopgpool.testing import PostgresServer, terminate_backends
 from aiopgpool.testing.proxy import TcpProxy
 
 SLEEP = "SELECT pg_sleep(5)"
@@ -295,24 +295,27 @@ async def test_no_cancel_request_without_libpq_17(
 
 
 async def test_a_cancel_request_to_an_unreachable_server_gives_up_and_stops_nothing(
-    dsn: str, cancel_conn: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    own_server: PostgresServer,
+    cancel_conn: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The network to the server is cut while a query runs: the close's cancel request gets
     no answer. It gives up after CANCEL_TIMEOUT and says so at DEBUG; meanwhile the rest of
-    the process runs on (psycopg's blocking cancel would hold the GIL all along)."""
+    the process runs on (psycopg's blocking cancel would hold the GIL all along). A server of
+    its own, on loopback, behind a proxy that cuts it off."""
     monkeypatch.setattr(aiopgpool.teardown, "CANCEL_TIMEOUT", 1.0)
     caplog.set_level(logging.DEBUG, logger="aiopgpool")
-    params = conninfo_to_dict(dsn)
-    with TcpProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432))) as cut:
+    with TcpProxy(own_server.host, own_server.port) as cut:
         # connect_timeout: a cancel request that blocks gives up too (after freezing the loop).
-        params.update(host="127.0.0.1", port=str(cut.port), connect_timeout="3")
-        pool = AsyncConnectionPool(
-            make_conninfo("", **params), name=unique_name("cancel-cut"), min_size=0, max_size=1
+        conninfo = make_conninfo(
+            own_server.dsn, host="127.0.0.1", port=str(cut.port), connect_timeout="3"
         )
+        pool = AsyncConnectionPool(conninfo, name=unique_name("cancel-cut"), min_size=0, max_size=1)
         await pool.open()
         conn = await pool.getconn()
         task = asyncio.create_task(conn.execute(LONG_SLEEP))
-        assert await eventually(running_long_sleep, dsn, pool.name, expect=1) == 1
+        assert await eventually(running_long_sleep, own_server.dsn, pool.name, expect=1) == 1
         cut.blackhole()
         await pool.closeall()
         with pytest.raises(psycopg.OperationalError):
@@ -324,4 +327,3 @@ async def test_a_cancel_request_to_an_unreachable_server_gives_up_and_stops_noth
         assert "could not cancel the query" in caplog.text
         assert ticks >= 10, "the loop stood still while the cancel request waited"
         cut.forward()
-        terminate_backends(dsn, pool.name)
