@@ -70,9 +70,15 @@ def _finish(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> Non
         conn.pgconn.finish()
 
 
-def _shut_down(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> None:
+def _shut_down(
+    conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+) -> PGcancelConn | None:
+    """Shut ``conn``'s socket down; return the cancel request for its query in progress,
+    made first (see :func:`_cancel_request`), for the caller to send."""
+    request = _cancel_request(conn)
     with contextlib.suppress(Exception):  # already closed: no socket any more
         shut_down(conn.pgconn.socket)
+    return request
 
 
 def _cancel_request(
@@ -136,8 +142,7 @@ def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
     if not conn.lock.locked():  # nobody can take it between this test and finish()
         _finish(conn)
         return
-    request = _cancel_request(conn)
-    _shut_down(conn)
+    request = _shut_down(conn)
     if request is not None:
         threading.Thread(
             target=_send_cancel, args=(request,), name="aiopgpool-cancel", daemon=True
@@ -172,8 +177,7 @@ def close_blocking(conn: psycopg.Connection[Any]) -> None:
         finally:
             lock.release()
         return
-    request = _cancel_request(conn)
-    _shut_down(conn)
+    request = _shut_down(conn)
     threading.Thread(
         target=_finish_when_released, args=(conn, request), name="aiopgpool-close", daemon=True
     ).start()
