@@ -2,8 +2,8 @@
 
 A pooler gives its clients a backend key of its own, so the pid libpq got at
 startup differs from ``pg_backend_pid()`` as the server answers it. Asking
-costs a round trip before a new connection's first use (a cold burst of 200
-requests on 10 new connections was 9 % slower with the question on each), so:
+costs a round trip before a new connection's first use (README: "The cold
+burst and the pooler question" says what that measured), so:
 
 - the answer for an endpoint (host, address and port, as libpq reports them)
   serves every new connection to it, in any pool of this process, for
