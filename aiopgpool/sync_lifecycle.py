@@ -37,7 +37,7 @@ from .lifecycle import (
 )
 from .pooler import through_pooler_blocking
 from .slot import Baseline
-from .teardown import close_blocking
+from .teardown import cancel_stops_nothing, close_blocking
 
 __all__ = [
     "BlockingLifecycle",
@@ -209,8 +209,9 @@ class SyncLifecycle(
     def clean_blocking(self, conn: psycopg.Connection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn
         todo = what_to_restore(pgconn.status != OK, self.state_of(conn), baseline)
-        if todo.cancel:
-            # A query still runs (another thread uses it): stop it, then discard.
+        if todo.cancel and cancel_stops_nothing():
+            # A query still runs (another thread uses it): stop it, then discard
+            # (else the discard's close shuts the socket down under it).
             conn.cancel_safe(timeout=CANCEL_TIMEOUT)
             # Let that thread take its QueryCanceled and let go of the connection
             # (psycopg holds conn.lock while it runs a query) before the caller

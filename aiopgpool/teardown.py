@@ -21,8 +21,9 @@ every call).
 A server running a query reads nothing from its client until the query ends,
 so a shut-down socket alone would leave the query running there (holding its
 locks) to its end. A connection with a query in progress is also sent a
-cancel request (libpq >= 17), from a short-lived thread: it travels on a
-connection of its own.
+cancel request, from a short-lived thread: it travels on a connection of its
+own. Not with psycopg's C implementation on libpq < 17 (see
+:func:`cancel_stops_nothing`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ import logging
 import select
 import socket
 import threading
+from collections.abc import Callable
+from functools import partial
 from time import monotonic
 from typing import Any
 
 import psycopg
 from psycopg.pq import PollingStatus, TransactionStatus
-from psycopg.pq.abc import PGcancelConn
+from psycopg.pq.abc import PGcancel, PGcancelConn
 
 logger = logging.getLogger("aiopgpool")
 
@@ -70,9 +73,21 @@ def _finish(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> Non
         conn.pgconn.finish()
 
 
+def cancel_stops_nothing() -> bool:
+    """True if a cancel request can wait on the network without stopping the process.
+
+    libpq >= 17 has a cancel connection that can be waited on without the
+    GIL. Older ones have only ``PQcancel``, which blocks until the server
+    answers: psycopg's C implementation calls it holding the GIL, so an
+    unreachable server stops every thread of the process until TCP gives up.
+    Its Python implementation calls it through ctypes, which lets the GIL go.
+    """
+    return psycopg.capabilities.has_cancel_safe() or psycopg.pq.__impl__ == "python"
+
+
 def _shut_down(
     conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
-) -> PGcancelConn | None:
+) -> Callable[[], None] | None:
     """Shut ``conn``'s socket down; return the cancel request for its query in progress,
     made first (see :func:`_cancel_request`), for the caller to send."""
     request = _cancel_request(conn)
@@ -83,24 +98,24 @@ def _shut_down(
 
 def _cancel_request(
     conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
-) -> PGcancelConn | None:
-    """A cancel request for the query ``conn`` runs on its server, not sent yet; None if it
-    runs none, or if libpq is older than 17.
+) -> Callable[[], None] | None:
+    """What sends a cancel request for the query ``conn`` runs on its server (it never
+    raises); None if it runs none, or if sending one could stop the process (see
+    :func:`cancel_stops_nothing`).
 
     Made before the socket is shut down: once the query in progress reads
     the end of the stream, libpq drops the connection and with it what a
-    cancel request needs (the server's address and key). libpq < 17 has only
-    ``PQcancel``, which psycopg calls holding the GIL, for as long as an
-    unreachable server takes (every thread of the process stops): no cancel
-    then. Never raises.
+    cancel request needs (the server's address and key). Never raises.
     """
-    if not psycopg.capabilities.has_cancel_safe():
+    if not cancel_stops_nothing():
         return None
     try:
         pgconn = conn.pgconn
         if pgconn.transaction_status != TransactionStatus.ACTIVE:
             return None
-        return pgconn.cancel_conn()
+        if psycopg.capabilities.has_cancel_safe():
+            return partial(_send_cancel, pgconn.cancel_conn())
+        return partial(_send_old_cancel, pgconn.get_cancel())
     except Exception:
         return None
 
@@ -130,7 +145,19 @@ def _send_cancel(request: PGcancelConn) -> None:
         finally:
             request.finish()
     except Exception as exc:
-        logger.debug("could not cancel the query of a connection closed in use: %s", exc)
+        _could_not_cancel(exc)
+
+
+def _send_old_cancel(request: PGcancel) -> None:
+    """Send ``request`` with libpq < 17's ``PQcancel`` (no timeout but TCP's); never raises."""
+    try:
+        request.cancel()
+    except Exception as exc:
+        _could_not_cancel(exc)
+
+
+def _could_not_cancel(exc: Exception) -> None:
+    logger.debug("could not cancel the query of a connection closed in use: %s", exc)
 
 
 def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -144,9 +171,7 @@ def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
         return
     request = _shut_down(conn)
     if request is not None:
-        threading.Thread(
-            target=_send_cancel, args=(request,), name="aiopgpool-cancel", daemon=True
-        ).start()
+        threading.Thread(target=request, name="aiopgpool-cancel", daemon=True).start()
     try:
         task = asyncio.get_running_loop().create_task(_finish_when_free(conn))
     except RuntimeError:  # no loop any more: the connection's finalizer closes it
@@ -183,9 +208,11 @@ def close_blocking(conn: psycopg.Connection[Any]) -> None:
     ).start()
 
 
-def _finish_when_released(conn: psycopg.Connection[Any], request: PGcancelConn | None) -> None:
+def _finish_when_released(
+    conn: psycopg.Connection[Any], request: Callable[[], None] | None
+) -> None:
     if request is not None:
-        _send_cancel(request)
+        request()
     if conn.lock.acquire(timeout=LET_GO_TIMEOUT):
         try:
             _finish(conn)

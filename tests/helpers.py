@@ -137,3 +137,22 @@ class PoolerQuestionsSync(psycopg.Connection):  # type: ignore[type-arg]
             with self._lock:
                 type(self).asked += 1
         return super().execute(query, *args, **kwargs)
+
+
+# A query the server would run long after the test, unless it is cancelled.
+LONG_SLEEP = "SELECT pg_sleep(120)"
+
+
+def running_long_sleep(dsn: str, application_name: str) -> int:
+    """How many backends with ``application_name`` are running :data:`LONG_SLEEP` already.
+
+    Closing before a backend has read its query would test nothing: a socket
+    closed with the query unread ends that backend at once.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND state = 'active' AND query = %s",
+            (application_name, LONG_SLEEP),
+        ).fetchone()
+    return int(row[0]) if row else 0

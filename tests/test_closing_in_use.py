@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import psycopg.waiting
 import psycopg2
 import pytest
-from helpers import eventually, eventually_blocking, unique_name
+from helpers import LONG_SLEEP, eventually, eventually_blocking, running_long_sleep, unique_name
 from psycopg.conninfo import make_conninfo
 
 import aiopgpool.psycopg2
@@ -32,8 +35,6 @@ from aiopgpool.testing import PostgresServer, terminate_backends
 from aiopgpool.testing.proxy import TcpProxy
 
 SLEEP = "SELECT pg_sleep(5)"
-# A query the server would run long after the test, unless it is cancelled.
-LONG_SLEEP = "SELECT pg_sleep(120)"
 # Each test's queries would take 5 s: ending well within that shows the close woke them.
 WOKEN_WITHIN = 4.0
 
@@ -55,21 +56,6 @@ def run_now(coro: Coroutine[Any, Any, None]) -> None:
     """Run a coroutine that never suspends to its end, synchronously."""
     with pytest.raises(StopIteration):
         coro.send(None)
-
-
-def running_long_sleep(dsn: str, application_name: str) -> int:
-    """How many backends with ``application_name`` are running :data:`LONG_SLEEP` already.
-
-    Closing before a backend has read its query would test nothing: a socket
-    closed with the query unread ends that backend at once.
-    """
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE application_name = %s AND state = 'active' AND query = %s",
-            (application_name, LONG_SLEEP),
-        ).fetchone()
-    return int(row[0]) if row else 0
 
 
 @pytest.fixture
@@ -275,23 +261,106 @@ async def test_no_cancel_request_for_a_connection_in_use_but_not_in_a_query(
     assert sent == []
 
 
-async def test_no_cancel_request_without_libpq_17(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """libpq < 17 has only PQcancel, which psycopg calls holding the GIL for as long as an
-    unreachable server takes: the close sends no cancel request then."""
+@pytest.fixture
+def gil_holding_cancel(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """psycopg's C implementation on libpq < 17, whose only cancel (``PQcancel``) holds the
+    GIL for as long as an unreachable server takes; returns the cancels tried (none, it is
+    hoped), by the close or by the pool's return."""
     monkeypatch.setattr(psycopg.capabilities, "has_cancel_safe", lambda: False)
-    sent: list[object] = []
-    monkeypatch.setattr(aiopgpool.teardown, "_send_cancel", sent.append)
-    pool = AsyncConnectionPool(dsn, name=unique_name("cancel-old"), min_size=0, max_size=1)
+    monkeypatch.setattr(psycopg.pq, "__impl__", "c")
+    tried: list[object] = []
+    monkeypatch.setattr(aiopgpool.teardown, "_send_cancel", tried.append)
+    monkeypatch.setattr(aiopgpool.teardown, "_send_old_cancel", tried.append)
+
+    def cancel_safe(conn: object, timeout: float = 0.0) -> None:
+        tried.append(conn)
+
+    async def cancel_safe_async(conn: object, timeout: float = 0.0) -> None:
+        tried.append(conn)
+
+    monkeypatch.setattr(psycopg.Connection, "cancel_safe", cancel_safe)
+    monkeypatch.setattr(psycopg.AsyncConnection, "cancel_safe", cancel_safe_async)
+    return tried
+
+
+@pytest.mark.parametrize("how", ["closeall", "putconn"])
+async def test_no_cancel_where_it_could_stop_the_process(
+    dsn: str, gil_holding_cancel: list[object], how: str
+) -> None:
+    """Closed, or handed back, mid-query: no cancel where only a GIL-holding one exists. The
+    socket is shut down under the query, whose caller fails at once; the server runs the
+    query on."""
+    pool = AsyncConnectionPool(dsn, name=unique_name(f"cancel-old-{how}"), min_size=0, max_size=1)
     await pool.open()
-    _, tasks = await busy(dsn, pool, 1)
-    await pool.closeall()
-    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WOKEN_WITHIN)
-    assert isinstance(results[0], psycopg.OperationalError), results
-    assert sent == []
-    assert running_long_sleep(dsn, pool.name) == 1  # on the server, the query runs on
-    terminate_backends(dsn, pool.name)
+    try:
+        conns, tasks = await busy(dsn, pool, 1)
+        if how == "closeall":
+            await pool.closeall()
+        else:
+            await pool.putconn(conns[0])
+        results = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), WOKEN_WITHIN
+        )
+        assert isinstance(results[0], psycopg.OperationalError), results
+        assert gil_holding_cancel == []
+        assert running_long_sleep(dsn, pool.name) == 1  # on the server, the query runs on
+    finally:
+        terminate_backends(dsn, pool.name)
+        await pool.close()
+
+
+def test_no_cancel_where_it_could_stop_the_process_sync(
+    dsn: str, gil_holding_cancel: list[object]
+) -> None:
+    """The sync pool, handed back a connection mid-query (in another thread): no cancel
+    where only a GIL-holding one exists; that thread's query fails at once."""
+    name = unique_name("cancel-old-sync")
+    errors: list[BaseException] = []
+    with ConnectionPool(dsn, name=name, min_size=0, max_size=1) as pool:
+        try:
+            conn = pool.getconn()
+
+            def query() -> None:
+                try:
+                    conn.execute(LONG_SLEEP)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            thread = threading.Thread(target=query, daemon=True)
+            thread.start()
+            assert eventually_blocking(lambda: running_long_sleep(dsn, name), 1) == 1
+            pool.putconn(conn)
+            thread.join(WOKEN_WITHIN)
+            assert not thread.is_alive()
+            assert len(errors) == 1 and isinstance(errors[0], psycopg.OperationalError), errors
+            assert gil_holding_cancel == []
+            assert running_long_sleep(dsn, name) == 1
+        finally:
+            terminate_backends(dsn, name)
+
+
+@pytest.mark.parametrize("how", ["close", "return"])
+@pytest.mark.parametrize("family", ["async", "sync"])
+def test_the_python_implementation_cancels_on_libpq_older_than_17(
+    dsn: str, tmp_path: Path, family: str, how: str
+) -> None:
+    """psycopg's Python implementation calls PQcancel through ctypes, which lets the GIL go:
+    on libpq < 17 (the system's, where it is older) a query on a connection closed or handed
+    back in use is still cancelled. In a process of its own: the implementation is chosen at
+    import."""
+    script = Path(__file__).with_name("cancel_on_old_libpq.py")
+    env = {**os.environ, "PSYCOPG_IMPL": "python"}
+    done = subprocess.run(
+        [sys.executable, str(script), dsn, family, how],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode == 2:
+        pytest.skip("no libpq older than 17 for psycopg's Python implementation here")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 async def test_a_cancel_request_to_an_unreachable_server_gives_up_and_stops_nothing(
