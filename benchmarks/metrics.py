@@ -54,6 +54,16 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[max(0, min(len(sorted_values) - 1, rank))]
 
 
+def combined(parts: Sequence[Measurement]) -> Measurement:
+    """Several runs of one workload as one: their workers side by side, their times summed."""
+    return Measurement(
+        per_worker=[n for m in parts for n in m.per_worker],
+        latencies=[x for m in parts for x in m.latencies],
+        elapsed=sum(m.elapsed for m in parts),
+        cpu=sum(m.cpu for m in parts),
+    )
+
+
 def summarize(m: Measurement, round_no: int, *, with_evenness: bool = True) -> Sample:
     """Reduce a :class:`Measurement` to a :class:`Sample`."""
     ops = sum(m.per_worker)

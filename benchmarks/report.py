@@ -173,7 +173,8 @@ def _footers(plan: Plan) -> list[str]:
         "x floor: median over rounds of (pool ops/s / same-family floor ops/s in the same round).",
         "p50/p99: per op, from asking for a connection to having given it back (median over"
         " rounds);",
-        "  cold_burst: ops/s = tasks / time to serve them all, latency = each task's wait + query.",
+        "  cold_burst: ops/s = requests / time to serve them all, over the round's bursts (each"
+        " on a fresh pool); latency = each request's wait + query.",
         "even: min/mean ops completed per worker (1.00 = even, near 0 = a worker starved).",
         "cpu/op: this process's CPU time per op, all threads (not the server's): the pool's"
         " cost, little affected by other load on the machine.",

@@ -10,7 +10,12 @@ leaves behind in the shared event loop and on the server changes the next
 pool's figures by several per cent, and a fixed cyclic order (a rotation)
 would give every pool the same predecessor in every round. The steady-state
 pools of a family are opened, pre-filled, at the start of every round and
-closed at its end; each cold burst gets a fresh pool. Fresh pools each round matter: a pool
+closed at its end. Each cold burst gets a fresh pool, and a round makes
+``BURSTS_PER_ROUND`` of them per pool, the pools taking turns burst by burst:
+one burst of 200 requests lasts about 25 ms, and single bursts differ by
+10-20 % from one to the next, so one per round could not tell 0.94 from
+0.96. The round's bursts add up to one sample (their ops over their summed
+time). Fresh pools each round matter: a pool
 reuses its most recently returned connection, and a connection's server
 backend can be 20 % faster or slower than another's for seconds at a time
 (where the scheduler puts it on a small machine), so a pool kept for the whole
@@ -42,7 +47,7 @@ from benchmarks.cases import (
     run_sync_fixed,
 )
 from benchmarks.environment import describe
-from benchmarks.metrics import Measurement, Sample, summarize
+from benchmarks.metrics import Measurement, Sample, combined, summarize
 from benchmarks.plan import POOL_SIZE, Case, Family, Plan, PoolSpec, Settings
 
 #: Seconds beyond ``duration`` a measured run may take before the pool counts as hung.
@@ -55,6 +60,8 @@ BURST_LIMIT = 90.0
 #: Seconds to wait after a cold burst's pool closed, so that the next pool's
 #: burst does not share the server with the backends still exiting.
 BURST_SETTLE = 0.2
+#: Cold bursts per pool per round, added up into the round's sample.
+BURSTS_PER_ROUND = 5
 
 T = TypeVar("T")
 
@@ -230,10 +237,19 @@ class Runner:
                     self.progress.show(f"closing {key}")
                     await self._close_async(next(p for p in pools if p.key == key), adapter)
             for case in bursts:
+                measured: dict[str, list[Measurement]] = {}
+                for k in range(BURSTS_PER_ROUND):
+                    for pool in order:
+                        if self._usable(pool, case):
+                            self.progress.show(
+                                f"r{r + 1}/{s.rounds} {case.id} {pool.name} ({k + 1})"
+                            )
+                            m = await self._measure_burst(case, pool)
+                            if m is not None:
+                                measured.setdefault(pool.key, []).append(m)
                 for pool in order:
-                    if self._usable(pool, case):
-                        self.progress.show(f"r{r + 1}/{s.rounds} {case.id} {pool.name}")
-                        await self._measure_burst(case, pool, r)
+                    if self._usable(pool, case) and pool.key in measured:
+                        self._record(case, pool, combined(measured[pool.key]), r)
                     self.progress.advance()
 
     async def _measure_async(
@@ -258,23 +274,26 @@ class Runner:
             return
         self._record(case, pool, m, round_no)
 
-    async def _measure_burst(self, case: Case, pool: PoolSpec, round_no: int) -> None:
+    async def _measure_burst(self, case: Case, pool: PoolSpec) -> Measurement | None:
+        """One burst on a fresh pool; None if it failed (recorded as the pool's problem)."""
         adapter = await self._open_async(pool, 0)
         if adapter is None:
-            return
+            return None
         try:
             gc.collect()
-            m = await bounded(run_async_burst(adapter, case.concurrency), BURST_LIMIT, case.id)
+            m: Measurement = await bounded(
+                run_async_burst(adapter, case.concurrency), BURST_LIMIT, case.id
+            )
         except WorkloadHung as exc:
             self._problem(pool, f"dead: hung in {case.id}: {exc}")
-            return
+            return None
         except Exception as exc:
             self._failed(case, pool, exc)
-            return
+            return None
         finally:
             await self._close_async(pool, adapter)
             await asyncio.sleep(BURST_SETTLE)
-        self._record(case, pool, m, round_no)
+        return m
 
     # -- sync ------------------------------------------------------------------
 
