@@ -26,7 +26,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from .conninfo import ConnectTarget
 from .pooler import through_pooler_async
 from .slot import Baseline, never_quiet
-from .teardown import CANCEL_TIMEOUT, cancel_stops_nothing, close_async
+from .teardown import CANCEL_TIMEOUT, cancel_in_background, close_async
 
 __all__ = [
     "CANCEL_TIMEOUT",
@@ -497,16 +497,14 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
     async def clean(self, conn: psycopg.AsyncConnection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn
         todo = what_to_restore(pgconn.status != OK, self.state_of(conn), baseline)
-        if todo.cancel and cancel_stops_nothing():
+        if todo.cancel and cancel_in_background(conn):
             # Returned mid-query (its task was cancelled twice, or it was
-            # handed back with a query running): stop the query on the server,
-            # then discard the connection rather than drain it. (Where the
-            # cancel could stop the process, the discard's close shuts the
-            # socket down under the query instead: see teardown.)
-            await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
-            # Let the task running the query take its QueryCanceled and let go of
-            # the connection (psycopg holds conn.lock meanwhile) before it is
-            # closed: closed under it, that task would wait on a dead socket forever.
+            # handed back with a query running): the query is cancelled, and the
+            # connection discarded rather than drained. Let the task running the
+            # query take its QueryCanceled and let go of the connection (psycopg
+            # holds conn.lock meanwhile) before it is closed: closed under it,
+            # that task would wait on a dead socket forever. (Where no cancel is
+            # sent, the discard's close shuts the socket down under the query.)
             with anyio.move_on_after(CANCEL_TIMEOUT):
                 async with conn.lock:
                     pass

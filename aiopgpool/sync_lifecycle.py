@@ -37,7 +37,7 @@ from .lifecycle import (
 )
 from .pooler import through_pooler_blocking
 from .slot import Baseline
-from .teardown import cancel_stops_nothing, close_blocking
+from .teardown import cancel_in_background, close_blocking
 
 __all__ = [
     "BlockingLifecycle",
@@ -209,16 +209,14 @@ class SyncLifecycle(
     def clean_blocking(self, conn: psycopg.Connection[Any], baseline: Baseline) -> bool:
         pgconn = conn.pgconn
         todo = what_to_restore(pgconn.status != OK, self.state_of(conn), baseline)
-        if todo.cancel and cancel_stops_nothing():
-            # A query still runs (another thread uses it): stop it, then discard
-            # (else the discard's close shuts the socket down under it).
-            conn.cancel_safe(timeout=CANCEL_TIMEOUT)
-            # Let that thread take its QueryCanceled and let go of the connection
-            # (psycopg holds conn.lock while it runs a query) before the caller
-            # closes it: closed under it, the thread would wait on a dead socket
-            # forever, and libpq must not serve two threads on one connection.
-            if conn.lock.acquire(timeout=CANCEL_TIMEOUT):
-                conn.lock.release()
+        # A query still runs (another thread uses it): cancel it, then let that
+        # thread take its QueryCanceled and let go of the connection (psycopg
+        # holds conn.lock while it runs a query) before the caller discards it:
+        # closed under it, the thread would wait on a dead socket forever, and
+        # libpq must not serve two threads on one connection. Where no cancel is
+        # sent, the discard's close shuts the socket down under it (teardown).
+        if todo.cancel and cancel_in_background(conn) and conn.lock.acquire(timeout=CANCEL_TIMEOUT):
+            conn.lock.release()
         if todo.discard:
             return False
         if todo.rollback:

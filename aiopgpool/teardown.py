@@ -160,6 +160,24 @@ def _could_not_cancel(exc: Exception) -> None:
     logger.debug("could not cancel the query of a connection closed in use: %s", exc)
 
 
+def cancel_in_background(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> bool:
+    """Send a cancel request for ``conn``'s query in progress from a short-lived thread.
+
+    False if none was sent: no query runs, or sending one could stop the
+    process (see :func:`cancel_stops_nothing`). The caller never waits on the
+    network: libpq < 17's ``PQcancel`` has no timeout but TCP's. Never raises.
+    """
+    request = _cancel_request(conn)
+    if request is None:
+        return False
+    _start(request)
+    return True
+
+
+def _start(request: Callable[[], None]) -> None:
+    threading.Thread(target=request, name="aiopgpool-cancel", daemon=True).start()
+
+
 def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
     """Close ``conn`` now, or shut it down now (cancelling its query on the server) and
     close it when its call ends.
@@ -171,7 +189,7 @@ def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
         return
     request = _shut_down(conn)
     if request is not None:
-        threading.Thread(target=request, name="aiopgpool-cancel", daemon=True).start()
+        _start(request)
     try:
         task = asyncio.get_running_loop().create_task(_finish_when_free(conn))
     except RuntimeError:  # no loop any more: the connection's finalizer closes it

@@ -271,15 +271,6 @@ def gil_holding_cancel(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     tried: list[object] = []
     monkeypatch.setattr(aiopgpool.teardown, "_send_cancel", tried.append)
     monkeypatch.setattr(aiopgpool.teardown, "_send_old_cancel", tried.append)
-
-    def cancel_safe(conn: object, timeout: float = 0.0) -> None:
-        tried.append(conn)
-
-    async def cancel_safe_async(conn: object, timeout: float = 0.0) -> None:
-        tried.append(conn)
-
-    monkeypatch.setattr(psycopg.Connection, "cancel_safe", cancel_safe)
-    monkeypatch.setattr(psycopg.AsyncConnection, "cancel_safe", cancel_safe_async)
     return tried
 
 
@@ -339,15 +330,9 @@ def test_no_cancel_where_it_could_stop_the_process_sync(
             terminate_backends(dsn, name)
 
 
-@pytest.mark.parametrize("how", ["close", "return"])
-@pytest.mark.parametrize("family", ["async", "sync"])
-def test_the_python_implementation_cancels_on_libpq_older_than_17(
-    dsn: str, tmp_path: Path, family: str, how: str
-) -> None:
-    """psycopg's Python implementation calls PQcancel through ctypes, which lets the GIL go:
-    on libpq < 17 (the system's, where it is older) a query on a connection closed or handed
-    back in use is still cancelled. In a process of its own: the implementation is chosen at
-    import."""
+def old_libpq_run(dsn: str, tmp_path: Path, family: str, how: str) -> None:
+    """Run ``cancel_on_old_libpq.py`` with psycopg's Python implementation; skip where it has no
+    libpq < 17. In a process of its own: the implementation is chosen at import."""
     script = Path(__file__).with_name("cancel_on_old_libpq.py")
     env = {**os.environ, "PSYCOPG_IMPL": "python"}
     done = subprocess.run(
@@ -361,6 +346,28 @@ def test_the_python_implementation_cancels_on_libpq_older_than_17(
     if done.returncode == 2:
         pytest.skip("no libpq older than 17 for psycopg's Python implementation here")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("how", ["close", "return"])
+@pytest.mark.parametrize("family", ["async", "sync"])
+def test_the_python_implementation_cancels_on_libpq_older_than_17(
+    dsn: str, tmp_path: Path, family: str, how: str
+) -> None:
+    """psycopg's Python implementation calls PQcancel through ctypes, which lets the GIL go:
+    on libpq < 17 (the system's, where it is older) a query on a connection closed or handed
+    back in use is still cancelled."""
+    old_libpq_run(dsn, tmp_path, family, how)
+
+
+@pytest.mark.parametrize("family", ["async", "sync"])
+def test_a_return_does_not_wait_for_pqcancel_on_a_cut_network(
+    own_server: PostgresServer, tmp_path: Path, family: str
+) -> None:
+    """libpq < 17's PQcancel has no timeout: with the network to the server cut, a connection
+    handed back mid-query is cancelled from a thread of its own, and the return gives up
+    waiting for the query after CANCEL_TIMEOUT (the async pool's loop turning meanwhile). A
+    server of its own, on loopback, behind a proxy that cuts it off."""
+    old_libpq_run(own_server.dsn, tmp_path, family, "return-cut")
 
 
 async def test_a_cancel_request_to_an_unreachable_server_gives_up_and_stops_nothing(
