@@ -71,8 +71,13 @@ async def run_async(dsn: str, name: str, how: str, proxy: TcpProxy | None) -> bo
                 return False
             finally:
                 ticker.cancel()
+            # The discard shut the socket down: the query fails. Left pending, it would
+            # be cancelled by asyncio.run, and psycopg would then wait on PQcancel.
+            await asyncio.wait({query}, timeout=WITHIN)
+            if not query.done():
+                os._exit(1)
             # The wait for the query to let go went on in the loop, which kept turning.
-            return ticks >= 10
+            return ticks >= 10 and isinstance(query.exception(), psycopg.OperationalError)
         with suppress(psycopg.Error):
             await asyncio.wait_for(query, WITHIN)
         return await asyncio.to_thread(wait_for_count, dsn, name, 0)
