@@ -99,13 +99,14 @@ def _shut_down(
 def _cancel_request(
     conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
 ) -> Callable[[], None] | None:
-    """What sends a cancel request for the query ``conn`` runs on its server (it never
-    raises); None if it runs none, or if sending one could stop the process (see
+    """What sends a cancel request for the query ``conn`` runs on its server; None if it
+    runs none, or if sending one could stop the process (see
     :func:`cancel_stops_nothing`).
 
     Made before the socket is shut down: once the query in progress reads
     the end of the stream, libpq drops the connection and with it what a
-    cancel request needs (the server's address and key). Never raises.
+    cancel request needs (the server's address and key). Neither this nor
+    the sender it returns ever raises.
     """
     if not cancel_stops_nothing():
         return None
@@ -157,7 +158,7 @@ def _send_old_cancel(request: PGcancel) -> None:
 
 
 def _could_not_cancel(exc: Exception) -> None:
-    logger.debug("could not cancel the query of a connection closed in use: %s", exc)
+    logger.debug("could not cancel the query of a connection still in use: %s", exc)
 
 
 def cancel_in_background(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> bool:

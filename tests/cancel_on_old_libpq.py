@@ -121,12 +121,12 @@ def main() -> int:
     if psycopg.pq.__impl__ != "python" or psycopg.capabilities.has_cancel_safe():
         return 2
     name = f"old-libpq-{family}-{how}-{uuid.uuid4().hex[:8]}"
-    aiopgpool.lifecycle.CANCEL_TIMEOUT = CANCEL_TIMEOUT  # type: ignore[misc]
-    aiopgpool.sync_lifecycle.CANCEL_TIMEOUT = CANCEL_TIMEOUT  # type: ignore[misc]
+    aiopgpool.lifecycle.CANCEL_TIMEOUT = CANCEL_TIMEOUT
+    aiopgpool.sync_lifecycle.CANCEL_TIMEOUT = CANCEL_TIMEOUT
     proxy = None
     if how == "return-cut":
         params = conninfo_to_dict(dsn)
-        proxy = TcpProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+        proxy = TcpProxy(str(params.get("host", "127.0.0.1")), int(str(params.get("port", 5432))))
         proxy.start()
     try:
         if family == "async":
