@@ -119,13 +119,30 @@ def _order_note(results: Results, target: Target) -> str:
     """psycopg_pool's order alone, in ``target``'s case: the FIFO floor over the floor.
 
     Only where queries run: which idle connection a checkout gets matters to
-    the server and the kernel's scheduling, not to the pool's own work.
+    the server and the kernel's scheduling (client CPU included), not to the
+    pool's own work. Then each pool against the floor of its own order
+    (aiopgpool LIFO, psycopg_pool FIFO): the pools' own costs, compared.
     """
     fifo = results.samples.get((target.case_id, SYNC_FLOOR_FIFO), [])
     lifo = results.samples.get((target.case_id, SYNC_FLOOR), [])
     order = median(paired_ratios(fifo, lifo).values())
     if order is None:
         return ""
-    by_cpu = _cpu_ratio(fifo, lifo)
-    cpu = "" if by_cpu is None else f", by cpu {by_cpu:.2f}x"
-    return f"psycopg_pool's order alone: floor-fifo {order:.2f}x floor{cpu}"
+    note = f"psycopg_pool's order alone: floor-fifo {order:.2f}x floor{_by_cpu(fifo, lifo)}"
+    # Each pool against the floor that hands out connections in its own order:
+    # what is left is the pool's own work.
+    mine = results.samples.get((target.case_id, target.pool_key), [])
+    peer = results.samples.get((target.case_id, target.baseline_key), [])
+    own, peer_own = (median(paired_ratios(m, b).values()) for m, b in ((mine, lifo), (peer, fifo)))
+    if own is None or peer_own is None:
+        return note
+    return (
+        f"{note}; each against its order's floor: {target.pool_key.split('/')[1]} {own:.2f}x"
+        f"{_by_cpu(mine, lifo)}, {target.baseline_key.split('/')[1]} {peer_own:.2f}x"
+        f"{_by_cpu(peer, fifo)}"
+    )
+
+
+def _by_cpu(mine: list[Sample], base: list[Sample]) -> str:
+    by_cpu = _cpu_ratio(mine, base)
+    return "" if by_cpu is None else f" (by cpu {by_cpu:.2f}x)"
