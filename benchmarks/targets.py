@@ -107,7 +107,11 @@ def evaluate(results: Results) -> list[TargetResult]:
                     value,
                     len(ratios),
                     status,
-                    note=_order_note(results, t) if t.case_id.startswith("sync/select1@") else "",
+                    note=(
+                        _order_note(results, t, mine, base)
+                        if t.case_id.startswith("sync/select1@")
+                        else ""
+                    ),
                     by_cpu=_cpu_ratio(mine, base),
                     spread=quartiles(ratios.values()),
                 )
@@ -115,13 +119,14 @@ def evaluate(results: Results) -> list[TargetResult]:
     return out
 
 
-def _order_note(results: Results, target: Target) -> str:
+def _order_note(results: Results, target: Target, mine: list[Sample], peer: list[Sample]) -> str:
     """psycopg_pool's order alone, in ``target``'s case: the FIFO floor over the floor.
 
     Only where queries run: which idle connection a checkout gets matters to
     the server and the kernel's scheduling (client CPU included), not to the
     pool's own work. Then each pool against the floor of its own order
     (aiopgpool LIFO, psycopg_pool FIFO): the pools' own costs, compared.
+    ``mine`` and ``peer`` are the target's pool's and baseline's samples.
     """
     fifo = results.samples.get((target.case_id, SYNC_FLOOR_FIFO), [])
     lifo = results.samples.get((target.case_id, SYNC_FLOOR), [])
@@ -131,9 +136,8 @@ def _order_note(results: Results, target: Target) -> str:
     note = f"psycopg_pool's order alone: floor-fifo {order:.2f}x floor{_by_cpu(fifo, lifo)}"
     # Each pool against the floor that hands out connections in its own order:
     # what is left is the pool's own work.
-    mine = results.samples.get((target.case_id, target.pool_key), [])
-    peer = results.samples.get((target.case_id, target.baseline_key), [])
-    own, peer_own = (median(paired_ratios(m, b).values()) for m, b in ((mine, lifo), (peer, fifo)))
+    own = median(paired_ratios(mine, lifo).values())
+    peer_own = median(paired_ratios(peer, fifo).values())
     if own is None or peer_own is None:
         return note
     return (
