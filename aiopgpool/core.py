@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable
 from math import floor
-from threading import get_ident
-from time import monotonic
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from .admission import timeout_error, wait_timeout
 from .closing import Closing
@@ -55,7 +55,15 @@ logger = logging.getLogger("aiopgpool")
 
 ConnT = TypeVar("ConnT")
 
-NEW, OPEN, CLOSING, CLOSED = "new", "open", "closing", "closed"
+NEW: Final = "new"
+OPEN: Final = "open"
+CLOSING: Final = "closing"
+CLOSED: Final = "closed"
+
+# Final, not imported: compiled (aiopgpool.native), a Final name is read from a C
+# static, an imported one is a module dict lookup at every call.
+monotonic: Final = time.monotonic
+get_ident: Final = threading.get_ident
 
 # The capacity of a null pool created with max_size=0 ("no bound").
 UNBOUNDED = 1 << 62
@@ -141,7 +149,7 @@ class PoolCore(Generic[ConnT]):
 
         self.state = NEW
         self.queue: HandoffQueue[Slot[ConnT]] = HandoffQueue(Slot, self.capacity(self.max_size))
-        # The queue's own deques, for the two hottest paths (see HandoffQueue.items).
+        # The queue's own list and deque, for the two hottest paths (see HandoffQueue.items).
         self._idle = self.queue.items
         self._waiters = self.queue.waiters
         self.excess = 0  # slots to drop as they come back, after a shrinking resize

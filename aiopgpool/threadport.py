@@ -14,9 +14,9 @@ the lock). Each asserts that the lock is held. The coroutines (``prepare``,
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Hashable
-from time import monotonic
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from .admission import timeout_error, wait_timeout
 from .options import check_timeout
@@ -29,7 +29,10 @@ __all__ = ["ThreadPort", "ThreadWaiter"]
 
 ConnT = TypeVar("ConnT")
 
-_PENDING, _DONE, _CANCELLED = 0, 1, 2
+_PENDING: Final = 0
+_DONE: Final = 1
+_CANCELLED: Final = 2
+monotonic: Final = time.monotonic  # a C static when compiled (see core.py)
 
 
 class ThreadWaiter(Generic[ConnT]):

@@ -1,12 +1,17 @@
 """Per-op profiles of the SELECT 1 op, aiopgpool against the floor (see REPORT.md).
 
-``python -m benchmarks.select1_profile.run callgrind|count|strace|cprofile [options]``
+``python -m benchmarks.select1_profile.run callgrind|count|strace|syscalls|samples|cprofile
+[options]``
 
 * ``callgrind``: instructions per op, ``(I(K2) - I(K1)) / (K2 - K1)``, in all and by
   function (exclusive and inclusive, from ``callgrind_annotate``);
 * ``count``: loop iterations, socket tests, GC collections per op (native run);
 * ``strace``: system calls per op, by name, from ``strace -c -f`` of two runs of one
   segment each (K1 ops, K2 ops), differenced;
+* ``syscalls``: system calls per op from ``perf stat`` tracepoints (no slow-down);
+* ``samples``: client CPU per op in µs, by shared object and function, from
+  ``perf record -e cpu-clock`` of two runs, differenced: what the instructions
+  cost, cache misses included;
 * ``cprofile``: Python-level call counts per op, differenced the same way.
 
 Results go to ``--out`` (one JSON file per mode and case).
@@ -220,6 +225,58 @@ def syscalls(args: argparse.Namespace, case: str, subject: str) -> dict[str, Any
     }
 
 
+#: The sampling rate of ``samples`` (``perf record -e cpu-clock``): one sample per 100 µs
+#: of CPU, so a sample per op is 100 µs of client CPU per op.
+SAMPLE_HZ = 10_000
+
+
+def _samples(args: argparse.Namespace, case: str, subject: str, ops: int) -> dict[str, int]:
+    """CPU-clock samples of one run of ``ops`` ops, by object and function ("dso:symbol")."""
+    with tempfile.TemporaryDirectory(prefix="s1pr-") as tmp:
+        data = Path(tmp) / "perf.data"
+        cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(SAMPLE_HZ), "-o", str(data)]
+        cmd += _child(
+            subject, args.dsn, case, str(ops), "plain", "0.01" if subject == "aiopgpool" else None
+        )
+        subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=True)
+        fields = ["--no-children", "--sort", "dso,sym", "-F", "sample,dso,sym", "-t", ";"]
+        report = subprocess.run(
+            ["perf", "report", "-i", str(data), "--stdio", *fields],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    counts: dict[str, int] = {}
+    for line in report.splitlines():
+        parts = [part.strip() for part in line.split(";")]
+        if len(parts) == 3 and parts[0].isdigit():
+            dso = Path(parts[1]).name
+            sym = parts[2].split("] ", 1)[-1]  # drop perf's "[.] " / "[k] "
+            counts[f"{dso}:{sym}"] = counts.get(f"{dso}:{sym}", 0) + int(parts[0])
+    return counts
+
+
+def samples(args: argparse.Namespace, case: str, subject: str) -> dict[str, Any]:
+    """Client CPU per op, in µs, by shared object and by function: where the time goes,
+    cache misses included (callgrind counts instructions, not what they cost)."""
+    k1, k2, diff = _per_op(_samples, args, case, subject)
+    us = {k: v * 1e6 / SAMPLE_HZ for k, v in diff.items()}
+    by_object: dict[str, float] = {}
+    for key, v in us.items():
+        dso = key.split(":", 1)[0]
+        by_object[dso] = by_object.get(dso, 0.0) + v
+    return {
+        "case": case,
+        "subject": subject,
+        "ops": [k1, k2],
+        "us_per_op": sum(us.values()),
+        "by_object": dict(sorted(by_object.items(), key=lambda kv: -kv[1])),
+        "by_function": {
+            k: v for k, v in sorted(us.items(), key=lambda kv: -kv[1]) if abs(v) >= 0.02
+        },
+    }
+
+
 def cprofile(
     args: argparse.Namespace, case: str, subject: str, variant: str | None
 ) -> dict[str, Any]:
@@ -241,7 +298,9 @@ def cprofile(
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("callgrind", "count", "strace", "syscalls", "cprofile"))
+    p.add_argument(
+        "mode", choices=("callgrind", "count", "strace", "syscalls", "samples", "cprofile")
+    )
     p.add_argument(
         "--dsn",
         default=Path("/tmp/prof/dsn").read_text().strip()
@@ -261,6 +320,7 @@ def main(argv: list[str]) -> int:
             "count": "5000,20000",
             "strace": "2000,10000",
             "syscalls": "5000,25000",
+            "samples": "10000,90000",
             "cprofile": "1000,3000",
         }[args.mode]
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -281,6 +341,10 @@ def main(argv: list[str]) -> int:
                     json.dumps({k: round(v, 3) for k, v in r["per_op"].items()}),
                     flush=True,
                 )
+            elif args.mode == "samples":
+                r = samples(args, case, subject)
+                top = ", ".join(f"{k} {v:+.2f}" for k, v in list(r["by_object"].items())[:6])
+                print(f"{case} {spec}: {r['us_per_op']:.1f} us/op ({top})", flush=True)
             elif args.mode == "strace":
                 r = strace(args, case, subject)
                 print(case, spec, f"{r['total_per_op']:.2f}", json.dumps(r["per_op"]), flush=True)
