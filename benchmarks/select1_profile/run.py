@@ -49,6 +49,15 @@ def _child(
     return argv
 
 
+def _native_child(
+    args: argparse.Namespace, case: str, subject: str, ops: str, mode: str
+) -> list[str]:
+    """The child's command for a native (not callgrind) run: aiopgpool's socket test at
+    its shipped interval."""
+    interval = VARIANTS["real"] if subject == "aiopgpool" else None
+    return _child(subject, args.dsn, case, ops, mode, interval)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
 
@@ -135,9 +144,7 @@ def callgrind(
 
 
 def count(args: argparse.Namespace, case: str, subject: str) -> dict[str, Any]:
-    cmd = _child(
-        subject, args.dsn, case, args.ops, "count", "0.01" if subject == "aiopgpool" else None
-    )
+    cmd = _native_child(args, case, subject, args.ops, "count")
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=True)
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"case": case, "subject": subject, "segments": doc["segments"]}
@@ -147,9 +154,7 @@ def _strace(args: argparse.Namespace, case: str, subject: str, ops: int) -> dict
     with tempfile.TemporaryDirectory(prefix="s1st-") as tmp:
         out = Path(tmp) / "st.txt"
         cmd = ["strace", "-c", "-f", "-o", str(out)]
-        cmd += _child(
-            subject, args.dsn, case, str(ops), "plain", "0.01" if subject == "aiopgpool" else None
-        )
+        cmd += _native_child(args, case, subject, str(ops), "plain")
         subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=True)
         calls: dict[str, int] = {}
         for line in out.read_text().splitlines():
@@ -202,9 +207,7 @@ def _perf(args: argparse.Namespace, case: str, subject: str, ops: int) -> dict[s
     with tempfile.TemporaryDirectory(prefix="s1pf-") as tmp:
         out = Path(tmp) / "perf.txt"
         cmd = ["perf", "stat", "-x", ",", "-o", str(out), "-e", ",".join(events)]
-        cmd += _child(
-            subject, args.dsn, case, str(ops), "plain", "0.01" if subject == "aiopgpool" else None
-        )
+        cmd += _native_child(args, case, subject, str(ops), "plain")
         subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=True)
         calls: dict[str, int] = {}
         for line in out.read_text().splitlines():
@@ -235,9 +238,7 @@ def _samples(args: argparse.Namespace, case: str, subject: str, ops: int) -> dic
     with tempfile.TemporaryDirectory(prefix="s1pr-") as tmp:
         data = Path(tmp) / "perf.data"
         cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(SAMPLE_HZ), "-o", str(data)]
-        cmd += _child(
-            subject, args.dsn, case, str(ops), "plain", "0.01" if subject == "aiopgpool" else None
-        )
+        cmd += _native_child(args, case, subject, str(ops), "plain")
         subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=True)
         fields = ["--no-children", "--sort", "dso,sym", "-F", "sample,dso,sym", "-t", ";"]
         report = subprocess.run(
@@ -252,7 +253,8 @@ def _samples(args: argparse.Namespace, case: str, subject: str, ops: int) -> dic
         if len(parts) == 3 and parts[0].isdigit():
             dso = Path(parts[1]).name
             sym = parts[2].split("] ", 1)[-1]  # drop perf's "[.] " / "[k] "
-            counts[f"{dso}:{sym}"] = counts.get(f"{dso}:{sym}", 0) + int(parts[0])
+            key = f"{dso}:{sym}"
+            counts[key] = counts.get(key, 0) + int(parts[0])
     return counts
 
 
