@@ -58,6 +58,12 @@ SWEEP_INTERVAL: Final = 0.005
 TIMER_SLACK: Final = 0.001
 _NEVER: Final = float("inf")
 monotonic: Final = time.monotonic  # a C static when compiled (see core.py)
+# Compiled, a method call on an object of a class mypyc does not compile is a
+# lookup by name at each call; these C functions are called directly instead.
+_deque_append: Final = deque.append
+_deque_popleft: Final = deque.popleft
+_Future: Final = asyncio.Future
+_base_create_future: Final = asyncio.BaseEventLoop.create_future
 
 
 class HandoffQueue(Generic[T]):
@@ -70,6 +76,7 @@ class HandoffQueue(Generic[T]):
         "_items",
         "_loop",
         "_make_free",
+        "_plain_futures",
         "_sweep_at",
         "_sweeper",
         "_waiters",
@@ -89,12 +96,18 @@ class HandoffQueue(Generic[T]):
         # Futures in line not done yet: whoever completes one counts it out.
         self._waiting = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._plain_futures = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at = _NEVER
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop whose futures the waiters await."""
         self._loop = loop
+        # asyncio's own loops make a plain Future: the queue makes it itself,
+        # without the loop's Python method (a frame per waiter). Other loops
+        # (uvloop, or one that overrides create_future) make their own.
+        made_by = getattr(loop.create_future, "__func__", None)
+        self._plain_futures = made_by is _base_create_future
 
     def __len__(self) -> int:
         return len(self._items)
@@ -140,7 +153,7 @@ class HandoffQueue(Generic[T]):
         """Hand ``item`` to the longest waiter, or keep it (``ready``: on top; else counted)."""
         waiters = self._waiters
         while waiters:
-            fut, _ = waiters.popleft()
+            fut, _ = _deque_popleft(waiters)
             if not fut.done():
                 fut.set_result(item)
                 self._waiting -= 1
@@ -200,14 +213,15 @@ class HandoffQueue(Generic[T]):
         """
         loop = self._loop
         assert loop is not None, "bind() the queue to its loop first"
-        fut: asyncio.Future[T] = loop.create_future()
+        fut: asyncio.Future[T]
+        fut = _Future(loop=loop) if self._plain_futures else loop.create_future()
         if timeout is None:
             deadline = _NEVER
         else:
             deadline = now + timeout
             if deadline < self._sweep_at:
                 self._arm(loop, deadline)
-        self._waiters.append((fut, deadline))
+        _deque_append(self._waiters, (fut, deadline))
         self._waiting += 1
         return fut
 

@@ -420,3 +420,51 @@ async def test_an_outside_waiter_failed_keeps_its_exception() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         outside.result()
     assert queue.waiting == 0
+
+
+# -- the waiters' futures -----------------------------------------------------------------
+
+
+class TaggedFuture(asyncio.Future[Any]):
+    """A future a loop makes itself (as uvloop, or a loop of an application's, may)."""
+
+
+class TaggingLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop that overrides create_future."""
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return TaggedFuture(loop=self)
+
+
+async def test_a_waiter_awaits_a_future_of_the_running_loop() -> None:
+    queue = make_queue()
+    loop = asyncio.get_running_loop()
+    fut = queue.join(None, monotonic())
+    assert fut.get_loop() is loop
+    assert isinstance(fut, asyncio.Future)
+    queue.put("conn", True)
+    assert await fut == "conn"
+
+
+def test_a_loop_that_makes_its_own_futures_makes_the_waiters_futures() -> None:
+    async def waited(queue: HandoffQueue[Any]) -> tuple[type, Any]:
+        queue.bind(asyncio.get_running_loop())
+        fut = queue.join(1.0, monotonic())
+        queue.put("conn", True)
+        return type(fut), await fut
+
+    loop = TaggingLoop()
+    try:
+        assert loop.run_until_complete(waited(HandoffQueue(Free, 0))) == (TaggedFuture, "conn")
+    finally:
+        loop.close()
+    plain = asyncio.new_event_loop()
+
+    def tagged() -> asyncio.Future[Any]:
+        return TaggedFuture(loop=plain)
+
+    plain.create_future = tagged  # type: ignore[method-assign]  # on the loop object itself
+    try:
+        assert plain.run_until_complete(waited(HandoffQueue(Free, 0))) == (TaggedFuture, "conn")
+    finally:
+        plain.close()
