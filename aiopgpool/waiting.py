@@ -273,7 +273,7 @@ class HandoffQueue(Generic[T]):
 
         Only while no item is kept: a caller takes one with :meth:`get_nowait` first.
         """
-        self._waiters.append((waiter, _NEVER))
+        _deque_append(self._waiters, (waiter, _NEVER))
         self._waiting += 1
 
     def leave(self, waiter: Waiter[T]) -> bool:
