@@ -6,9 +6,10 @@
 Every subject is opened on one event loop (10 connections, min = max). Each round
 runs the benchmark's select1 case (:func:`benchmarks.cases.run_async_fixed`) for
 ``--duration`` seconds on each subject in turn, in a new random order, with
-``getrusage`` around each: user and system CPU per op, and ops/s. It prints the
-medians over the rounds after the first ``--skip``, and each subject's by-CPU ratio
-(the floor's CPU per op / the subject's, as the benchmark's "by CPU" figures).
+``getrusage`` around each for the split of CPU per op into user and system time.
+It prints the medians over the rounds after the first ``--skip``: user, system and
+CPU per op (the run's own figure, as in the benchmark), ops/s, and each subject's
+by-CPU ratio (the floor's CPU per op / the subject's, the benchmark's "by CPU").
 
 The aiopgpool measured is whatever ``import aiopgpool`` finds: to compare two
 builds, run this alternately with ``PYTHONPATH`` set to each tree, one process at a
@@ -19,7 +20,7 @@ experiments of REPORT section 9:
 
 * ``floor-held``: the floor handing out connections opened by an aiopgpool pool;
 * ``floor-awaited``: the floor returning through a coroutine (``aputconn``), as
-  aiopgpool's ``putconn`` is one;
+  aiopgpool's ``putconn`` is one (``child.ablate``'s ``floor-aput``);
 * ``aiopgpool-direct``: aiopgpool returning through its core's ``give_back``,
   without awaiting ``putconn``.
 """
@@ -43,6 +44,7 @@ from benchmarks.adapters_async import PSYCOPG_KWARGS, AiopgpoolAsync, AsyncAdapt
 from benchmarks.cases import run_async_fixed
 from benchmarks.floors import AsyncFloorPool
 from benchmarks.plan import Case
+from benchmarks.select1_profile.child import ablate
 
 POOL_SIZE = 10
 
@@ -74,15 +76,6 @@ class FloorHeld(AsyncFloor):
         await self._source.close()
 
 
-class FloorAwaited(AsyncFloor):
-    """The floor, returning through a coroutine."""
-
-    async def release(self, conn: Any) -> None:
-        """``await floor.aputconn(conn)``."""
-        assert self._pool is not None
-        await self._pool.aputconn(conn)
-
-
 class AiopgpoolDirect(AiopgpoolAsync):
     """aiopgpool, returning through the core's ``give_back`` (awaiting only a slow return)."""
 
@@ -94,12 +87,14 @@ class AiopgpoolDirect(AiopgpoolAsync):
             await core.validation.restore(slot, False)
 
 
-SUBJECTS: dict[str, Callable[[], AsyncAdapter]] = {
-    "aiopgpool": AiopgpoolAsync,
-    "floor": AsyncFloor,
-    "floor-held": FloorHeld,
-    "floor-awaited": FloorAwaited,
-    "aiopgpool-direct": AiopgpoolDirect,
+#: name -> (the adapter, the :func:`~benchmarks.select1_profile.child.ablate` items
+#: applied once it is open).
+SUBJECTS: dict[str, tuple[Callable[[], AsyncAdapter], str]] = {
+    "aiopgpool": (AiopgpoolAsync, ""),
+    "floor": (AsyncFloor, ""),
+    "floor-held": (FloorHeld, ""),
+    "floor-awaited": (AsyncFloor, "floor-aput"),
+    "aiopgpool-direct": (AiopgpoolDirect, ""),
 }
 
 
@@ -125,10 +120,13 @@ async def measure(
     adapters: dict[str, AsyncAdapter] = {}
     try:
         for name in subjects:
-            adapter = adapters[name] = SUBJECTS[name]()  # closed even if open() fails
+            make, ablations = SUBJECTS[name]
+            adapter = adapters[name] = make()  # closed even if open() fails
             await adapter.open(dsn, POOL_SIZE, POOL_SIZE)
+            ablate(adapter, ablations)
         case = Case("async", "select1", tasks)
-        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in subjects}
+        samples: dict[str, list[tuple[float, float, float, float]]]
+        samples = {name: [] for name in subjects}
         for round_no in range(rounds):
             order = list(subjects)
             random.shuffle(order)
@@ -139,9 +137,8 @@ async def measure(
                 ops = sum(m.per_worker)
                 if round_no >= skip and ops:
                     per_op = 1e6 / ops
-                    samples[name].append(
-                        ((user1 - user0) * per_op, (sys1 - sys0) * per_op, ops / m.elapsed)
-                    )
+                    user, system = (user1 - user0) * per_op, (sys1 - sys0) * per_op
+                    samples[name].append((user, system, m.cpu * per_op, ops / m.elapsed))
     finally:
         for adapter in adapters.values():
             await adapter.close()
@@ -150,8 +147,8 @@ async def measure(
         out[name] = {
             "user_us": statistics.median(r[0] for r in rows),
             "sys_us": statistics.median(r[1] for r in rows),
-            "cpu_us": statistics.median(r[0] + r[1] for r in rows),
-            "ops_per_s": statistics.median(r[2] for r in rows),
+            "cpu_us": statistics.median(r[2] for r in rows),
+            "ops_per_s": statistics.median(r[3] for r in rows),
         }
     floor = out.get("floor")
     for row in out.values():
@@ -174,6 +171,8 @@ def main(argv: list[str]) -> int:
     unknown = [s for s in subjects if s not in SUBJECTS]
     if unknown:
         p.error(f"unknown subject(s) {', '.join(unknown)}: choose from {', '.join(SUBJECTS)}")
+    if len(set(subjects)) != len(subjects):
+        p.error(f"--subjects names a subject twice: {args.subjects}")
     if args.tasks < 1 or args.duration <= 0 or not 0 <= args.skip < args.rounds:
         p.error("--tasks and --duration must be positive, and --skip below --rounds")
     problem = asyncio.run(unreachable(args.dsn))
