@@ -86,6 +86,7 @@ class LoopThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Lock()  # close() may come from two threads at once
         self.forked = False
         #: True while the portal serves (and this is not a forked child): the
         #: hot paths' one test before they try the lock (see ``serves_caller``).
@@ -125,6 +126,7 @@ class LoopThread:
         finally:
             self._portal = None
             self.serving = False
+            self._ident = None  # a thread started later may get the same ident
             self.lock.release()
             self._ready.set()
 
@@ -142,14 +144,16 @@ class LoopThread:
 
     def stop(self) -> None:
         """Stop the loop and join the thread (not from the loop thread itself)."""
-        portal, thread = self._portal, self._thread
-        if portal is None or thread is None or self.forked:
-            return
-        if threading.get_ident() == self._ident:
+        if self.on_loop_thread():
             raise self._loop_thread_error()
-        portal.call(portal.stop)
-        thread.join()
-        _bridges.discard(self)
+        with self._stopping:
+            portal, thread = self._portal, self._thread
+            if portal is None or thread is None or self.forked:
+                return
+            with contextlib.suppress(RuntimeError):  # it stopped meanwhile (the finalizer)
+                portal.call(portal.stop)
+            thread.join()
+            _bridges.discard(self)
 
     def stop_from_finalizer(self, cleanup: Callable[[], object]) -> None:
         """For a finalizer: run ``cleanup()`` on the loop, then end the thread; never blocks.
@@ -172,6 +176,10 @@ class LoopThread:
             loop.call_soon_threadsafe(on_loop)
 
     # -- calls -----------------------------------------------------------------------
+
+    def on_loop_thread(self) -> bool:
+        """True in the loop's own thread (which holds :attr:`lock` whenever it runs)."""
+        return get_ident() == self._ident
 
     def serves_caller(self) -> bool:
         """True when the loop runs and this thread may call into it (the hot paths' check).
@@ -199,19 +207,25 @@ class LoopThread:
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``await func(*args)`` on the loop and wait for its result."""
+        return self.submit(func, *args).result()
+
+    def submit(self, func: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:
+        """Start ``await func(*args)`` on the loop; the future of its result.
+
+        :class:`PoolError` if the loop does not run (it stopped: the pool closed).
+        """
         self.check_caller()
         portal = self._portal
-        if portal is None:
-            raise PoolError(f"pool {self.name!r}: its event loop thread is not running")
-        return portal.call(func, *args)
+        if portal is not None:
+            try:
+                return portal.start_task_soon(func, *args)
+            except RuntimeError:  # "This portal is not running": stopped since the test
+                pass
+        raise PoolError(f"pool {self.name!r}: its event loop thread is not running")
 
     def call_soon(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start ``func(*args)`` on the loop without waiting; failures are logged."""
-        self.check_caller()
-        portal = self._portal
-        if portal is None:
-            raise PoolError(f"pool {self.name!r}: its event loop thread is not running")
-        portal.start_task_soon(func, *args).add_done_callback(self._log_failure)
+        self.submit(func, *args).add_done_callback(self._log_failure)
 
     def _log_failure(self, future: concurrent.futures.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is not None:

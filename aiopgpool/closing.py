@@ -6,8 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import anyio
-
+from .deadlines import move_on_after
 from .errors import PoolClosed
 from .options import check_timeout
 from .slot import Slot
@@ -69,8 +68,15 @@ class Closing(Generic[ConnT]):
             if core.borrowed:
                 self._all_returned = asyncio.get_running_loop().create_future()
         if self._all_returned is not None and not self._all_returned.done():
-            with anyio.move_on_after(timeout) as scope:
-                await asyncio.shield(self._all_returned)
+            try:
+                with move_on_after(timeout) as scope:
+                    await asyncio.shield(self._all_returned)
+            except BaseException:
+                # Cancelled (a scope around `async with pool`): close at once, as
+                # at the timeout, rather than leave the pool closing for good.
+                if core.state != "closed":
+                    self.close_now()
+                raise
             if scope.cancelled_caught and core.state != "closed":
                 logger.warning(
                     "pool %r: %d connections still borrowed after %g s: closing them",

@@ -16,7 +16,7 @@ import os
 import threading
 from typing import Any
 
-from .dropins import DropInBase, SimpleConnectionPool
+from .dropins import DropInBase, SimpleConnectionPool, check_count, check_flag
 from .errors import PoolError
 
 __all__ = ["config_pool", "get_pool"]
@@ -39,9 +39,15 @@ def config_pool(
     The connection comes from ``dsn``, else ``db_url``, else keyword
     parameters (``host=``, ``database=``, ...), else the environment's
     ``DATABASE_DSN`` or ``DATABASE_URL``. Exhaustion raises :class:`PoolError`
-    at once, as with pg_simple.
+    at once, as with pg_simple. ``disable_pooling`` takes a bool, or 0 / 1.
+
+    In a child of ``os.fork()``, a previous pool inherited from the parent is
+    replaced but not closed: its connections are the parent's.
     """
     global _default
+    # Named as the caller named them (the pool would say maxconn, or nothing).
+    disable_pooling = check_flag("disable_pooling", disable_pooling)
+    check_count("max_conn", max_conn, least=0 if disable_pooling else 1)
     if dsn is not None and db_url is not None:
         raise ValueError("give either dsn or db_url, not both")
     target = dsn if dsn is not None else db_url
@@ -67,7 +73,9 @@ def config_pool(
     )
     with _lock:
         previous, _default = _default, pool
-    if previous is not None and not previous.closed:
+    # A pool inherited through fork() is the parent's: its sockets are shared
+    # with the parent, so the child leaves it alone (it refuses any use here).
+    if previous is not None and not previous.closed and not previous._inherited:
         previous.closeall()
     return pool
 

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import anyio
-
 from .backoff import Backoff
+from .deadlines import move_on_after
 from .errors import PoolClosed, PoolTimeout
 from .lifecycle import Lifecycle
 from .options import check_timeout
@@ -101,7 +100,7 @@ class Connector(Generic[ConnT]):
                 # A cancel scope acts in this task: unlike asyncio.wait_for on
                 # Python < 3.12, it never swallows a cancellation of the caller
                 # that lands just as the connect completes.
-                with anyio.move_on_after(limit) as scope:
+                with move_on_after(limit) as scope:
                     await self._connect_once(slot)
                 if not scope.cancelled_caught:
                     return
@@ -253,13 +252,13 @@ class Connector(Generic[ConnT]):
             self._fail_fast_watchers.append(fut)
         self.notify_size()
         try:
-            with anyio.fail_after(timeout):
+            with move_on_after(timeout) as scope:
                 await fut
-        except TimeoutError:
-            raise PoolTimeout(
-                f"pool {core.name!r}: {core.size} of min_size {core.min_size} "
-                f"connections after {timeout:g} s"
-            ) from self._last_error
+            if scope.cancelled_caught:
+                raise PoolTimeout(
+                    f"pool {core.name!r}: {core.size} of min_size {core.min_size} "
+                    f"connections after {timeout:g} s"
+                ) from self._last_error
         finally:
             for watchers in (self._size_watchers, self._fail_fast_watchers):
                 if fut in watchers:

@@ -124,5 +124,18 @@ class ConnectTarget:
         except Exception:
             params = {}
         params.update(kwargs)
-        parts = [f"{key}={params[key]}" for key in _SHOWN_KEYS if params.get(key) not in (None, "")]
+        parts = [
+            f"{key}={_shown(key, params[key])}"
+            for key in _SHOWN_KEYS
+            if params.get(key) not in (None, "")
+        ]
         return " ".join(parts) or "(default target)"
+
+
+def _shown(key: str, value: object) -> object:
+    """``value`` as a description shows it: a ``dbname`` that is itself a connection string
+    (libpq expands one with ``=`` or a URI scheme) may carry a password, and is not shown."""
+    expanded = isinstance(value, str) and (
+        "=" in value or value.startswith(("postgresql://", "postgres://"))
+    )
+    return "(a connection string)" if key == "dbname" and expanded else value

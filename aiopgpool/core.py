@@ -553,6 +553,17 @@ class PoolCore(Generic[ConnT]):
         elif self.state == OPEN and slot.conn is None:
             self.connector.fill()
 
+    def loan_of(self, conn: ConnT) -> float | None:
+        """What identifies ``conn``'s current loan (when it began); None: not borrowed."""
+        slot = self._borrowed.get(conn)
+        return None if slot is None else slot.borrowed_at
+
+    def loan_ended(self, conn: ConnT, loan: float | None) -> bool:
+        """True if the loan ``loan`` (:meth:`loan_of` at checkout) of ``conn`` is over
+        while the pool is not closed: given back (``putconn``, or ``close()`` with
+        ``close_returns``), and maybe lent to another borrower since."""
+        return self.state != CLOSED and self.loan_of(conn) != loan
+
     def held_by_key(self, key: Hashable) -> ConnT | None:
         """The connection checked out under ``key``, if any."""
         return self._keyed.get(key)

@@ -45,6 +45,24 @@ C = TypeVar("C")
 OPEN_TIMEOUT = 10.0
 
 
+def check_count(label: str, value: object, *, least: int = 0) -> int:
+    """Validate a number of connections named as the caller named it (``maxconn``, ...)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{label} must be an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{label} must be >= {least}, got {value}")
+    return value
+
+
+def check_flag(label: str, value: object) -> bool:
+    """Validate a yes/no option: a bool, or psycopg2-era code's 0 or 1; anything else raises."""
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{label} must be True or False (or 1 or 0), got {value!r}")
+
+
 def connect_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """psycopg2.connect-style ``(dsn, **params)`` to a conninfo and keyword parameters."""
     if len(args) > 1:
@@ -86,8 +104,20 @@ class DropInBase(Generic[C]):
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
+        # Validated before any connection, each named as the caller named it.
+        disable_pooling = check_flag("disable_pooling", disable_pooling)
+        check_count("minconn", minconn)
+        check_count("maxconn", maxconn, least=0 if disable_pooling else 1)
+        if not disable_pooling and minconn > maxconn:
+            raise ValueError(f"minconn ({minconn}) must not be greater than maxconn ({maxconn})")
+        if min_kept is not None:
+            check_count("min_kept", min_kept)
+            if not disable_pooling and min_kept > maxconn:
+                raise ValueError(
+                    f"min_kept ({min_kept}) must not be greater than maxconn ({maxconn})"
+                )
+        check_timeout("expiration", expiration)
         dsn, params = connect_arguments(args, dict(kwargs))
-        check_timeout("expiration", expiration)  # named as the caller named it
         self.minconn = minconn
         self.maxconn = maxconn
         options = PoolOptions(
@@ -106,15 +136,16 @@ class DropInBase(Generic[C]):
         )
         try:
             self._pool.open(wait=True, timeout=OPEN_TIMEOUT, fail_fast=True)
+            if min_kept is not None and not disable_pooling and min_kept != minconn:
+                # ``minconn`` are made now, but only ``min_kept`` are kept open
+                # through ``expiration`` (pg_simple closes any expired connection).
+                self._pool.resize(min_kept, maxconn)
         except BaseException as exc:
-            self._pool.close(0)  # nothing leaks: no loop thread left retrying
+            # Nothing leaks: no connection open, no loop thread left retrying.
+            self._pool.close(0)
             if isinstance(exc, PoolError):
                 raise self._translated(exc) from exc.__cause__
             raise
-        if min_kept is not None and not disable_pooling and min_kept != minconn:
-            # ``minconn`` are made now, but only ``min_kept`` are kept open
-            # through ``expiration`` (pg_simple closes any expired connection).
-            self._pool.resize(min_kept, maxconn)
 
     @abstractmethod
     def _make_lifecycle(self, target: ConnectTarget) -> BlockingLifecycle[C]:
@@ -129,6 +160,12 @@ class DropInBase(Generic[C]):
     def name(self) -> str:
         """The pool's name (logs, stats, application_name)."""
         return self._pool.name
+
+    @property
+    def _inherited(self) -> bool:
+        """True in a child of ``os.fork()`` for a pool its parent opened: unusable here
+        (every use raises PoolError), and never to be closed from here."""
+        return self._pool._bridge.forked
 
     def __repr__(self) -> str:
         return (
@@ -212,10 +249,14 @@ class PersistentMixin(DropInBase[C]):
         """This thread's connection (``key`` is ignored, as in psycopg2)."""
         return super().getconn(("thread", threading.get_ident()))
 
-    def putconn(
-        self, conn: C | None = None, key: Hashable | None = None, close: bool = False
+    # psycopg2's own signature, ``putconn(conn=None, close=False)``: the second
+    # positional argument is ``close``. ``key=`` (API.md's drop-in signature) is
+    # still taken by keyword, and ignored as getconn's is.
+    def putconn(  # type: ignore[override]
+        self, conn: C | None = None, close: bool = False, *, key: Hashable | None = None
     ) -> None:
-        """Give back this thread's connection; ``conn`` may be omitted."""
+        """Give back this thread's connection (``conn`` may be omitted); ``close=True``
+        discards it. ``key`` is ignored: the thread is the key."""
         thread_key = ("thread", threading.get_ident())
         try:
             if conn is None:

@@ -19,14 +19,20 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
-import anyio
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
 from .conninfo import ConnectTarget
+from .deadlines import move_on_after
 from .pooler import through_pooler_async
 from .slot import Baseline, never_quiet
-from .teardown import CANCEL_TIMEOUT, cancel_in_background, close_async
+from .teardown import (
+    CANCEL_TIMEOUT,
+    cancel_in_background,
+    close_async,
+    prepared_cancel,
+    send_in_background,
+)
 
 __all__ = [
     "CANCEL_TIMEOUT",
@@ -482,6 +488,10 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
     async def connect(self) -> tuple[psycopg.AsyncConnection[Any], Baseline]:
         conninfo, kwargs = await self._target.resolve_async()
         conn = await connect_async(self._connection_class, conninfo, kwargs)
+        # Interrupted mid-query here (the attempt's time limit, a cancelled
+        # request), psycopg closes the connection and the query runs on in its
+        # backend, maybe for good (a lock wait): the backend is told to stop.
+        cancel = prepared_cancel(conn) if self._configure is not None else None
         try:
             if await through_pooler_async(conn):
                 self.adapt_to_pooler(conn, kwargs)
@@ -489,7 +499,9 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
                 await self._configure(conn)
                 if conn.pgconn.transaction_status != IDLE:
                     raise configure_left_transaction()
-        except BaseException:
+        except BaseException as exc:
+            if cancel is not None and not isinstance(exc, Exception):
+                send_in_background(cancel)
             await conn.close()
             raise
         return self.linked(conn), self.state_of(conn)
@@ -505,7 +517,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
             # holds conn.lock meanwhile) before it is closed: closed under it,
             # that task would wait on a dead socket forever. (Where no cancel is
             # sent, the discard's close shuts the socket down under the query.)
-            with anyio.move_on_after(CANCEL_TIMEOUT):
+            with move_on_after(CANCEL_TIMEOUT):
                 async with conn.lock:
                     pass
         if todo.discard:

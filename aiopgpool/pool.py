@@ -186,6 +186,10 @@ class AsyncConnectionPool(PoolAttributes, Generic[ACT]):
         """
         await self._core.putconn(conn, key, close)
 
+    def _core_for(self, conn: ACT) -> PoolCore[ACT]:
+        """The core that lent ``conn`` (for ``connection()``'s exit)."""
+        return self._core
+
     def connection(self, timeout: float | None = None) -> _ConnectionContext[ACT]:
         """``async with pool.connection() as conn``: getconn, then putconn.
 
@@ -232,16 +236,24 @@ class AsyncConnectionPool(PoolAttributes, Generic[ACT]):
 class _ConnectionContext(Generic[ACT]):
     """``async with pool.connection()``: getconn; on exit commit (on success) and putconn."""
 
-    __slots__ = ("_conn", "_pool", "_timeout")
+    __slots__ = ("_conn", "_lender", "_loan", "_pool", "_timeout")
 
     def __init__(self, pool: Any, timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
         self._conn: ACT | None = None
+        self._lender: PoolCore[ACT] | None = None
+        self._loan: float | None = None
 
     async def __aenter__(self) -> ACT:
-        self._conn = await self._pool.getconn(self._timeout)
-        return self._conn
+        conn = self._conn = await self._get()
+        lender = self._lender = self._pool._core_for(conn)
+        self._loan = lender.loan_of(conn)
+        return conn
+
+    async def _get(self) -> ACT:
+        conn: ACT = await self._pool.getconn(self._timeout)
+        return conn
 
     async def __aexit__(
         self,
@@ -252,6 +264,12 @@ class _ConnectionContext(Generic[ACT]):
         conn = self._conn
         assert conn is not None
         self._conn = None
+        lender = self._lender
+        assert lender is not None
+        if lender.loan_ended(conn, self._loan):
+            # Given back inside the block (conn.close() with close_returns): no
+            # longer this block's, perhaps another borrower's now; not touched.
+            return
         try:
             if exc_type is None and conn.pgconn.transaction_status == INTRANS:
                 await conn.commit()

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from time import monotonic
 from typing import Any
 
 import psycopg
+
+from .deadlines import move_on_after
 
 __all__ = [
     "ANSWER_TTL",
@@ -49,7 +52,23 @@ Endpoint = tuple[str, str, str]
 _answers: dict[Endpoint, tuple[bool, float]] = {}
 # endpoint -> the answer of the connection asking now. Completed with a result
 # or with Unanswered, never cancelled: every waiter sees the same outcome.
+# Emptied in a child of fork() (see _forget_questions).
 _questions: dict[Endpoint, Future[bool]] = {}
+
+
+def _forget_questions() -> None:
+    """In a child of ``os.fork()``: the parent's questions in flight are never answered
+    here (their askers are the parent's threads), so none is waited for.
+
+    The answers stay: whether a pooler is in between is a fact about the endpoint,
+    as true in the child as in the parent until it expires (``time.monotonic`` is
+    the system's clock, shared by both).
+    """
+    _questions.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_questions)
 
 
 class Unanswered(Exception):
@@ -91,8 +110,10 @@ class _Asking:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._registered:
-            del _questions[self._key]
             self._registered = False
+            # Gone if this thread forked meanwhile (the child forgot the questions).
+            if _questions.get(self._key) is self._question:
+                del _questions[self._key]
         if not self._question.done():
             self._question.set_exception(Unanswered())
 
@@ -149,9 +170,9 @@ async def _wait_async(question: Future[bool]) -> bool | None:
             loop.call_soon_threadsafe(_copy, done, relayed)
 
     question.add_done_callback(relay)
-    # asyncio.wait neither cancels what it waits for nor swallows a cancellation.
-    await asyncio.wait((relayed,), timeout=QUESTION_WAIT)
-    return relayed.result() if relayed.done() else None
+    with move_on_after(QUESTION_WAIT):
+        return await relayed
+    return None
 
 
 def _copy(source: Future[bool], target: asyncio.Future[bool | None]) -> None:

@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 
 from .conninfo import ConnectTarget, parse_conninfo
+from .deadlines import move_on_after
 from .lifecycle import connect_async
 from .options import check_timeout
 
@@ -290,8 +291,9 @@ class Topology(Generic[P]):
         # (time, position) of the primary, oldest first: long enough to measure a lag
         # up to max_replica_lag plus a few probes.
         span = (max_replica_lag or 0.0) + 10 * probe_interval
+        probes = span / probe_interval  # inf or nan for the limits "for ever"
         self.history: deque[tuple[float, int]] = deque(
-            maxlen=min(100_000, int(span / probe_interval) + 2)
+            maxlen=int(probes) + 2 if probes < 100_000 else 100_000
         )
         self.rounds = 0
         self._turn = 0
@@ -517,7 +519,10 @@ class Prober(Generic[P]):
         if conn is None or conn.closed:
             conn = self._conns[index] = await self._connected(index, member)
         try:
-            row = await asyncio.wait_for(self._ask(conn), self.timeout)
+            with move_on_after(self.timeout) as scope:
+                row = await self._ask(conn)
+            if scope.cancelled_caught:
+                raise TimeoutError(f"the probe took longer than {self.timeout:g} s")
         except BaseException:
             dropped = self._conns.pop(index, None)
             if dropped is not None:

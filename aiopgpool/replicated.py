@@ -22,6 +22,7 @@ import psycopg
 from typing_extensions import Self, TypeVar
 
 from .conninfo import ConnectTarget
+from .core import PoolCore
 from .errors import PoolClosed, PoolError
 from .lifecycle import INTRANS
 from .options import check_timeout, make_name
@@ -199,6 +200,7 @@ class AsyncReplicatedPool(Generic[ACT]):
 
     async def close(self, timeout: float = 5.0) -> None:
         """Refuse new requests, wait up to ``timeout`` for borrowed connections, close all."""
+        check_timeout("timeout", timeout, allow_none=False)  # before anything stops
         await self._stop_prober()
         await asyncio.gather(*(m.pool.close(timeout) for m in self._members))
 
@@ -336,13 +338,21 @@ class AsyncReplicatedPool(Generic[ACT]):
                 await member.pool.putconn(conn)
         return ok
 
-    async def putconn(self, conn: ACT, key: Hashable | None = None, close: bool = False) -> None:
-        """Give a connection back to the member that lent it (see ``AsyncConnectionPool``)."""
+    def _member_of(self, conn: ACT) -> Member[AsyncConnectionPool[ACT]]:
         ref = getattr(conn, LENDER, None)
         member = None if ref is None else ref()
         if member is None or self._by_name.get(member.name) is not member:
             raise PoolError(f"pool {self._name!r}: this connection was not lent by this pool")
         assert member is not None
+        return member
+
+    def _core_for(self, conn: ACT) -> PoolCore[ACT]:
+        """The core of the member that lent ``conn`` (for ``connection()``'s exit)."""
+        return self._member_of(conn).pool._core
+
+    async def putconn(self, conn: ACT, key: Hashable | None = None, close: bool = False) -> None:
+        """Give a connection back to the member that lent it (see ``AsyncConnectionPool``)."""
+        member = self._member_of(conn)
         if member.busy:
             member.busy -= 1
         if key is not None:
@@ -388,6 +398,8 @@ class AsyncReplicatedPool(Generic[ACT]):
 
     async def probe(self) -> None:
         """Probe every member now (roles and lags), without waiting for the next round."""
+        if self._state != "open":  # its connections would outlive the pool
+            raise self._closed_error()
         await self._prober.round()
 
     def stats(self) -> dict[str, PoolStats]:
@@ -430,8 +442,8 @@ class _ReplicatedContext(_ConnectionContext[ACT]):
         self._read_only = read_only
         self._lsn = min_lsn
 
-    async def __aenter__(self) -> ACT:
-        self._conn = await self._pool.getconn(
+    async def _get(self) -> ACT:
+        conn: ACT = await self._pool.getconn(
             self._timeout, read_only=self._read_only, min_lsn=self._lsn
         )
-        return self._conn
+        return conn

@@ -30,10 +30,10 @@ from .attributes import PoolAttributes
 from .bridge import LoopThread
 from .conninfo import ConnectTarget
 from .core import PoolCore
-from .errors import PoolClosed
+from .errors import PoolClosed, PoolError
 from .lifecycle import PoolLink
 from .maintenance import borrower_stack
-from .options import DEFAULTS, PoolOptions
+from .options import DEFAULTS, PoolOptions, check_timeout
 from .slot import Slot
 from .stats import PoolStats, psycopg_pool_stats
 from .sync_lifecycle import (
@@ -42,13 +42,14 @@ from .sync_lifecycle import (
     SyncLifecycle,
     check_connection_blocking,
 )
-from .threadport import ThreadPort, ThreadWaiter
+from .threadport import Claim, ThreadPort, ThreadWaiter
 
 __all__ = ["ConnectionPool", "NullConnectionPool", "SyncPoolFacade"]
 
 logger = logging.getLogger("aiopgpool")
 
 C = TypeVar("C")
+T = TypeVar("T")
 Self = TypeVar("Self", bound="SyncPoolFacade[Any]")
 
 
@@ -107,11 +108,16 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
             self._bridge.start()
         try:
             self._bridge.call(self._core.closing.closeall)
+        except PoolError:
+            if self._core.state == "closed":  # by another thread, since the test above
+                raise PoolClosed(f"pool {self.name!r} is already closed") from None
+            raise
         finally:
             self._bridge.stop()
 
     def close(self, timeout: float = 5.0) -> None:
         """Refuse new requests, wait up to ``timeout`` for borrowed connections, close."""
+        check_timeout("timeout", timeout, allow_none=False)  # before the loop stops
         if not self._bridge.running:
             self._bridge.check_caller()
             if self._core.state == "closed":
@@ -119,6 +125,9 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
             self._bridge.start()
         try:
             self._bridge.call(self._core.closing.close, timeout)
+        except PoolError:
+            if self._core.state != "closed":  # else closed by another thread meanwhile
+                raise
         finally:
             self._bridge.stop()
 
@@ -187,7 +196,21 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
             return got  # lent by whoever woke us, or the key's connection again
         # Leak reports show the borrower's stack: take it here, not on the loop.
         stack = None if self._core.leak_timeout is None else borrower_stack()
-        return self._running_bridge().call(self._port.prepare, got, key, timeout, start, stack)
+        claim = Claim()
+        bridge = self._running_bridge()
+        future = bridge.submit(self._port.prepare, got, key, timeout, start, stack, claim)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted (KeyboardInterrupt) while the loop prepares the connection:
+            # whichever of this thread and the loop comes second gives it back.
+            with bridge.lock:
+                claim.abandoned = True
+                lent = future.done() and not future.cancelled() and future.exception() is None
+            if lent:
+                with suppress(PoolError):  # closed meanwhile: closed with the pool
+                    self.putconn(future.result(), key)
+            raise
 
     def _wait(self, waiter: ThreadWaiter[C], timeout: float | None) -> C | Slot[C]:
         """Sleep in the core's line; the connection, or the slot to prepare."""
@@ -227,6 +250,7 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         # no longer borrowed, and no other thread can have it until it is passed on.
         bad = lost = None
         broken = False
+        interrupted: BaseException | None = None
         if not close:
             stage = "cleaning"
             try:
@@ -254,6 +278,8 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
                     exc,
                 )
                 close = True
+            except BaseException as exc:  # KeyboardInterrupt mid-rollback: state unknown
+                interrupted, close = exc, True
         if close:
             lifecycle.close(conn)  # now, as psycopg2 does
         trouble = lifecycle.tracks_role and (lost is not None or broken)
@@ -268,20 +294,33 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
                     port.discard_nowait(slot, "closed on return")
         # The rest (back to the idle ones or to a waiter, expiry, refilling)
         # happens on the loop, without keeping the caller waiting.
-        bridge.call_soon(port.finish_return, slot, close)
+        try:
+            bridge.call_soon(port.finish_return, slot, close)
+        except PoolError:
+            # The pool closed while this return was under way (close() in another
+            # thread): nothing takes the connection back now.
+            with bridge.lock:
+                port.discard_nowait(slot, "pool closed")
+        if interrupted is not None:
+            raise interrupted
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[C]:
         """``with pool.connection() as conn``: getconn, commit or roll back, putconn."""
         conn = self.getconn(timeout)
+        core = self._core
+        loan = core.loan_of(conn)
         try:
             yield conn
-            if self._lifecycle.in_transaction(conn):
+            if not core.loan_ended(conn, loan) and self._lifecycle.in_transaction(conn):
                 conn.commit()  # type: ignore[attr-defined]
         finally:
-            # On error, putconn rolls back (or discards a broken connection).
-            with suppress(PoolClosed):
-                self.putconn(conn)
+            # On error, putconn rolls back (or discards a broken connection). Given
+            # back inside the block (conn.close() with close_returns), the connection
+            # is no longer this block's, perhaps another borrower's: not touched.
+            if not core.loan_ended(conn, loan):
+                with suppress(PoolClosed):
+                    self.putconn(conn)
 
     def _held_by_key(self, key: Hashable) -> C | None:
         """The connection checked out under ``key``, if any (for the psycopg2 drop-ins)."""
@@ -318,11 +357,11 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         return self._running_bridge().call(self._core.maintenance.purge_expired)
 
     def stats(self) -> PoolStats:
-        """A snapshot of the pool's state, counters and histograms."""
-        if not self._bridge.running:
-            return self._core.stats()
-        with self._bridge.lock:  # the loop is parked: the core's state is still
-            return self._core.stats()
+        """A snapshot of the pool's state, counters and histograms.
+
+        Callable from the pool's loop thread too (``reconnect_failed``).
+        """
+        return self._parked(self._core.stats)
 
     def get_stats(self) -> dict[str, int]:
         """The counters with psycopg_pool's keys (``pool_min``, ``requests_num``, ...)."""
@@ -330,14 +369,21 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
 
     def pop_stats(self) -> dict[str, int]:
         """:meth:`get_stats`, then reset the counters."""
-        if not self._bridge.running:
-            stats = self._core.stats()
-            self._core.reset_stats()
-        else:
-            with self._bridge.lock:
-                stats = self._core.stats()
-                self._core.reset_stats()
-        return psycopg_pool_stats(stats)
+        return psycopg_pool_stats(self._parked(self._pop_stats))
+
+    def _pop_stats(self) -> PoolStats:
+        stats = self._core.stats()
+        self._core.reset_stats()
+        return stats
+
+    def _parked(self, read: Callable[[], T]) -> T:
+        """``read()`` with the loop parked: under the bridge's lock, which the loop's own
+        thread holds already (taking it there would deadlock), as does a stopped loop."""
+        bridge = self._bridge
+        if not bridge.running or bridge.on_loop_thread():
+            return read()
+        with bridge.lock:
+            return read()
 
 
 CT = TypeVar("CT", bound="psycopg.Connection[Any]", default="psycopg.Connection[tuple[Any, ...]]")

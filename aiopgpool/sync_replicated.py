@@ -141,8 +141,12 @@ class ReplicatedPool(Generic[CT]):
         self._lock = threading.Lock()
         # Dropped without close(): the probe thread ends (the members have their own).
         weakref.finalize(self, self._probes.stop, False).atexit = False
-        if open:
-            self.open(wait=True)
+        if open:  # as ConnectionPool: started, connections come in the background
+            try:
+                self.open()
+            except BaseException:
+                self.close(0)  # the caller gets no object to close
+                raise
 
     # -- attributes ------------------------------------------------------------------
 
@@ -225,6 +229,7 @@ class ReplicatedPool(Generic[CT]):
         The members close in parallel (one thread each), so the whole takes ``timeout``
         at most, not one ``timeout`` per member.
         """
+        check_timeout("timeout", timeout, allow_none=False)  # before anything stops
         self._stop_probes()
         self._on_each(lambda m: m.pool.close(timeout))
 
@@ -350,13 +355,17 @@ class ReplicatedPool(Generic[CT]):
                 member.pool.putconn(conn)
         return ok
 
-    def putconn(self, conn: CT, key: Hashable | None = None, close: bool = False) -> None:
-        """Give a connection back to the member that lent it (see ``ConnectionPool``)."""
+    def _member_of(self, conn: CT) -> Member[ConnectionPool[CT]]:
         ref = getattr(conn, LENDER, None)
         member = None if ref is None else ref()
         if member is None or self._by_name.get(member.name) is not member:
             raise PoolError(f"pool {self._name!r}: this connection was not lent by this pool")
         assert member is not None
+        return member
+
+    def putconn(self, conn: CT, key: Hashable | None = None, close: bool = False) -> None:
+        """Give a connection back to the member that lent it (see ``ConnectionPool``)."""
+        member = self._member_of(conn)
         if member.busy:
             member.busy -= 1
         if key is not None:
@@ -374,13 +383,18 @@ class ReplicatedPool(Generic[CT]):
         """``with pool.connection(read_only=True) as conn``: getconn, commit or roll back,
         putconn."""
         conn = self.getconn(timeout, read_only=read_only, min_lsn=min_lsn)
+        lender = self._member_of(conn).pool._core
+        loan = lender.loan_of(conn)
         try:
             yield conn
-            if conn.pgconn.transaction_status == INTRANS:
+            if not lender.loan_ended(conn, loan) and conn.pgconn.transaction_status == INTRANS:
                 conn.commit()
         finally:
-            with contextlib.suppress(PoolClosed):
-                self.putconn(conn)
+            # Given back inside the block (conn.close() with close_returns): not touched
+            # (see ConnectionPool.connection).
+            if not lender.loan_ended(conn, loan):
+                with contextlib.suppress(PoolClosed):
+                    self.putconn(conn)
 
     def current_lsn(self, conn: CT) -> str:
         """See ``AsyncReplicatedPool.current_lsn``: call it after the write's commit."""

@@ -175,6 +175,33 @@ def cancel_in_background(conn: psycopg.AsyncConnection[Any] | psycopg.Connection
     return True
 
 
+def prepared_cancel(
+    conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+) -> Callable[[], None] | None:
+    """A cancel request for whatever query ``conn`` runs later, made now; None where
+    sending one could stop the process (see :func:`cancel_stops_nothing`).
+
+    For a caller that may be interrupted mid-query: psycopg, cancelled again
+    while it sends its own cancel request, closes the connection without one,
+    and the query runs on (see ``AsyncLifecycle.connect``). Send it with
+    :func:`send_in_background`. Never raises.
+    """
+    if not cancel_stops_nothing():
+        return None
+    try:
+        pgconn = conn.pgconn
+        if psycopg.capabilities.has_cancel_safe():
+            return partial(_send_cancel, pgconn.cancel_conn())
+        return partial(_send_old_cancel, pgconn.get_cancel())
+    except Exception:
+        return None
+
+
+def send_in_background(request: Callable[[], None]) -> None:
+    """Send a request of :func:`prepared_cancel` from a short-lived thread."""
+    _start(request)
+
+
 def _start(request: Callable[[], None]) -> None:
     threading.Thread(target=request, name="aiopgpool-cancel", daemon=True).start()
 

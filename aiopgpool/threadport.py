@@ -25,7 +25,7 @@ from .slot import Slot
 if TYPE_CHECKING:
     from .core import PoolCore
 
-__all__ = ["ThreadPort", "ThreadWaiter"]
+__all__ = ["Claim", "ThreadPort", "ThreadWaiter"]
 
 ConnT = TypeVar("ConnT")
 
@@ -33,6 +33,19 @@ _PENDING: Final = 0
 _DONE: Final = 1
 _CANCELLED: Final = 2
 monotonic: Final = time.monotonic  # a C static when compiled (see core.py)
+
+
+class Claim:
+    """A caller thread's claim on the connection :meth:`ThreadPort.prepare` lends it.
+
+    ``abandoned``: the thread was interrupted (``KeyboardInterrupt``) and left;
+    set in the caller thread and read on the loop, both under the bridge's lock.
+    """
+
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
 
 
 class ThreadWaiter(Generic[ConnT]):
@@ -199,14 +212,24 @@ class ThreadPort(Generic[ConnT]):
         timeout: float | None,
         start: float,
         stack: str | None,
+        claim: Claim,
     ) -> ConnT:
         """On the loop: check, replace or connect a slot from :meth:`request_nowait`, lend it.
 
         ``start`` is the ``time.monotonic()`` at which the request began;
-        ``stack`` the borrower's stack, for leak reports.
+        ``stack`` the borrower's stack, for leak reports. If the caller thread
+        gave up meanwhile (``claim.abandoned``), the connection is given back
+        here, and returned to nobody.
         """
         core = self._core
-        return core._lend(await core.validation.prepare(slot, start, timeout), key, stack)
+        conn = core._lend(await core.validation.prepare(slot, start, timeout), key, stack)
+        # The loop holds the bridge's lock from here until the caller's future has
+        # this result: the caller reads the claim and the future under that lock.
+        if claim.abandoned:
+            returned = core.give_back(conn, key, False)
+            if returned is not None:
+                await core.validation.restore(returned, True)
+        return conn
 
     # -- return ------------------------------------------------------------------------
 

@@ -115,6 +115,8 @@ class Validation(Generic[ConnT]):
                 core.connector.notify_size()
                 check_error = await self._checked(slot)
                 if check_error is None:
+                    if core.state == "closed":  # closed while it was checked
+                        raise core.closed_error()
                     return slot
                 # A fresh connection failed the check: back off as after a failed
                 # connect, and give up at the deadline with the check's error chained.

@@ -156,3 +156,10 @@ def running_long_sleep(dsn: str, application_name: str) -> int:
             (application_name, LONG_SLEEP),
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+def query(conn: Any, sql: str, args: Any = None) -> Any:
+    """One row, through the DB-API cursor both drivers share (psycopg 3 and psycopg2)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()

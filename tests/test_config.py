@@ -11,7 +11,7 @@ from urllib.parse import quote, urlencode
 import psycopg
 import psycopg2.extensions
 import pytest
-from helpers import eventually_blocking, run_python, unique_name
+from helpers import eventually_blocking, query, run_python, unique_name
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import aiopgpool
@@ -21,12 +21,6 @@ from aiopgpool import PoolError, config_pool, get_pool
 
 def uname(label: str) -> str:
     return unique_name(f"cf-{label[:36]}")
-
-
-def query(conn: Any, sql: str) -> Any:
-    with conn.cursor() as cur:
-        cur.execute(sql)
-        return cur.fetchone()
 
 
 def with_name(dsn: str, name: str) -> str:

@@ -313,10 +313,19 @@ def _secret_conninfos(port: int) -> dict[str, tuple[str, dict[str, Any] | None]]
         ),
         "url": (f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/postgres", None),
         "kwargs": (f"host=127.0.0.1 port={port} user=postgres", {"password": SECRET}),
+        # A dbname that is itself a connection string (libpq's "expanded" dbname).
+        "dbname-url": (
+            f"dbname='postgresql://postgres:{SECRET}@127.0.0.1:{port}/postgres'",
+            None,
+        ),
+        "dbname-kwargs": (
+            f"host=127.0.0.1 port={port}",
+            {"dbname": f"host=127.0.0.1 user=postgres password={SECRET}"},
+        ),
     }
 
 
-@pytest.mark.parametrize("form", ["keywords", "url", "kwargs"])
+@pytest.mark.parametrize("form", ["keywords", "url", "kwargs", "dbname-url", "dbname-kwargs"])
 async def test_password_never_shown(form: str, caplog: pytest.LogCaptureFixture) -> None:
     """A password in the conninfo never appears in repr/str, errors (and their causes) or logs."""
     conninfo, kwargs = _secret_conninfos(closed_port())[form]

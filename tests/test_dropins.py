@@ -22,7 +22,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 import pytest
-from helpers import eventually_blocking, run_python, unique_name
+from helpers import eventually_blocking, query, run_python, unique_name
 
 import aiopgpool
 import aiopgpool.psycopg2 as aio2
@@ -32,13 +32,6 @@ _seq = itertools.count(1)
 
 def uname(label: str) -> str:
     return unique_name(f"di-{label[:36]}")
-
-
-def query(conn: Any, sql: str, args: Any = None) -> Any:
-    """One row, through the DB-API cursor both drivers share."""
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()
 
 
 def in_transaction(conn: Any) -> bool:

@@ -7,6 +7,7 @@ pooler changes is tested in test_pgbouncer.py.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -14,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import PoolerQuestionsAsync, PoolerQuestionsSync, unique_name
+from helpers import PoolerQuestionsAsync, PoolerQuestionsSync, run_python, unique_name
 
 from aiopgpool import AsyncConnectionPool, ConnectionPool, pooler
 
@@ -143,3 +144,63 @@ async def test_a_question_that_takes_too_long_is_asked_again(
     # one came after the first had its answer.
     assert asked in (1, 2)
     assert pooler._answers[endpoint][0] is False
+
+
+FORK_SCRIPT = """
+import os, sys, threading, traceback
+import psycopg
+from aiopgpool import ConnectionPool, pooler
+
+dsn = os.environ["AIOPGPOOL_TEST_DSN"]
+asking, answer = threading.Event(), threading.Event()
+
+
+class HeldQuestion(psycopg.Connection):
+    def execute(self, query, *args, **kwargs):
+        if query == pooler.BACKEND_PID_QUERY:
+            asking.set()
+            answer.wait(20)  # held until the child is forked
+        return super().execute(query, *args, **kwargs)
+
+
+parent = ConnectionPool(dsn, min_size=1, max_size=2, connection_class=HeldQuestion)
+parent.open()
+assert asking.wait(20), "the parent's connection never asked"
+assert len(pooler._questions) == 1, pooler._questions  # its question is in flight
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        assert pooler._questions == {}, pooler._questions
+        # A stale question would be waited for (up to QUESTION_WAIT) on every connect until
+        # an answer comes: with this one, the open below could only time out.
+        pooler.QUESTION_WAIT = 3600.0
+        for _ in range(2):  # and again once the answer expired (the child asks itself)
+            pooler._answers.clear()
+            with ConnectionPool(dsn, min_size=1, max_size=1) as pool:
+                pool.wait(10.0)
+                with pool.connection(10.0) as conn:
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert pooler._questions == {}, pooler._questions
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+answer.set()
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+parent.wait(10.0)  # the parent's question was answered in the parent
+assert pooler._questions == {}, pooler._questions
+parent.close()
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_forgets_the_parents_questions_in_flight(dsn: str) -> None:
+    """Forked while the parent's first connection asks: in the child nobody will ever
+    answer that question, so none is left to wait for, and the child's own connections
+    ask for themselves at once."""
+    proc = run_python(FORK_SCRIPT, timeout=60, AIOPGPOOL_TEST_DSN=dsn)
+    assert proc.stdout.strip() == "ok"

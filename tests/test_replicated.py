@@ -22,6 +22,7 @@ import pytest
 from aiopgpool import AsyncConnectionPool, AsyncReplicatedPool, PoolClosed, PoolError
 from aiopgpool.replica_probe import Member, ProbeResult, Topology, format_lsn, parse_lsn
 from aiopgpool.testing import LocalCluster, ReplicatedCluster, count_backends
+from aiopgpool.testing.proxy import TcpProxy
 
 FAST = {"probe_interval": 0.2, "max_replica_lag": 0.5}
 """Probes five times a second, so that a test sees every change within a second."""
@@ -112,6 +113,9 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
         AsyncReplicatedPool(primary=a, replicas=[b, 3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="min_lsn"):
         parse_lsn("nonsense")
+    # "For ever" limits are taken, not an OverflowError.
+    AsyncReplicatedPool(primary=a, replicas=[b], max_replica_lag=float("inf"))
+    AsyncReplicatedPool(primary=a, replicas=[b], probe_interval=float("inf"))
     # Another database on the same server is another member.
     pool = AsyncReplicatedPool(primary=a, replicas=["host=db1 port=5432 dbname=other"])
     assert list(pool.pools) == [f"{pool.name}.primary", f"{pool.name}.replica-1"]
@@ -123,6 +127,13 @@ async def test_closed_and_unopened_pools_refuse() -> None:
     assert pool.closed
     with pytest.raises(PoolClosed, match="not open"):
         await pool.getconn(read_only=True)
+    with pytest.raises(PoolClosed, match="not open"):
+        await pool.probe()  # its probe connections would outlive the pool
+    with pytest.raises(ValueError, match="timeout"):
+        await pool.close(-1)  # refused before anything stops
+    await pool.close()
+    with pytest.raises(PoolClosed, match="closed"):
+        await pool.probe()
 
 
 # -- the topology, with made-up probes (no server) ------------------------------------------
@@ -384,6 +395,26 @@ async def test_a_killed_replica_never_fails_a_read_and_comes_back(rc: Replicated
             async with pool.connection(read_only=True) as conn:
                 ports.add((await where(conn))[1])
         assert ports == {victim.port, other.port}
+
+
+async def test_a_replica_that_stops_answering_is_out_and_comes_back(rc: ReplicatedCluster) -> None:
+    """Bytes to a replica dropped both ways: its probe query never answers and is given
+    up at the probe's limit, the replica is counted down and gets no reads (the other one
+    takes them), and it is a replica again once the bytes flow."""
+    victim, other = rc.standbys
+    with TcpProxy(victim.host, victim.port) as cut:
+        async with AsyncReplicatedPool(
+            rc.primary.dsn, [cut.dsn(victim.dsn), other.dsn], name="silent", **FAST
+        ) as pool:
+            await pool.open(wait=True)
+            assert role(pool, "replica-1") == "replica"
+            cut.blackhole()
+            await eventually(lambda: role(pool, "replica-1") == "down", 15.0, "replica-1 down")
+            for _ in range(4):
+                async with pool.connection(read_only=True, timeout=10) as conn:
+                    assert (await where(conn))[1] == other.port
+            cut.forward()
+            await eventually(lambda: role(pool, "replica-1") == "replica", 20.0, "back")
 
 
 async def test_read_your_writes_is_never_stale(rc: ReplicatedCluster) -> None:

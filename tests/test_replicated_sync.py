@@ -206,7 +206,8 @@ def test_an_interrupted_wait_loses_no_slot_on_any_member(rc: ReplicatedCluster) 
     def interrupt(signum: int, frame: Any) -> None:
         raise _Interrupted
 
-    pool = make_pool(rc, "sync-interrupted", open=True, min_size=1, max_size=1)
+    pool = make_pool(rc, "sync-interrupted", min_size=1, max_size=1)
+    pool.open(wait=True)  # the first probes done: reads go to the replicas
     try:
         held = [pool.getconn(), pool.getconn(read_only=True), pool.getconn(read_only=True)]
         previous = signal.signal(signal.SIGALRM, interrupt)
@@ -230,3 +231,21 @@ def test_an_interrupted_wait_loses_no_slot_on_any_member(rc: ReplicatedCluster) 
         assert all(s.in_use == 0 for s in pool.stats().values())
     finally:
         pool.close()
+
+
+def test_open_true_does_not_wait_for_the_servers() -> None:
+    """``open=True`` opens as ``open()`` does, without waiting (as ConnectionPool): with
+    every server down it returns at once, open, and closes cleanly, threads and all."""
+    from helpers import closed_port
+
+    primary, replica = (f"host=127.0.0.1 port={closed_port()} connect_timeout=2",) * 2
+    replica += " dbname=other"
+    before = {t.name for t in threading.enumerate()}
+    start = time.monotonic()
+    pool = ReplicatedPool(primary, [replica], open=True, name="open-true", probe_interval=0.2)
+    assert time.monotonic() - start < 5.0  # waiting would take the 30 s open timeout
+    assert not pool.closed
+    pool.close(0)
+    assert pool.closed
+    gc.collect()
+    eventually(lambda: not {t.name for t in threading.enumerate()} - before, 5.0, "threads ended")

@@ -1,0 +1,308 @@
+"""Interrupted calls and races with close(), and a connection given back inside its own
+``connection()`` block: no slot lost, no connection left open, no connection touched
+once another borrower may hold it, no deadlock."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import eventually_blocking, unique_name
+
+from aiopgpool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
+
+
+class _Interrupt(BaseException):
+    """What a signal handler raises here: a BaseException, as KeyboardInterrupt is."""
+
+
+@contextmanager
+def interrupted_after(seconds: float) -> Iterator[None]:
+    """Raise :class:`_Interrupt` in this (the main) thread after ``seconds``."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def sleeper(seconds: float) -> Callable[[Any], None]:
+    def sleep(conn: Any) -> None:
+        time.sleep(seconds)
+
+    return sleep
+
+
+def assert_serves_max_size(pool: ConnectionPool) -> None:
+    """Every slot can be had again (none was lost)."""
+    conns = [pool.getconn(timeout=5.0) for _ in range(pool.max_size)]
+    for conn in conns:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        pool.putconn(conn)
+    assert pool.stats().in_use == 0
+
+
+# -- the sync pool: interrupted calls ------------------------------------------------------
+
+
+def test_a_getconn_interrupted_while_its_connection_opens_loses_no_slot(dsn: str) -> None:
+    """Interrupted while the loop connects for it: the connection, once open, goes back to
+    the pool instead of staying lent to nobody."""
+    with ConnectionPool(
+        dsn, min_size=0, max_size=1, configure=sleeper(0.6), name=unique_name("int-connect")
+    ) as pool:
+        with pytest.raises(_Interrupt), interrupted_after(0.2):
+            pool.getconn(timeout=5.0)
+        eventually_blocking(lambda: (pool.stats().size, pool.stats().in_use), (1, 0))
+        assert_serves_max_size(pool)
+
+
+def test_a_putconn_interrupted_in_its_reset_loses_no_slot(dsn: str) -> None:
+    """Interrupted in the borrower's thread while the return runs ``reset``: the connection,
+    in an unknown state, is closed, and its slot goes back."""
+    with ConnectionPool(
+        dsn, min_size=1, max_size=1, reset=sleeper(0.6), name=unique_name("int-reset")
+    ) as pool:
+        conn = pool.getconn()
+        with pytest.raises(_Interrupt), interrupted_after(0.2):
+            pool.putconn(conn)
+        assert conn.closed
+        eventually_blocking(lambda: pool.stats().in_use, 0)
+        assert_serves_max_size(pool)
+
+
+def test_stats_from_reconnect_failed_does_not_deadlock(dsn: str) -> None:
+    """``reconnect_failed`` runs on the pool's loop thread, whose lock stats() would take."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def failed(pool: Any) -> None:
+        seen.append(pool.stats().size)
+        pool.get_stats()
+        pool.pop_stats()
+        done.set()
+
+    pool = ConnectionPool(
+        "host=127.0.0.1 port=1 connect_timeout=2",
+        min_size=1,
+        reconnect_timeout=0.2,
+        reconnect_failed=failed,
+        name=unique_name("stats-in-callback"),
+    )
+    pool.open()
+    try:
+        assert done.wait(10.0)
+        assert seen == [0]
+        assert pool.stats().size == 0  # the pool still answers
+    finally:
+        pool.close(0)
+
+
+# -- the sync pool: close() racing other threads ---------------------------------------------
+
+
+def test_close_from_many_threads_at_once(dsn: str) -> None:
+    for _ in range(5):
+        pool = ConnectionPool(dsn, min_size=1, max_size=2, name=unique_name("close-many"))
+        pool.open(wait=True)
+        errors: list[BaseException] = []
+
+        def close(pool: ConnectionPool = pool, errors: list[BaseException] = errors) -> None:
+            try:
+                pool.close(1.0)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=close) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert pool.closed
+
+
+def test_a_return_under_way_when_the_pool_closes_closes_its_connection(
+    dsn: str, backends: Any
+) -> None:
+    """close() in one thread while another thread's putconn still runs ``reset``: the return
+    ends quietly, and its connection is closed with the pool, not left connected."""
+    name = unique_name("close-mid-return")
+    pool = ConnectionPool(dsn, min_size=1, max_size=1, reset=sleeper(0.6), name=name)
+    pool.open(wait=True)
+    conn = pool.getconn()
+    outcome: list[BaseException | None] = []
+
+    def give_back() -> None:
+        try:
+            pool.putconn(conn)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    returning = threading.Thread(target=give_back)
+    returning.start()
+    time.sleep(0.2)
+    pool.close(0.1)
+    returning.join()
+    assert outcome == [None]
+    assert conn.closed
+    assert backends(name) == 0
+
+
+# -- connection(): the connection given back inside its own block ----------------------------
+
+
+async def test_a_connection_given_back_in_its_block_is_not_touched_by_the_exit(dsn: str) -> None:
+    """With ``close_returns``, ``conn.close()`` inside ``async with pool.connection()`` gives it
+    back, and a waiting borrower may have it at once: the block's exit neither commits that
+    borrower's transaction nor returns its connection."""
+    name = unique_name("given-back-async")
+    async with AsyncConnectionPool(
+        dsn, min_size=1, max_size=1, close_returns=True, name=name
+    ) as pool:
+        await pool.wait()
+        other_has_it = asyncio.Event()
+        other_done = asyncio.Event()
+
+        async def other() -> None:
+            async with pool.connection() as conn:
+                await conn.execute("CREATE TEMP TABLE given_back (x int)")
+                await conn.commit()
+                await conn.execute("INSERT INTO given_back VALUES (1)")  # left open
+                other_has_it.set()
+                await other_done.wait()
+                await conn.rollback()
+                cur = await conn.execute("SELECT count(*) FROM given_back")
+                assert await cur.fetchone() == (0,)
+
+        async with pool.connection() as conn:
+            task = asyncio.create_task(other())
+            await asyncio.sleep(0.05)  # the other task waits in line
+            await conn.close()  # close_returns: back to the pool, to the other task
+            await other_has_it.wait()
+        assert pool.stats().in_use == 1  # still the other task's
+        other_done.set()
+        await task
+        stats = pool.stats()
+        assert (stats.in_use, stats.idle) == (0, 1)
+
+
+def test_a_connection_given_back_in_its_sync_block(dsn: str) -> None:
+    with ConnectionPool(
+        dsn, min_size=1, max_size=1, close_returns=True, name=unique_name("given-back-sync")
+    ) as pool:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+            conn.close()  # close_returns: back to the pool
+        eventually_blocking(lambda: (pool.stats().in_use, pool.stats().idle), (0, 1))
+        again = pool.getconn(timeout=1.0)
+        assert again is conn and not again.closed
+        pool.putconn(again)
+
+
+# -- the async pool: close() cancelled, close() during a check --------------------------------
+
+
+async def test_a_cancelled_close_closes_at_once(dsn: str, backends: Any) -> None:
+    """close() cancelled while it waits for a borrowed connection closes the pool at once,
+    as at its timeout, instead of leaving it closing with its idle connections open."""
+    name = unique_name("close-cancelled")
+    pool = AsyncConnectionPool(dsn, min_size=2, max_size=2, name=name)
+    await pool.open(wait=True)
+    held = await pool.getconn()
+    closing = asyncio.create_task(pool.close(timeout=30))
+    await asyncio.sleep(0.1)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert pool.closed and pool.stats().size == 0
+    assert held.closed
+    with pytest.raises(PoolClosed):
+        await pool.putconn(held)
+    assert await asyncio.to_thread(backends, name) == 0
+
+
+async def test_no_connection_is_lent_once_close_returned(dsn: str, backends: Any) -> None:
+    """A new connection whose ``check`` runs while the pool closes is not handed out."""
+    name = unique_name("check-vs-close")
+
+    async def slow_check(conn: psycopg.AsyncConnection[Any]) -> None:
+        await asyncio.sleep(0.4)
+
+    pool = AsyncConnectionPool(dsn, min_size=0, max_size=1, check=slow_check, name=name)
+    await pool.open()
+    request = asyncio.create_task(pool.getconn(timeout=5))
+    await asyncio.sleep(0.2)
+    await pool.close(0)
+    with pytest.raises(PoolClosed):
+        await request
+    assert pool.stats().in_use == 0
+    assert await asyncio.to_thread(backends, name) == 0
+
+
+async def test_a_configure_query_given_up_at_the_deadline_is_stopped_on_the_server(
+    dsn: str, backends: Any
+) -> None:
+    """``configure`` blocks on a lock past the request's deadline: the request fails with
+    PoolTimeout and the backend running that query is told to stop, rather than left
+    running (holding a server connection) for as long as the lock is held."""
+    name = unique_name("configure-stuck")
+    table = name.replace("-", "_")
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(f"SELECT count(*) FROM {table}")
+        await conn.commit()
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin:
+        await admin.execute(f"CREATE TABLE {table} (x int)")
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn) as locker:
+                await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                pool = AsyncConnectionPool(
+                    dsn, min_size=0, max_size=2, timeout=0.5, configure=configure, name=name
+                )
+                await pool.open()
+                for _ in range(3):
+                    with pytest.raises(PoolTimeout):
+                        await pool.getconn()
+                await pool.close()
+                for _ in range(100):  # the cancel requests travel from their threads
+                    if await asyncio.to_thread(backends, name) == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await asyncio.to_thread(backends, name) == 0
+                await locker.rollback()
+        finally:
+            await admin.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0])
+def test_a_bad_close_timeout_is_refused_before_anything_stops(
+    dsn: str, backends: Any, timeout: float
+) -> None:
+    """close() refuses a bad timeout with the pool as it was: it still serves, and a
+    close() with a good one closes it, its connections included."""
+    name = unique_name("close-bad-timeout")
+    pool = ConnectionPool(dsn, min_size=2, max_size=2, name=name)
+    pool.open(wait=True)
+    with pytest.raises(ValueError, match="timeout"):
+        pool.close(timeout)
+    assert not pool.closed
+    assert_serves_max_size(pool)
+    pool.close()
+    assert pool.closed
+    assert backends(name) == 0
