@@ -196,10 +196,19 @@ class Connector(Generic[ConnT]):
     # -- filling to min_size -------------------------------------------------------------
 
     def fill(self) -> None:
-        """Start background connects until ``min_size`` connections exist or are coming."""
+        """Start background connects until ``min_size`` connections exist or are coming.
+
+        At most :data:`MAX_CONCURRENT_CONNECTS` at a time, each starting the next when it
+        succeeds: a task per missing connection would freeze the loop for a huge
+        ``min_size`` (nothing bounds it above).
+        """
         core = self._core
         queue = core.queue
-        while core.state == "open" and core.size + self._filling < core.min_size:
+        while (
+            core.state == "open"
+            and core.size + self._filling < core.min_size
+            and self._filling < MAX_CONCURRENT_CONNECTS
+        ):
             slot = queue.take_free_one()
             if slot is None:
                 return
@@ -211,8 +220,10 @@ class Connector(Generic[ConnT]):
         deadline = None
         if core.reconnect_timeout is not None:
             deadline = monotonic() + core.reconnect_timeout
+        connected = False
         try:
             await self.connect(slot, deadline, retry=True)
+            connected = True
         except PoolTimeout:
             self.gave_up()
         except PoolClosed:
@@ -221,6 +232,8 @@ class Connector(Generic[ConnT]):
             self._filling -= 1
             core.release_slot(slot)
             self.notify_size()
+        if connected:
+            self.fill()  # the next one, if min_size needs more than were started
 
     def _spawn(self, coro: Any) -> None:
         loop = self._core.loop

@@ -44,8 +44,10 @@ def parse_conninfo(conninfo: str) -> dict[str, Any]:
     try:
         return conninfo_to_dict(conninfo)
     except Exception:
-        # libpq's message may quote the string, password included: do not chain it.
-        raise ValueError("conninfo is not a valid libpq connection string or URL") from None
+        pass
+    # Raised out of the except block: libpq's message may quote the string, password
+    # included, and must be neither the cause nor the (suppressed) context.
+    raise ValueError("conninfo is not a valid libpq connection string or URL")
 
 
 def _check_kwargs(kwargs: object) -> dict[str, Any]:

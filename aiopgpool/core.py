@@ -454,6 +454,9 @@ class PoolCore(Generic[ConnT]):
             if slot.conn is not None:
                 self.discard(slot, "pool closed")
             return
+        if slot.generation != self.generation and slot.conn is not None:
+            # Out of the queue when drain() ran (checked, being returned): replaced too.
+            self.discard(slot, "drained")
         if self.excess:
             self.excess -= 1
             self.update_fast()

@@ -31,7 +31,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -243,11 +243,18 @@ def check_setup(
                 f"{label} must be a conninfo string or a callable returning one, "
                 f"got {type(conninfo).__name__}"
             )
+    if not (kwargs is None or callable(kwargs) or isinstance(kwargs, Mapping)):
+        raise ValueError(
+            f"kwargs must be a mapping (or a callable returning one), got {type(kwargs).__name__}"
+        )
     seen: dict[tuple[str, str, str], str] = {}
     for label, conninfo in [("primary", primary)] + [
         (f"replica {i}", c) for i, c in enumerate(replicas, 1)
     ]:
-        key = server_key(conninfo, kwargs)
+        try:
+            key = server_key(conninfo, kwargs)
+        except ValueError as exc:  # its message names no password (parse_conninfo)
+            raise ValueError(f"{label}: {exc}") from None
         if key is None:
             continue
         if key in seen:

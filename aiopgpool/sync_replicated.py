@@ -85,6 +85,13 @@ class _ProbeThread:
         with contextlib.suppress(asyncio.CancelledError):
             await self.prober.run(self.first_round.set)
 
+    def round_now(self) -> None:
+        """Run a probe round on the probes' loop now, and wait for it."""
+        loop = self._loop
+        if loop is None or not self._thread.is_alive():
+            raise PoolError("the probes are not running")
+        asyncio.run_coroutine_threadsafe(self.prober.round(), loop).result()
+
     def stop(self, wait: bool = True) -> None:
         """Cancel the probes and end the thread; ``wait``: join it (unless called from it)."""
         loop, task = self._loop, self._task
@@ -407,6 +414,12 @@ class ReplicatedPool(Generic[CT]):
         return format_lsn(int(row[0]))
 
     # -- the whole set ---------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Probe every member now (roles and lags), without waiting for the next round."""
+        if self._state != "open":  # its connections would outlive the pool
+            raise self._closed_error()
+        self._probes.round_now()
 
     def check(self) -> None:
         """``check()`` on every member."""

@@ -273,6 +273,8 @@ def test_bad_conninfo_raises_value_error_without_password() -> None:
         AsyncConnectionPool("host=localhost password=sekrit-bad-conninfo bogus")
     for text in _chain_texts(info.value):
         assert "sekrit" not in text
+    # Not even as the suppressed context, which code can still reach.
+    assert info.value.__cause__ is None and info.value.__context__ is None
 
 
 async def test_resize_rejects_bad_sizes(dsn: str) -> None:

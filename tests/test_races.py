@@ -306,3 +306,51 @@ def test_a_bad_close_timeout_is_refused_before_anything_stops(
     pool.close()
     assert pool.closed
     assert backends(name) == 0
+
+
+async def test_a_huge_min_size_does_not_freeze_the_loop() -> None:
+    """Nothing bounds min_size above: open() and resize() start a few connects at a time,
+    not a task per missing connection (which froze the loop for minutes)."""
+    from helpers import closed_port
+
+    pool = AsyncConnectionPool(
+        f"host=127.0.0.1 port={closed_port()}",
+        min_size=10**9,
+        max_size=10**9,
+        name=unique_name("huge-min-size"),
+    )
+    await asyncio.wait_for(pool.open(), 10)
+    await asyncio.wait_for(pool.resize(10**12), 10)
+    await asyncio.sleep(0.1)  # the loop runs: the retrying connects do not hold it
+    await asyncio.wait_for(pool.close(0), 10)
+
+
+async def test_drain_replaces_connections_out_of_the_queue_too(dsn: str) -> None:
+    """drain() while check() probes the idle connections, or while a return rolls back:
+    those connections, out of the queue when drain() ran, are replaced too."""
+    async with AsyncConnectionPool(
+        dsn, min_size=2, max_size=2, name=unique_name("drain-in-transit")
+    ) as pool:
+        await pool.wait()
+
+        async def pids() -> set[int]:
+            conns = [await pool.getconn() for _ in range(2)]
+            for conn in conns:
+                await pool.putconn(conn)
+            return {conn.pgconn.backend_pid for conn in conns}
+
+        before = await pids()
+        checking = asyncio.create_task(pool.check())
+        await asyncio.sleep(0)  # check() took the idle connections
+        await pool.drain()
+        await checking
+        assert not before & await pids()
+
+        conn = await pool.getconn()
+        old = conn.pgconn.backend_pid
+        await conn.execute("SELECT 1")  # in a transaction: putconn rolls back
+        returning = asyncio.create_task(pool.putconn(conn))
+        await asyncio.sleep(0)  # the return waits for its ROLLBACK
+        await pool.drain()
+        await returning
+        assert old not in await pids()

@@ -113,6 +113,10 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
         AsyncReplicatedPool(primary=a, replicas=[b, 3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="min_lsn"):
         parse_lsn("nonsense")
+    with pytest.raises(ValueError, match="kwargs must be a mapping"):
+        AsyncReplicatedPool(primary=a, replicas=[b], kwargs=[("user", "x")])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="replica 1: conninfo is not a valid"):
+        AsyncReplicatedPool(primary=a, replicas=["host=db2 bogus=1"])
     # "For ever" limits are taken, not an OverflowError.
     AsyncReplicatedPool(primary=a, replicas=[b], max_replica_lag=float("inf"))
     AsyncReplicatedPool(primary=a, replicas=[b], probe_interval=float("inf"))

@@ -249,3 +249,17 @@ def test_open_true_does_not_wait_for_the_servers() -> None:
     assert pool.closed
     gc.collect()
     eventually(lambda: not {t.name for t in threading.enumerate()} - before, 5.0, "threads ended")
+
+
+def test_probe_now(rc: ReplicatedCluster) -> None:
+    """``probe()`` (as the async twin's): a probe round now; refused once closed."""
+    pool = make_pool(rc, "sync-probe-now")
+    with pytest.raises(PoolClosed, match="not open"):
+        pool.probe()
+    pool.open(wait=True)
+    before = pool._topology.rounds
+    pool.probe()
+    assert pool._topology.rounds > before
+    pool.close()
+    with pytest.raises(PoolClosed):
+        pool.probe()
