@@ -16,8 +16,9 @@ import os
 import threading
 from typing import Any
 
-from .dropins import DropInBase, SimpleConnectionPool, check_count, check_flag
+from .dropins import DropInBase, SimpleConnectionPool, check_flag
 from .errors import PoolError
+from .options import check_count
 
 __all__ = ["config_pool", "get_pool"]
 

@@ -26,7 +26,7 @@ import psycopg
 
 from .conninfo import ConnectTarget
 from .errors import PoolError
-from .options import DEFAULTS, PoolOptions, check_timeout
+from .options import DEFAULTS, PoolOptions, check_count, check_timeout
 from .sync_lifecycle import BlockingLifecycle, SyncLifecycle
 from .sync_pool import SyncPoolFacade
 
@@ -43,15 +43,6 @@ C = TypeVar("C")
 # connection attempt that fails raises its error at once; this bounds attempts
 # that neither fail nor succeed (PoolTimeout).
 OPEN_TIMEOUT = 10.0
-
-
-def check_count(label: str, value: object, *, least: int = 0) -> int:
-    """Validate a number of connections named as the caller named it (``maxconn``, ...)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{label} must be an integer, got {value!r}")
-    if value < least:
-        raise ValueError(f"{label} must be >= {least}, got {value}")
-    return value
 
 
 def check_flag(label: str, value: object) -> bool:

@@ -53,17 +53,23 @@ def check_key(key: Hashable) -> None:
         raise TypeError(f"key must be hashable, got {type(key).__name__}") from None
 
 
+def check_count(label: str, value: object, *, least: int = 0) -> int:
+    """A number of connections (an ``int`` >= ``least``); ValueError naming ``label``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{label} must be an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{label} must be >= {least}, got {value}")
+    return value
+
+
 def check_sizes(min_size: int, max_size: int, *, null: bool = False) -> None:
     """Raise ValueError naming what is wrong with ``min_size``/``max_size``.
 
     A null pool (one that keeps no idle connection) needs ``min_size`` 0 and
     takes ``max_size`` 0 for "no bound".
     """
-    for label, value in (("min_size", min_size), ("max_size", max_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{label} must be an integer, got {value!r}")
-        if value < 0:
-            raise ValueError(f"{label} must be >= 0, got {value}")
+    check_count("min_size", min_size)
+    check_count("max_size", max_size)
     if null:
         if min_size != 0:
             raise ValueError(f"min_size must be 0 for a null pool, got {min_size}")

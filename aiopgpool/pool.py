@@ -246,13 +246,13 @@ class _ConnectionContext(Generic[ACT]):
         self._loan: float | None = None
 
     async def __aenter__(self) -> ACT:
-        conn = self._conn = await self._get()
+        return self._hold(await self._pool.getconn(self._timeout))
+
+    def _hold(self, conn: ACT) -> ACT:
+        """Note the loan of ``conn`` just checked out, for the exit (see there)."""
+        self._conn = conn
         lender = self._lender = self._pool._core_for(conn)
         self._loan = lender.loan_of(conn)
-        return conn
-
-    async def _get(self) -> ACT:
-        conn: ACT = await self._pool.getconn(self._timeout)
         return conn
 
     async def __aexit__(

@@ -39,6 +39,7 @@ import psycopg
 
 from .conninfo import ConnectTarget, parse_conninfo
 from .deadlines import move_on_after
+from .errors import PoolError
 from .lifecycle import connect_async
 from .options import check_timeout
 
@@ -50,6 +51,7 @@ __all__ = [
     "Prober",
     "Topology",
     "format_lsn",
+    "lender_of",
     "parse_lsn",
 ]
 
@@ -206,6 +208,17 @@ class Member(Generic[P]):
 
     def __repr__(self) -> str:
         return f"<member {self.name} {self.role}>"
+
+
+def lender_of(conn: object, members: Mapping[str, Member[P]], pool_name: str) -> Member[P]:
+    """The member of ``members`` (by name) that lent ``conn``, by its :data:`LENDER`;
+    :class:`PoolError` if none did."""
+    ref = getattr(conn, LENDER, None)
+    member = None if ref is None else ref()
+    if member is None or members.get(member.name) is not member:
+        raise PoolError(f"pool {pool_name!r}: this connection was not lent by this pool")
+    assert member is not None
+    return member
 
 
 def server_key(conninfo: Any, kwargs: Any) -> tuple[str, str, str] | None:

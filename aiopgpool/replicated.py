@@ -39,6 +39,7 @@ from .replica_probe import (
     Topology,
     check_setup,
     format_lsn,
+    lender_of,
     parse_lsn,
 )
 from .stats import PoolStats
@@ -339,12 +340,7 @@ class AsyncReplicatedPool(Generic[ACT]):
         return ok
 
     def _member_of(self, conn: ACT) -> Member[AsyncConnectionPool[ACT]]:
-        ref = getattr(conn, LENDER, None)
-        member = None if ref is None else ref()
-        if member is None or self._by_name.get(member.name) is not member:
-            raise PoolError(f"pool {self._name!r}: this connection was not lent by this pool")
-        assert member is not None
-        return member
+        return lender_of(conn, self._by_name, self._name)
 
     def _core_for(self, conn: ACT) -> PoolCore[ACT]:
         """The core of the member that lent ``conn`` (for ``connection()``'s exit)."""
@@ -442,8 +438,6 @@ class _ReplicatedContext(_ConnectionContext[ACT]):
         self._read_only = read_only
         self._lsn = min_lsn
 
-    async def _get(self) -> ACT:
-        conn: ACT = await self._pool.getconn(
-            self._timeout, read_only=self._read_only, min_lsn=self._lsn
-        )
-        return conn
+    async def __aenter__(self) -> ACT:
+        conn = await self._pool.getconn(self._timeout, read_only=self._read_only, min_lsn=self._lsn)
+        return self._hold(conn)

@@ -307,7 +307,18 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[C]:
         """``with pool.connection() as conn``: getconn, commit or roll back, putconn."""
-        conn = self.getconn(timeout)
+        with self._lent(self.getconn(timeout), self.putconn) as conn:
+            yield conn
+
+    @contextmanager
+    def _lent(self, conn: C, give_back: Callable[[C], None]) -> Iterator[C]:
+        """The block of a ``connection()`` around ``conn``, lent by this pool: commit on
+        success, then ``give_back(conn)`` (the pool's ``putconn``, or a replicated
+        pool's); on error, that putconn rolls back or discards a broken connection.
+
+        Given back inside the block (``conn.close()`` with ``close_returns``), the
+        connection is no longer the block's, perhaps another borrower's: not touched.
+        """
         core = self._core
         loan = core.loan_of(conn)
         try:
@@ -315,12 +326,9 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
             if not core.loan_ended(conn, loan) and self._lifecycle.in_transaction(conn):
                 conn.commit()  # type: ignore[attr-defined]
         finally:
-            # On error, putconn rolls back (or discards a broken connection). Given
-            # back inside the block (conn.close() with close_returns), the connection
-            # is no longer this block's, perhaps another borrower's: not touched.
             if not core.loan_ended(conn, loan):
                 with suppress(PoolClosed):
-                    self.putconn(conn)
+                    give_back(conn)
 
     def _held_by_key(self, key: Hashable) -> C | None:
         """The connection checked out under ``key``, if any (for the psycopg2 drop-ins)."""

@@ -41,6 +41,7 @@ from .replica_probe import (
     Topology,
     check_setup,
     format_lsn,
+    lender_of,
     parse_lsn,
 )
 from .replicated import replica_wait
@@ -363,12 +364,7 @@ class ReplicatedPool(Generic[CT]):
         return ok
 
     def _member_of(self, conn: CT) -> Member[ConnectionPool[CT]]:
-        ref = getattr(conn, LENDER, None)
-        member = None if ref is None else ref()
-        if member is None or self._by_name.get(member.name) is not member:
-            raise PoolError(f"pool {self._name!r}: this connection was not lent by this pool")
-        assert member is not None
-        return member
+        return lender_of(conn, self._by_name, self._name)
 
     def putconn(self, conn: CT, key: Hashable | None = None, close: bool = False) -> None:
         """Give a connection back to the member that lent it (see ``ConnectionPool``)."""
@@ -390,18 +386,8 @@ class ReplicatedPool(Generic[CT]):
         """``with pool.connection(read_only=True) as conn``: getconn, commit or roll back,
         putconn."""
         conn = self.getconn(timeout, read_only=read_only, min_lsn=min_lsn)
-        lender = self._member_of(conn).pool._core
-        loan = lender.loan_of(conn)
-        try:
+        with self._member_of(conn).pool._lent(conn, self.putconn):
             yield conn
-            if not lender.loan_ended(conn, loan) and conn.pgconn.transaction_status == INTRANS:
-                conn.commit()
-        finally:
-            # Given back inside the block (conn.close() with close_returns): not touched
-            # (see ConnectionPool.connection).
-            if not lender.loan_ended(conn, loan):
-                with contextlib.suppress(PoolClosed):
-                    self.putconn(conn)
 
     def current_lsn(self, conn: CT) -> str:
         """See ``AsyncReplicatedPool.current_lsn``: call it after the write's commit."""

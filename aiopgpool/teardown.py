@@ -108,17 +108,12 @@ def _cancel_request(
     cancel request needs (the server's address and key). Neither this nor
     the sender it returns ever raises.
     """
-    if not cancel_stops_nothing():
-        return None
     try:
-        pgconn = conn.pgconn
-        if pgconn.transaction_status != TransactionStatus.ACTIVE:
+        if conn.pgconn.transaction_status != TransactionStatus.ACTIVE:
             return None
-        if psycopg.capabilities.has_cancel_safe():
-            return partial(_send_cancel, pgconn.cancel_conn())
-        return partial(_send_old_cancel, pgconn.get_cancel())
     except Exception:
         return None
+    return prepared_cancel(conn)
 
 
 def _send_cancel(request: PGcancelConn) -> None:
@@ -171,7 +166,7 @@ def cancel_in_background(conn: psycopg.AsyncConnection[Any] | psycopg.Connection
     request = _cancel_request(conn)
     if request is None:
         return False
-    _start(request)
+    send_in_background(request)
     return True
 
 
@@ -198,11 +193,7 @@ def prepared_cancel(
 
 
 def send_in_background(request: Callable[[], None]) -> None:
-    """Send a request of :func:`prepared_cancel` from a short-lived thread."""
-    _start(request)
-
-
-def _start(request: Callable[[], None]) -> None:
+    """Send a cancel request (:func:`prepared_cancel`) from a short-lived thread."""
     threading.Thread(target=request, name="aiopgpool-cancel", daemon=True).start()
 
 
@@ -217,7 +208,7 @@ def close_async(conn: psycopg.AsyncConnection[Any]) -> None:
         return
     request = _shut_down(conn)
     if request is not None:
-        _start(request)
+        send_in_background(request)
     try:
         task = asyncio.get_running_loop().create_task(_finish_when_free(conn))
     except RuntimeError:  # no loop any more: the connection's finalizer closes it
