@@ -240,11 +240,11 @@ class PersistentMixin(DropInBase[C]):
         """This thread's connection (``key`` is ignored, as in psycopg2)."""
         return super().getconn(("thread", threading.get_ident()))
 
-    # psycopg2's own signature, ``putconn(conn=None, close=False)``: the second
-    # positional argument is ``close``. ``key=`` (API.md's drop-in signature) is
-    # still taken by keyword, and ignored as getconn's is.
-    def putconn(  # type: ignore[override]
-        self, conn: C | None = None, close: bool = False, *, key: Hashable | None = None
+    # API.md's drop-in signature, ``putconn(conn, key=None, close=False)``: psycopg2
+    # 2.7/2.8's ``putconn(conn=None, close=False)`` took ``close`` second; here the
+    # second positional argument is the key (ignored), so ``close=`` goes by keyword.
+    def putconn(
+        self, conn: C | None = None, key: Hashable | None = None, close: bool = False
     ) -> None:
         """Give back this thread's connection (``conn`` may be omitted); ``close=True``
         discards it. ``key`` is ignored: the thread is the key."""

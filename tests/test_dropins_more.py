@@ -125,17 +125,18 @@ persistent_classes = pytest.mark.parametrize(
 
 
 @persistent_classes
-def test_persistent_putconn_second_positional_argument_is_close(dsn: str, cls: Any) -> None:
-    """psycopg2's ``PersistentConnectionPool.putconn(conn=None, close=False)``."""
+def test_persistent_putconn_takes_api_md_positional_arguments(dsn: str, cls: Any) -> None:
+    """API.md's ``putconn(conn, key=None, close=False)``, positionally: the key (ignored),
+    then ``close``; ``conn`` may be omitted (this thread's connection)."""
     pool = cls(1, 2, dsn, application_name=uname("persist-close"))
     try:
         conn = pool.getconn()
-        pool.putconn(conn, True)
+        pool.putconn(conn, "ignored", True)
         assert conn.closed
         again = pool.getconn()
         assert again is not conn
         assert query(again, "SELECT 1") == (1,)
-        pool.putconn(None, True)  # this thread's connection, closed
+        pool.putconn(None, None, True)  # this thread's connection, closed
         assert again.closed
         assert pool.stats().in_use == 0
     finally:
