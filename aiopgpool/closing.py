@@ -50,6 +50,9 @@ class Closing(Generic[ConnT]):
     async def close(self, timeout: float = 5.0) -> None:
         """Refuse new requests, wait up to ``timeout`` for borrowed connections, close.
 
+        A return under way (a connection being rolled back or reset, in
+        another task or thread) counts as borrowed until it is over.
+
         When it returns the pool is closed, even when another ``close()`` is
         still waiting for returns (this one waits with it, up to its own
         ``timeout``).
@@ -65,7 +68,7 @@ class Closing(Generic[ConnT]):
             core.state = "closing"
             core.update_fast()
             core.queue.fail_waiters(core.closed_error)
-            if core.borrowed:
+            if core.borrowed or core.returning:
                 self._all_returned = asyncio.get_running_loop().create_future()
         if self._all_returned is not None and not self._all_returned.done():
             try:
@@ -79,9 +82,10 @@ class Closing(Generic[ConnT]):
                 raise
             if scope.cancelled_caught and core.state != "closed":
                 logger.warning(
-                    "pool %r: %d connections still borrowed after %g s: closing them",
+                    "pool %r: %d connections still borrowed or being returned after %g s: "
+                    "closing them",
                     core.name,
-                    len(core.borrowed),
+                    len(core.borrowed) + core.returning,
                     timeout,
                 )
         if core.state != "closed":

@@ -9,12 +9,15 @@ from slow branches: a free slot, a refill, an explicit ``wait()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
 
 from .backoff import Backoff
 from .deadlines import move_on_after
@@ -26,7 +29,7 @@ from .slot import Slot, mark_tested
 if TYPE_CHECKING:
     from .core import PoolCore
 
-__all__ = ["LIFETIME_JITTER", "MAX_CONCURRENT_CONNECTS", "Connector"]
+__all__ = ["LIFETIME_JITTER", "MAX_CONCURRENT_CONNECTS", "Connector", "Seat"]
 
 logger = logging.getLogger("aiopgpool")
 
@@ -77,46 +80,76 @@ class Connector(Generic[ConnT]):
 
     # -- one connection ----------------------------------------------------------------
 
-    async def connect(self, slot: Slot[ConnT], deadline: float | None, *, retry: bool) -> None:
-        """Open a connection on a free slot, retrying with backoff until ``deadline``."""
+    async def connect(
+        self, slot: Slot[ConnT], deadline: float | None, *, retry: bool, borrower: bool = False
+    ) -> Slot[ConnT]:
+        """Open a connection on a free slot, retrying with backoff until ``deadline``.
+
+        Returns ``slot``, connected. A ``borrower`` (a checkout connecting its own
+        slot) also takes its place in the waiters' line once an attempt failed:
+        a connection given back meanwhile is handed to it, in line order, and it
+        returns that slot instead (``slot`` goes back to the pool, free). Else a
+        connection returned while the server refuses new ones (too many clients)
+        would go to a later request, and the borrower to its timeout.
+        """
         core = self._core
         backoff = Backoff()
         # One attempt never outlasts the pool's timeout: a connect stuck that
         # long (a startup packet lost in a partition, no connect_timeout) is
         # of no use to any waiter, and would hold its slot for good.
         attempt_limit = core.timeout or None
-        while True:
-            if core.state == "closed":
-                raise core.closed_error()
-            remaining = None if deadline is None else deadline - monotonic()
-            if remaining is not None and remaining <= 0:
-                raise PoolTimeout(
-                    f"pool {core.name!r}: could not connect before the deadline"
-                ) from self._last_error
-            limit = remaining
-            if attempt_limit is not None and (limit is None or attempt_limit < limit):
-                limit = attempt_limit
-            try:
-                # A cancel scope acts in this task: unlike asyncio.wait_for on
-                # Python < 3.12, it never swallows a cancellation of the caller
-                # that lands just as the connect completes.
-                with move_on_after(limit) as scope:
-                    await self._connect_once(slot)
-                if not scope.cancelled_caught:
-                    return
-                if limit is remaining:
-                    continue  # the deadline: raised above
-                self._failed(PoolTimeout(f"connection attempt took longer than {limit:g} s"))
-            except PoolClosed:
-                raise
-            except Exception as exc:
-                self._failed(exc)
-                if not retry:
+        seat: Seat[ConnT] | None = None
+        try:
+            while True:
+                if core.state == "closed":
+                    raise core.closed_error()
+                remaining = None if deadline is None else deadline - monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise PoolTimeout(
+                        f"pool {core.name!r}: could not connect before the deadline"
+                    ) from self._last_error
+                limit = remaining
+                if attempt_limit is not None and (limit is None or attempt_limit < limit):
+                    limit = attempt_limit
+                try:
+                    # A cancel scope acts in this task: unlike asyncio.wait_for on
+                    # Python < 3.12, it never swallows a cancellation of the caller
+                    # that lands just as the connect completes.
+                    with move_on_after(limit) as scope, Seat.watching(seat, scope):
+                        await self._connect_once(slot)
+                    if seat is not None and seat.done():
+                        got, seat = seat.take_instead(slot), None
+                        if got.conn is not None:
+                            return got
+                        continue  # handed a free slot: given on; a new seat if this fails
+                    if not scope.cancelled_caught:
+                        return slot
+                    if limit is remaining:
+                        continue  # the deadline: raised above
+                    self._failed(PoolTimeout(f"connection attempt took longer than {limit:g} s"))
+                except PoolClosed:
                     raise
-            delay = backoff.next()
-            if deadline is not None:
-                delay = min(delay, max(deadline - monotonic(), 0))
-            await asyncio.sleep(delay)
+                except Exception as exc:
+                    self._failed(exc)
+                    if not retry:
+                        raise
+                if borrower and seat is None and retry and not core.null:
+                    ready = core.queue.swap_top(slot)  # a connection kept meanwhile
+                    if ready is not None:
+                        return ready
+                    seat = Seat(core)
+                delay = backoff.next()
+                if deadline is not None:
+                    delay = min(delay, max(deadline - monotonic(), 0))
+                with anyio.CancelScope() as scope, Seat.watching(seat, scope):
+                    await asyncio.sleep(delay)
+                if seat is not None and seat.done():
+                    got, seat = seat.take_instead(slot), None
+                    if got.conn is not None:
+                        return got
+        finally:
+            if seat is not None:
+                seat.leave()
 
     async def _connect_once(self, slot: Slot[ConnT]) -> None:
         core = self._core
@@ -264,6 +297,9 @@ class Connector(Generic[ConnT]):
         if fail_fast:
             self._fail_fast_watchers.append(fut)
         self.notify_size()
+        # Background connects that gave up (reconnect_timeout) start again now, not at
+        # the next maintenance run (up to 10 s away).
+        self.fill()
         try:
             with move_on_after(timeout) as scope:
                 await fut
@@ -308,3 +344,102 @@ class Connector(Generic[ConnT]):
         self._fail_fast_watchers.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+class Seat(Generic[ConnT]):
+    """A connecting borrower's place in the waiters' line (a :class:`~aiopgpool.waiting.Waiter`).
+
+    The queue completes it like any waiter, from the loop or (sync facade) from a
+    caller thread under the bridge lock while the loop is parked: either way the
+    borrower's current attempt or backoff sleep is cancelled on the loop, and
+    the borrower takes the slot it was handed.
+    """
+
+    __slots__ = ("_core", "_done", "_error", "_handed", "_loop", "_scope")
+
+    def __init__(self, core: PoolCore[ConnT]) -> None:
+        self._core = core
+        self._loop = asyncio.get_running_loop()
+        self._done = False
+        self._handed: Slot[ConnT] | None = None
+        self._error: BaseException | None = None
+        self._scope: anyio.CancelScope | None = None
+        core.queue.add_waiter(self)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def watching(seat: Seat[ConnT] | None, scope: anyio.CancelScope) -> Iterator[None]:
+        """While the block runs, completing ``seat`` (if any) cancels ``scope``."""
+        if seat is None:
+            yield
+            return
+        if seat._done:
+            scope.cancel()
+        seat._scope = scope
+        try:
+            yield
+        finally:
+            seat._scope = None
+
+    def done(self) -> bool:
+        """True once handed a slot, failed or cancelled."""
+        return self._done
+
+    def set_result(self, slot: Slot[ConnT], /) -> None:
+        """Handed ``slot`` by the queue."""
+        self._handed = slot
+        self._finish()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        """Failed by the queue (the pool closed)."""
+        self._error = exception
+        self._finish()
+
+    def cancel(self) -> bool:
+        """Leave the line; False when already completed."""
+        if self._done:
+            return False
+        self._done = True
+        return True
+
+    def _finish(self) -> None:
+        self._done = True
+        scope = self._scope
+        if scope is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            scope.cancel()
+        else:  # a caller thread of the sync facade: wake the parked loop
+            self._loop.call_soon_threadsafe(self._cancel_if_current, scope)
+
+    def _cancel_if_current(self, scope: anyio.CancelScope) -> None:
+        if self._scope is scope:
+            scope.cancel()
+
+    def take_instead(self, slot: Slot[ConnT]) -> Slot[ConnT]:
+        """The slot to go on with once completed: the one handed (``slot``, the borrower's
+        free one, goes back to the pool), or ``slot`` itself when the one handed is free
+        too or ``slot`` got connected meanwhile. Raises what the queue failed it with
+        (the caller still holds ``slot``)."""
+        core = self._core
+        handed, self._handed = self._handed, None
+        if self._error is not None:
+            raise self._error
+        assert handed is not None
+        if handed.conn is None or slot.conn is not None:
+            core.release_slot(handed)  # to the next in line
+            return slot
+        core.release_slot(slot)
+        return handed
+
+    def leave(self) -> None:
+        """The borrower is done with the line: a slot handed too late goes on."""
+        if self._core.queue.leave(self):
+            return
+        handed, self._handed = self._handed, None
+        if handed is not None:
+            self._core.release_slot(handed)

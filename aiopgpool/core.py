@@ -114,6 +114,7 @@ class PoolCore(Generic[ConnT]):
         "ping_after_idle",
         "queue",
         "reconnect_timeout",
+        "returning",
         "size",
         "state",
         "threaded",
@@ -160,6 +161,9 @@ class PoolCore(Generic[ConnT]):
         self._key_of: dict[ConnT, Hashable] = {}
         self.generation = 0
         self._preparing = 0  # slots being checked or connected for a borrower
+        # Returns under way off the hot path (rolling back, resetting): a graceful
+        # close() waits for them as it waits for borrowed connections.
+        self.returning = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         # The thread last seen running ``loop``: a return compares thread
         # identities (see give_back), not loops, which costs a getpid() system
@@ -546,12 +550,14 @@ class PoolCore(Generic[ConnT]):
         if slot.leak_timer is not None:  # never on the fast path: leak_timeout turns it off
             slot.leak_timer.cancel()
             slot.leak_timer = None
+        self.returning += 1  # until after_return()
         return slot
 
     def after_return(self, slot: Slot[ConnT]) -> None:
         """A return is over: the slot goes back; closing or refilling follow."""
+        self.returning -= 1
         self.release_slot(slot)
-        if self.state == CLOSING and not self._borrowed:
+        if self.state == CLOSING and not self._borrowed and not self.returning:
             self.closing.all_returned()
         elif self.state == OPEN and slot.conn is None:
             self.connector.fill()

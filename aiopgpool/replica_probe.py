@@ -8,7 +8,8 @@ thread of its own) asks every server, every ``probe_interval`` seconds and over 
 dedicated connection per server (never one of the members' connections)::
 
     pg_is_in_recovery(), the replay position (a standby) or the current WAL position
-    (a primary), pg_is_wal_replay_paused(), default_transaction_read_only
+    (a primary), pg_is_wal_replay_paused(), default_transaction_read_only, and the
+    timeline: the primary's current one, or the one a standby's WAL receiver streams
 
 and hands the answers to :meth:`Topology.update`, which decides the roles and the
 lags and publishes the readable replicas as one tuple. Checkouts read that tuple
@@ -20,6 +21,20 @@ positions with the time each was seen; a replica's lag is how long ago the prima
 first got past the position the replica has replayed (0 when it has replayed the
 primary's latest position). An idle primary writes nothing, so its replicas stay at
 lag 0; a replica whose replay is stuck falls behind as soon as the primary writes.
+
+Positions are only comparable on one timeline. After a failover, a standby that still
+streams from the old primary (restarted alone, out of recovery: fenced) replays the
+old timeline, and its positions may run past the new primary's while its data
+differ: a replica whose WAL receiver streams another timeline than the primary's is
+*diverged* and gets no reads, whatever its position. The standby's timeline is
+``received_tli`` of ``pg_stat_wal_receiver``, which PostgreSQL shows only to
+superusers and members of ``pg_read_all_stats`` (or ``pg_monitor``); for anyone else,
+and while no WAL receiver runs, the last timeline seen is kept (None before any: then
+positions alone decide, as without timelines). Kept, because a diverged standby whose
+old primary stops again has no WAL receiver either and must stay out; the price is that
+a standby switching timelines from a WAL archive alone stays out until its WAL receiver
+runs. Timelines are compared by number only: two servers promoted independently from
+one timeline take the same number.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ from typing import Any, Generic, TypeVar
 
 import psycopg
 
-from .conninfo import ConnectTarget, parse_conninfo
+from .conninfo import ConnectTarget, check_dbname, parse_conninfo
 from .deadlines import move_on_after
 from .errors import PoolError
 from .lifecycle import connect_async
@@ -45,6 +60,7 @@ from .options import check_timeout
 
 __all__ = [
     "LENDER",
+    "MIN_PROBE_INTERVAL",
     "Member",
     "MemberStatus",
     "ProbeResult",
@@ -60,13 +76,20 @@ logger = logging.getLogger("aiopgpool")
 P = TypeVar("P")
 
 # One round trip per server and probe. CASE evaluates only the branch taken:
-# pg_current_wal_lsn() raises on a standby, the replay functions return NULL on a primary.
+# pg_current_wal_lsn() and pg_walfile_name() raise on a standby, the replay functions
+# return NULL on a primary. A primary's timeline is the first 8 hex digits of its
+# current WAL file's name (the new timeline from the promotion on, on any session);
+# a standby's is its WAL receiver's received_tli: no row without a WAL receiver, NULL
+# for a user without pg_read_all_stats.
 PROBE_SQL = """\
 SELECT pg_is_in_recovery(),
        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
              ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::int8,
        CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
-       current_setting('default_transaction_read_only') = 'on'"""
+       current_setting('default_transaction_read_only') = 'on',
+       CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+       END"""
 
 #: The position a read-your-writes read must wait for, asked on the connection that
 #: wrote, after its commit. On a primary, the WAL *insert* position: with
@@ -127,6 +150,9 @@ class ProbeResult:
     """Replay position (a standby) or current WAL write position (a primary)."""
     paused: bool
     read_only: bool
+    timeline: int | None = None
+    """The current timeline (a primary), or the one the WAL receiver streams (a standby;
+    None when none runs or the probe's user may not see it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +164,13 @@ class MemberStatus:
     """``"primary"`` or ``"replica"``: its place in the constructor."""
     role: str
     """``"primary"`` (serves writes), ``"replica"`` (serves reads), ``"lagging"``
-    (over ``max_replica_lag``), ``"paused"`` (replay paused and behind), ``"fenced"``
-    (out of recovery but not the primary: serves nothing), ``"down"`` (unreachable),
-    ``"unknown"`` (not probed yet)."""
+    (over ``max_replica_lag``), ``"paused"`` (replay paused and behind), ``"diverged"``
+    (in recovery on another timeline than the primary's, e.g. still following the old
+    primary after a failover: no reads), ``"fenced"`` (out of recovery but not the
+    primary: serves nothing), ``"down"`` (unreachable), ``"unknown"`` (not probed
+    yet)."""
     lag: float | None
-    """Seconds behind the primary (replicas; None when not known)."""
+    """Seconds behind the primary (replicas; None when not known, or diverged)."""
     lsn: int | None
     """The last probed position (replay position on a replica)."""
     in_use: int
@@ -156,6 +184,7 @@ class Member(Generic[P]):
 
     __slots__ = (
         "__weakref__",
+        "behind",
         "busy",
         "capacity",
         "configured",
@@ -171,6 +200,7 @@ class Member(Generic[P]):
         "ref",
         "role",
         "target",
+        "timeline",
     )
 
     def __init__(self, name: str, configured: str, pool: P, target: ConnectTarget, capacity: int):
@@ -188,6 +218,12 @@ class Member(Generic[P]):
         self.read_only = False
         self.lsn = 0
         self.lag = 0.0
+        #: The last timeline a probe reported (kept while probes report none).
+        self.timeline: int | None = None
+        #: (time, position) of the primary, from the topology's history, that the member
+        #: was behind when it fell behind every kept position: its lag goes on growing
+        #: from there after that entry leaves the history.
+        self.behind: tuple[float, int] | None = None
         self.role = "unknown"
         self.error: str | None = None
         #: What a lent connection carries (:data:`LENDER`): it does not keep the member
@@ -200,7 +236,7 @@ class Member(Generic[P]):
             self.name,
             self.configured,
             self.role,
-            self.lag if probed and self.role != "primary" else None,
+            self.lag if probed and self.role not in ("primary", "diverged") else None,
             self.lsn if probed else None,
             self.busy,
             self.error,
@@ -226,11 +262,16 @@ def server_key(conninfo: Any, kwargs: Any) -> tuple[str, str, str] | None:
     if not isinstance(conninfo, str) or callable(kwargs):
         return None
     params = {**parse_conninfo(conninfo), **(kwargs or {})}
+    check_dbname(params.get("dbname"))
     host = params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "localhost"
     port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
     user = params.get("user") or os.environ.get("PGUSER") or ""
     dbname = params.get("dbname") or os.environ.get("PGDATABASE") or user
     return str(host), port, str(dbname)
+
+
+#: The shortest ``probe_interval`` accepted, in seconds.
+MIN_PROBE_INTERVAL = 0.01
 
 
 def check_setup(
@@ -280,8 +321,11 @@ def check_setup(
     lag = check_timeout("max_replica_lag", max_replica_lag)
     interval = check_timeout("probe_interval", probe_interval, allow_none=False)
     assert interval is not None
-    if interval == 0:
-        raise ValueError("probe_interval must be > 0, got 0")
+    if interval < MIN_PROBE_INTERVAL:
+        raise ValueError(
+            f"probe_interval must be >= {MIN_PROBE_INTERVAL:g} s (a shorter one probes "
+            f"every server in a busy loop), got {probe_interval!r}"
+        )
     return replicas, lag, interval
 
 
@@ -315,6 +359,9 @@ class Topology(Generic[P]):
         self.history: deque[tuple[float, int]] = deque(
             maxlen=int(probes) + 2 if probes < 100_000 else 100_000
         )
+        #: The timeline of the positions in :attr:`history`: the primary's, as its last
+        #: probe out of recovery reported it (None: not known).
+        self.timeline: int | None = None
         self.rounds = 0
         self._turn = 0
         self._primary_lost = False
@@ -331,12 +378,19 @@ class Topology(Generic[P]):
                 member.lsn = result.lsn
                 member.paused = result.paused
                 member.read_only = result.read_only
+                if result.timeline is not None:
+                    member.timeline = result.timeline
             else:
                 member.reachable = False
                 member.error = _describe(result)
         self._choose_primary()
         primary = self.primary
         if primary.reachable and not primary.in_recovery:
+            if primary.timeline != self.timeline:
+                # The same member promoted again (demoted, then promoted on a new
+                # timeline): its positions on the old timeline compare with nothing.
+                self._forget_history()
+                self.timeline = primary.timeline
             self.history.append((now, primary.lsn))
             primary.lag = 0.0
             self._set_role(primary, "primary")
@@ -383,20 +437,43 @@ class Topology(Generic[P]):
                 chosen.name,
                 current.name,
             )
-            self.history.clear()  # another server's positions
+            self._forget_history()  # another server's positions
             self.primary = chosen
+
+    def _forget_history(self) -> None:
+        self.history.clear()
+        for member in self.members:
+            member.behind = None
 
     def _replica_role(self, member: Member[P], now: float) -> str:
         if not member.reachable:
             return "down"
         if not member.in_recovery:
             return "fenced"
+        if (
+            member.timeline is not None
+            and self.timeline is not None
+            and member.timeline != self.timeline
+        ):
+            member.behind = None
+            return "diverged"
         history = self.history
         if not history or member.lsn >= history[-1][1]:
             member.lag = 0.0
+            member.behind = None
             behind = False
+        elif member.lsn < history[0][1]:
+            # Behind every kept position: the primary got past the member's position
+            # before the oldest one was seen. Remember that entry, so that the lag keeps
+            # growing once it leaves the history (until the member replays past it).
+            anchor = member.behind
+            if anchor is None or member.lsn >= anchor[1]:
+                anchor = member.behind = history[0]
+            member.lag = max(0.0, now - anchor[0])
+            behind = True
         else:
             # The oldest position the primary had that the member has not replayed.
+            member.behind = None
             since = history[-1][0]
             for seen, lsn in reversed(history):
                 if lsn <= member.lsn:
@@ -424,6 +501,17 @@ class Topology(Generic[P]):
                 self.name,
                 member.name,
                 self.primary.name,
+            )
+        elif role == "diverged":
+            logger.warning(
+                "replicated pool %r: %s follows timeline %s but the primary %s is on "
+                "timeline %s: it gets no reads until it follows the primary's timeline "
+                "(a standby still following an old primary after a failover?)",
+                self.name,
+                member.name,
+                member.timeline,
+                self.primary.name,
+                self.timeline,
             )
         elif role in ("down", "lagging", "paused") and old != "unknown":
             logger.warning(
@@ -549,8 +637,14 @@ class Prober(Generic[P]):
                 with contextlib.suppress(Exception):
                     await dropped.close()
             raise
-        in_recovery, lsn, paused, read_only = row
-        return ProbeResult(bool(in_recovery), int(lsn or 0), bool(paused), bool(read_only))
+        in_recovery, lsn, paused, read_only, timeline = row
+        return ProbeResult(
+            bool(in_recovery),
+            int(lsn or 0),
+            bool(paused),
+            bool(read_only),
+            None if timeline is None else int(timeline),
+        )
 
     async def _connected(self, index: int, member: Member[P]) -> psycopg.AsyncConnection[Any]:
         """The member's new probe connection, opening in the background; raises while it

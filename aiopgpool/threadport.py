@@ -203,6 +203,7 @@ class ThreadPort(Generic[ConnT]):
         else:
             slot = core.give_back(got, None, False)
             if slot is not None:
+                core.returning -= 1  # over here: after_return() is for the loop
                 core.release_slot(slot)
 
     async def prepare(

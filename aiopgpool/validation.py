@@ -105,13 +105,18 @@ class Validation(Generic[ConnT]):
                         slot = swapped
                     continue
                 try:
-                    await core.connector.connect(slot, None if not retry else deadline, retry=retry)
+                    got = await core.connector.connect(
+                        slot, None if not retry else deadline, retry=retry, borrower=True
+                    )
                 except PoolTimeout as exc:
                     if check_error is None or exc.__cause__ is not None:
                         raise
                     raise PoolTimeout(
                         f"pool {core.name!r}: no connection passed the check before the deadline"
                     ) from check_error
+                if got is not slot:  # a connection given back while connecting failed
+                    slot = got
+                    continue
                 core.connector.notify_size()
                 check_error = await self._checked(slot)
                 if check_error is None:

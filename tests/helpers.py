@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -163,3 +164,46 @@ def query(conn: Any, sql: str, args: Any = None) -> Any:
     with conn.cursor() as cur:
         cur.execute(sql, args)
         return cur.fetchone()
+
+
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
+) -> float:
+    """Wait until ``predicate()`` is true; how long it took (AssertionError after ``timeout``)."""
+    start = time.monotonic()
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def chain_texts(exc: BaseException | None) -> list[str]:
+    """str/repr/args of an exception and of every exception chained to it (cause or context)."""
+    texts: list[str] = []
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        one = todo.pop()
+        if one is None or id(one) in seen:
+            continue
+        seen.add(id(one))
+        texts += [str(one), repr(one), *map(str, one.args)]
+        todo += [one.__cause__, one.__context__]
+    return texts
+
+
+def log_texts(records: list[logging.LogRecord]) -> list[str]:
+    """Every record as a handler would print it (message, traceback, stack)."""
+    texts: list[str] = []
+    for record in records:
+        texts.append(record.getMessage())
+        if record.exc_info:
+            texts.append(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            texts.append(record.stack_info)
+    return texts

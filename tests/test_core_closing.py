@@ -9,9 +9,19 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import call, closed_port, eventually, finish, monitor, opened, unique_name
+from helpers import (
+    call,
+    chain_texts,
+    closed_port,
+    eventually,
+    finish,
+    log_texts,
+    monitor,
+    opened,
+    unique_name,
+)
 
-from aiopgpool import AsyncConnectionPool, PoolClosed, PoolError, PoolTimeout
+from aiopgpool import AsyncConnectionPool, AsyncReplicatedPool, PoolClosed, PoolError, PoolTimeout
 
 # -- closeall() ---------------------------------------------------------------------------
 
@@ -271,7 +281,7 @@ def test_bad_conninfo_raises_value_error_without_password() -> None:
     """An unparsable conninfo raises ValueError naming conninfo, without the password."""
     with pytest.raises(ValueError, match="conninfo") as info:
         AsyncConnectionPool("host=localhost password=sekrit-bad-conninfo bogus")
-    for text in _chain_texts(info.value):
+    for text in chain_texts(info.value):
         assert "sekrit" not in text
     # Not even as the suppressed context, which code can still reach.
     assert info.value.__cause__ is None and info.value.__context__ is None
@@ -286,22 +296,6 @@ async def test_resize_rejects_bad_sizes(dsn: str) -> None:
 
 
 # -- passwords stay secret ---------------------------------------------------------------
-
-
-def _chain_texts(exc: BaseException | None) -> list[str]:
-    """str/repr/args of an exception and everything traceback would show with it."""
-    texts: list[str] = []
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        texts += [str(exc), repr(exc), *map(str, exc.args)]
-        if exc.__cause__ is not None:
-            exc = exc.__cause__
-        elif not exc.__suppress_context__:
-            exc = exc.__context__
-        else:
-            exc = None
-    return texts
 
 
 SECRET = "sekrit-core-closing-7f3a"
@@ -327,7 +321,22 @@ def _secret_conninfos(port: int) -> dict[str, tuple[str, dict[str, Any] | None]]
     }
 
 
-@pytest.mark.parametrize("form", ["keywords", "url", "kwargs", "dbname-url", "dbname-kwargs"])
+@pytest.mark.parametrize("form", ["dbname-url", "dbname-kwargs"])
+def test_a_dbname_that_is_a_connection_string_with_a_password_is_refused(form: str) -> None:
+    """psycopg does not expand such a dbname: the server would get it as a database name
+    and quote it, password included, in its error. Refused at construction, naming the
+    problem and nothing of the string."""
+    conninfo, kwargs = _secret_conninfos(closed_port())[form]
+    with pytest.raises(ValueError, match="dbname is itself a connection string") as info:
+        AsyncConnectionPool(conninfo, kwargs=kwargs, name=unique_name("dbname-conninfo"))
+    assert SECRET not in "".join(chain_texts(info.value))
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    with pytest.raises(ValueError, match=r"(primary|replica 1): conninfo: the dbname") as info:
+        AsyncReplicatedPool(f"host=127.0.0.1 port={closed_port()}", [conninfo], kwargs=kwargs)
+    assert SECRET not in "".join(chain_texts(info.value))
+
+
+@pytest.mark.parametrize("form", ["keywords", "url", "kwargs"])
 async def test_password_never_shown(form: str, caplog: pytest.LogCaptureFixture) -> None:
     """A password in the conninfo never appears in repr/str, errors (and their causes) or logs."""
     conninfo, kwargs = _secret_conninfos(closed_port())[form]
@@ -339,21 +348,16 @@ async def test_password_never_shown(form: str, caplog: pytest.LogCaptureFixture)
         with pytest.raises(PoolTimeout) as info:
             await asyncio.wait_for(pool.open(wait=True, timeout=0.3), 5)
         assert info.value.__cause__ is not None, "the connection error is chained"
-        texts += _chain_texts(info.value)
+        texts += chain_texts(info.value)
         with pytest.raises(PoolTimeout) as info:
             await asyncio.wait_for(pool.getconn(timeout=0.3), 5)
-        texts += _chain_texts(info.value)
+        texts += chain_texts(info.value)
         texts += [repr(pool), str(pool)]
     finally:
         await pool.close()
     texts += [repr(pool), str(pool)]
     assert caplog.records, "the failed connections were logged"
-    for record in caplog.records:
-        texts.append(record.getMessage())
-        if record.exc_info:
-            texts.append(logging.Formatter().formatException(record.exc_info))
-        if record.stack_info:
-            texts.append(record.stack_info)
+    texts += log_texts(caplog.records)
     leaks = [text for text in texts if SECRET in text]
     assert leaks == []
 
@@ -373,7 +377,7 @@ async def test_fail_fast_raises_the_first_connection_error(via: str) -> None:
                 await pool.open()
                 await asyncio.wait_for(pool.wait(30, fail_fast=True), 10)
         assert not isinstance(info.value, PoolTimeout)
-        assert all(SECRET not in text for text in _chain_texts(info.value))
+        assert all(SECRET not in text for text in chain_texts(info.value))
         assert not pool.closed
         assert pool.stats().connections_failed >= 1
     finally:

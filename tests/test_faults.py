@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
-from helpers import activity
+from helpers import activity, unique_name, until
 
 from aiopgpool import AsyncConnectionPool, ConnectionPool, PoolError, PoolTimeout
 from aiopgpool.testing.proxy import TcpProxy
@@ -280,6 +280,31 @@ async def test_connect_timeout_is_honoured(own_server: Any) -> None:
         assert isinstance(info.value.__cause__, psycopg.OperationalError)
         assert pool.stats().connections_failed >= 2
         await pool.close()
+
+
+async def test_wait_connects_again_after_reconnect_timeout_gave_up(own_server: Any) -> None:
+    """Once the background fill gave up (``reconnect_timeout``), an explicit ``wait()``
+    starts connecting again itself, rather than waiting for the next maintenance run."""
+    with _proxy_for(own_server) as proxy:
+        proxy.reset()
+        pool = AsyncConnectionPool(
+            proxy.dsn(own_server.dsn),
+            min_size=2,
+            max_size=2,
+            reconnect_timeout=0.3,
+            name=unique_name("faults-wait-refill"),
+        )
+        async with pool:
+            await until(
+                lambda: (
+                    pool.stats().connections_failed > 0 and not pool._core.connector.stalled_fills()
+                ),
+                10,
+                "every background connect gave up",
+            )
+            proxy.forward()
+            await pool.wait(timeout=3)
+            assert pool.stats().size == 2
 
 
 async def test_reset_connections_are_replaced(own_server: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import eventually_blocking, unique_name
+from helpers import eventually, eventually_blocking, unique_name
 
 from aiopgpool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
@@ -135,11 +135,14 @@ def test_close_from_many_threads_at_once(dsn: str) -> None:
         assert pool.closed
 
 
-def test_a_return_under_way_when_the_pool_closes_closes_its_connection(
-    dsn: str, backends: Any
+@pytest.mark.parametrize("close_timeout", [0.1, 10.0], ids=["timeout-first", "graceful"])
+def test_a_return_under_way_when_the_pool_closes(
+    dsn: str, backends: Any, close_timeout: float
 ) -> None:
-    """close() in one thread while another thread's putconn still runs ``reset``: the return
-    ends quietly, and its connection is closed with the pool, not left connected."""
+    """close() in one thread while another thread's putconn still runs ``reset``. A return
+    under way counts as borrowed: a graceful close() waits for it (when close() returns,
+    the return is over). At close()'s timeout it ends quietly instead. Either way its
+    connection is closed with the pool, not left connected."""
     name = unique_name("close-mid-return")
     pool = ConnectionPool(dsn, min_size=1, max_size=1, reset=sleeper(0.6), name=name)
     pool.open(wait=True)
@@ -155,12 +158,38 @@ def test_a_return_under_way_when_the_pool_closes_closes_its_connection(
 
     returning = threading.Thread(target=give_back)
     returning.start()
-    time.sleep(0.2)
-    pool.close(0.1)
+    time.sleep(0.2)  # in reset now
+    pool.close(close_timeout)
+    if close_timeout > 1:
+        assert outcome == [None], "close() returned before the return under way was over"
+        assert conn.closed
     returning.join()
     assert outcome == [None]
     assert conn.closed
-    assert backends(name) == 0
+    assert eventually_blocking(lambda: backends(name), 0) == 0
+
+
+async def test_an_async_graceful_close_waits_for_a_return_under_way(
+    dsn: str, backends: Any
+) -> None:
+    """The same with the asyncio pool: a putconn still in its ``reset`` in another task."""
+    name = unique_name("aclose-waits-return")
+    in_reset = asyncio.Event()
+
+    async def slow_reset(conn: Any) -> None:
+        in_reset.set()
+        await asyncio.sleep(0.5)
+
+    pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, reset=slow_reset, name=name)
+    await pool.open(wait=True)
+    conn = await pool.getconn()
+    returning = asyncio.create_task(pool.putconn(conn))
+    await in_reset.wait()
+    await pool.close(10)
+    assert returning.done(), "close() returned before the return under way was over"
+    assert returning.exception() is None
+    assert conn.closed
+    assert await eventually(backends, name, expect=0) == 0
 
 
 # -- connection(): the connection given back inside its own block ----------------------------

@@ -13,13 +13,20 @@ import gc
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from helpers import until
 
-from aiopgpool import AsyncConnectionPool, AsyncReplicatedPool, PoolClosed, PoolError
+from aiopgpool import (
+    AsyncConnectionPool,
+    AsyncReplicatedPool,
+    PoolClosed,
+    PoolError,
+    ReplicatedPool,
+)
 from aiopgpool.replica_probe import Member, ProbeResult, Topology, format_lsn, parse_lsn
 from aiopgpool.testing import LocalCluster, ReplicatedCluster, count_backends
 from aiopgpool.testing.proxy import TcpProxy
@@ -44,22 +51,6 @@ def make_pool(rc: ReplicatedCluster, name: str, **options: Any) -> AsyncReplicat
     return AsyncReplicatedPool(
         rc.primary.dsn, [node.dsn for node in rc.standbys], name=name, **options
     )
-
-
-async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
-) -> float:
-    """Wait until ``predicate()``; how long it took (AssertionError after ``timeout``)."""
-    start = time.monotonic()
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def rounds(pool: AsyncReplicatedPool) -> int:
@@ -107,6 +98,12 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
         AsyncReplicatedPool(primary=a, replicas=[b], max_replica_lag=-1)
     with pytest.raises(ValueError, match="probe_interval"):
         AsyncReplicatedPool(primary=a, replicas=[b], probe_interval=0)
+    # Below 10 ms the probes are a busy loop: refused by both pools, naming the floor.
+    for too_small in (1e-320, 0.009):
+        for cls in (AsyncReplicatedPool, ReplicatedPool):
+            with pytest.raises(ValueError, match=r"probe_interval must be >= 0\.01 s"):
+                cls(primary=a, replicas=[b], probe_interval=too_small)
+    AsyncReplicatedPool(primary=a, replicas=[b], probe_interval=0.01)
     with pytest.raises(ValueError, match="min_size"):
         AsyncReplicatedPool(primary=a, replicas=[b], min_size=5, max_size=2)
     with pytest.raises(ValueError, match="conninfo string"):
@@ -155,12 +152,12 @@ def _topology(lag: float | None = 1.0) -> Topology[None]:
     return Topology("t", members, lag, 1.0, lambda pool: 0)
 
 
-def _p(lsn: int, read_only: bool = False) -> ProbeResult:
-    return ProbeResult(False, lsn, False, read_only)
+def _p(lsn: int, read_only: bool = False, tli: int | None = None) -> ProbeResult:
+    return ProbeResult(False, lsn, False, read_only, tli)
 
 
-def _r(lsn: int, paused: bool = False) -> ProbeResult:
-    return ProbeResult(True, lsn, paused, False)
+def _r(lsn: int, paused: bool = False, tli: int | None = None) -> ProbeResult:
+    return ProbeResult(True, lsn, paused, False, tli)
 
 
 def test_topology_lag_is_time_since_the_primary_got_past_the_replay_position() -> None:
@@ -226,6 +223,111 @@ def test_topology_follows_a_promotion_and_fences_an_old_primary(
     p, r1, r2 = topo.members
     topo.update([_p(1, read_only=True), _p(1), _r(1)], now=0.0)
     assert topo.primary is r1 and p.role == "fenced"
+
+
+def test_topology_a_replica_on_another_timeline_gets_no_reads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a failover: r1 promoted (timeline 2), r2 still streams the old primary's
+    timeline 1 and replays past r1's position: diverged, whatever its position."""
+    topo = _topology()
+    p, r1, r2 = topo.members
+    topo.update([_p(100, tli=1), _r(100, tli=1), _r(100, tli=1)], now=0.0)
+    assert topo.readable == (r1, r2) and topo.timeline == 1
+    with caplog.at_level(logging.WARNING, "aiopgpool"):
+        topo.update([ConnectionError("down"), _p(120, tli=2), _r(100, tli=1)], now=1.0)
+    assert topo.primary is r1 and topo.timeline == 2
+    assert r2.role == "diverged" and topo.readable == ()
+    assert (
+        "t.replica-2 follows timeline 1 but the primary t.replica-1 is on timeline 2" in caplog.text
+    )
+    # The old primary back alone, r2 streaming from it past the new primary's position.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "aiopgpool"):
+        topo.update([_p(900, tli=1), _p(130, tli=2), _r(900, tli=1)], now=2.0)
+        assert p.role == "fenced" and r2.role == "diverged" and topo.readable == ()
+        assert r2.status().lag is None and r2.status().lsn == 900
+        # No WAL receiver (or no right to see it): the last timeline seen is kept.
+        topo.update([_p(900, tli=1), _p(130, tli=2), _r(950)], now=3.0)
+    assert r2.role == "diverged" and r2.timeline == 1 and topo.readable == ()
+    assert "follows timeline" not in caplog.text  # one WARNING, on the transition
+    # Following the primary's timeline again: a replica as its positions say.
+    with caplog.at_level(logging.INFO, "aiopgpool"):
+        topo.update([_p(900, tli=1), _p(130, tli=2), _r(130, tli=2)], now=4.0)
+    assert r2.role == "replica" and r2.lag == 0.0 and topo.readable == (r2,)
+    assert "t.replica-2 gets reads again" in caplog.text
+
+
+def test_topology_without_timelines_positions_alone_decide() -> None:
+    """No timeline known for a replica (no WAL receiver seen, or a probe user without
+    pg_read_all_stats), or for the primary: the judgement of positions alone."""
+    topo = _topology(lag=1.0)
+    _, r1, r2 = topo.members
+    topo.update([_p(100, tli=2), _r(100), _r(100, tli=2)], now=0.0)
+    assert r1.timeline is None and topo.readable == (r1, r2)
+    topo.update([_p(200, tli=2), _r(250), _r(200, tli=2)], now=1.0)
+    assert r1.role == "replica" and r1.lag == 0.0
+    topo.update([_p(300, tli=2), _r(250), _r(300, tli=2)], now=2.0)
+    topo.update([_p(300, tli=2), _r(250), _r(300, tli=2)], now=3.5)
+    assert r1.role == "lagging" and r1.lag == pytest.approx(1.5)
+    # A primary whose timeline is not known: no replica is judged diverged.
+    topo = _topology()
+    _, r1, r2 = topo.members
+    topo.update([_p(100), _r(100, tli=1), _r(100, tli=2)], now=0.0)
+    assert topo.timeline is None and topo.readable == (r1, r2)
+
+
+def test_topology_a_primary_on_a_new_timeline_starts_a_new_history() -> None:
+    """The same member primary on two timelines (demoted, rewound, promoted again
+    between two probes): its old positions compare with nothing."""
+    topo = _topology(lag=1.0)
+    _, r1, r2 = topo.members
+    for i in range(5):
+        topo.update([_p(1000 + i, tli=1), _r(1000 + i, tli=1), _r(1000 + i, tli=1)], now=i)
+    assert len(topo.history) == 5
+    # Back on timeline 3 at a lower position; the replicas follow it.
+    topo.update([_p(500, tli=3), _r(400, tli=3), _r(500, tli=3)], now=10.0)
+    assert list(topo.history) == [(10.0, 500)] and topo.timeline == 3
+    assert r1.role == "replica" and r1.lag == 0.0  # not 10 s behind position 1000
+    topo.update([_p(600, tli=3), _r(500, tli=3), _r(600, tli=3)], now=11.0)
+    assert r1.lag == pytest.approx(0.0) and topo.readable == (r1, r2)
+    topo.update([_p(600, tli=3), _r(500, tli=3), _r(600, tli=3)], now=12.5)
+    assert r1.lag == pytest.approx(1.5) and r1.role == "lagging"
+
+
+def test_topology_a_stuck_replica_lag_keeps_growing() -> None:
+    """The history holds max_replica_lag + 10 probes; a replica behind every kept
+    position still reports the time since the primary got past its position."""
+    topo = _topology(lag=1.0)  # probe_interval 1.0: 13 positions kept
+    _, r1, r2 = topo.members
+    topo.update([_p(100), _r(100), _r(100)], now=0.0)
+    for t in range(1, 101):  # the primary writes every second from t=1; r2 is stuck at 100
+        topo.update([_p(100 + t), _r(100 + t), _r(100)], now=float(t))
+    assert len(topo.history) == topo.history.maxlen == 13
+    assert r2.role == "lagging" and r2.lag == pytest.approx(99.0)
+    topo.update([_p(200), _r(200), _r(100)], now=3600.0)
+    assert r2.lag == pytest.approx(3599.0)
+    # It moves past the position it was anchored on (101, t=1), still behind every kept
+    # one: anchored on the oldest kept (190, t=90), a lower bound of its true lag.
+    topo.update([_p(200), _r(200), _r(150)], now=3700.0)
+    assert r2.behind == (90.0, 190) and r2.lag == pytest.approx(3610.0)
+    # Still behind that anchor after it left the history: the lag goes on growing.
+    topo.update([_p(200), _r(200), _r(160)], now=3800.0)
+    assert topo.history[0][0] > 90.0
+    assert r2.behind == (90.0, 190) and r2.lag == pytest.approx(3710.0)
+    # Within the kept positions again (the primary got past 199 at t=100), then caught up.
+    topo.update([_p(200), _r(200), _r(199)], now=3801.0)
+    assert r2.behind is None and r2.lag == pytest.approx(3701.0)
+    topo.update([_p(200), _r(200), _r(200)], now=3802.0)
+    assert r2.lag == 0.0 and r2.role == "replica" and r2.behind is None
+    # Stuck again, then the primary changes: the old primary's positions are forgotten.
+    for t in range(20):
+        topo.update([_p(300 + t), _r(300 + t), _r(200)], now=3900.0 + t)
+    assert r2.behind is not None and r2.lag > 15
+    topo.update([ConnectionError("gone"), _p(400), _r(200)], now=4000.0)
+    assert topo.primary is r1 and r2.behind == (4000.0, 400) and r2.lag == 0.0
+    topo.update([ConnectionError("gone"), _p(400), _r(200)], now=4002.0)
+    assert r2.lag == pytest.approx(2.0)
 
 
 def test_pick_replica_least_busy_then_in_turn_and_min_lsn() -> None:
@@ -314,7 +416,7 @@ async def test_a_replica_over_the_lag_limit_gets_no_reads_until_it_catches_up(
 
             task = asyncio.create_task(writer())
             r0 = rounds(pool)
-            took = await eventually(
+            took = await until(
                 lambda: role(pool, "replica-1") == "lagging", 10.0, "replica-1 lagging"
             )
             period = took / max(1, rounds(pool) - r0)  # wall time per probe round
@@ -328,7 +430,7 @@ async def test_a_replica_over_the_lag_limit_gets_no_reads_until_it_catches_up(
             await task
         finally:
             set_apply_delay(slow, None)
-        await eventually(lambda: role(pool, "replica-1") == "replica", 10.0, "replica-1 back")
+        await until(lambda: role(pool, "replica-1") == "replica", 10.0, "replica-1 back")
         ports = set()
         for _ in range(10):
             async with pool.connection(read_only=True) as conn:
@@ -347,7 +449,7 @@ async def test_a_paused_replica_is_out_within_two_probes_and_back_after_resume(
             async with pool.connection() as conn:
                 await conn.execute("UPDATE items SET v = v WHERE id = 2")
             r0 = rounds(pool)
-            await eventually(lambda: role(pool, "replica-1") == "paused", 10.0, "paused")
+            await until(lambda: role(pool, "replica-1") == "paused", 10.0, "paused")
             assert rounds(pool) - r0 <= 3  # two probes, plus the round in flight
             for _ in range(10):
                 async with pool.connection(read_only=True) as conn:
@@ -355,7 +457,7 @@ async def test_a_paused_replica_is_out_within_two_probes_and_back_after_resume(
         finally:
             rc.resume_replay(paused)
         r0 = rounds(pool)
-        await eventually(lambda: role(pool, "replica-1") == "replica", 10.0, "back")
+        await until(lambda: role(pool, "replica-1") == "replica", 10.0, "back")
         assert rounds(pool) - r0 <= 3
 
 
@@ -382,12 +484,12 @@ async def test_a_killed_replica_never_fails_a_read_and_comes_back(rc: Replicated
         readers = [asyncio.create_task(reader()) for _ in range(4)]
         await asyncio.sleep(0.3)
         await asyncio.to_thread(rc.stop, victim)
-        await eventually(lambda: role(pool, "replica-1") == "down", 5.0, "replica-1 down")
+        await until(lambda: role(pool, "replica-1") == "down", 5.0, "replica-1 down")
         before = done
         await asyncio.sleep(1.0)
         assert done - before >= 5  # reads kept flowing
         await asyncio.to_thread(rc.start, victim)
-        await eventually(lambda: role(pool, "replica-1") == "replica", 15.0, "replica-1 back")
+        await until(lambda: role(pool, "replica-1") == "replica", 15.0, "replica-1 back")
         stop.set()
         await asyncio.gather(*readers)
         # Only reads on the victim's connections as it stopped (a connection the server
@@ -413,12 +515,12 @@ async def test_a_replica_that_stops_answering_is_out_and_comes_back(rc: Replicat
             await pool.open(wait=True)
             assert role(pool, "replica-1") == "replica"
             cut.blackhole()
-            await eventually(lambda: role(pool, "replica-1") == "down", 15.0, "replica-1 down")
+            await until(lambda: role(pool, "replica-1") == "down", 15.0, "replica-1 down")
             for _ in range(4):
                 async with pool.connection(read_only=True, timeout=10) as conn:
                     assert (await where(conn))[1] == other.port
             cut.forward()
-            await eventually(lambda: role(pool, "replica-1") == "replica", 20.0, "back")
+            await until(lambda: role(pool, "replica-1") == "replica", 20.0, "back")
 
 
 async def test_read_your_writes_is_never_stale(rc: ReplicatedCluster) -> None:
@@ -464,7 +566,7 @@ async def test_read_your_writes_is_never_stale(rc: ReplicatedCluster) -> None:
             cur = await conn.execute("SELECT count(*) FROM ryw WHERE id = 0")
             assert await cur.fetchone() == (1,)
         # Once the replicas have it, they serve it.
-        await eventually(
+        await until(
             lambda: all(
                 m.lsn is not None and m.lsn >= parse_lsn(lsn) for m in pool.members().values()
             ),
@@ -492,7 +594,7 @@ async def test_cancellation_and_close_with_requests_in_flight_on_every_member(
     for task in tasks[:6]:
         task.cancel()
     await asyncio.gather(*tasks[:6], return_exceptions=True)
-    await eventually(lambda: sum(s.in_use for s in pool.stats().values()) <= 6, 5.0, "returned")
+    await until(lambda: sum(s.in_use for s in pool.stats().values()) <= 6, 5.0, "returned")
     # Nothing lost: every slot of every member can still be had.
     start = time.monotonic()
     await asyncio.wait_for(pool.close(timeout=0.5), 10)
@@ -568,7 +670,7 @@ async def test_reads_go_to_the_primary_when_no_replica_qualifies(rc: ReplicatedC
     )
     async with pool:
         await pool.open()
-        await eventually(lambda: role(pool, "replica-1") == "down", 5.0, "down")
+        await until(lambda: role(pool, "replica-1") == "down", 5.0, "down")
         async with pool.connection(read_only=True, timeout=5) as conn:
             assert (await where(conn)) == (False, rc.primary.port)
 
@@ -605,17 +707,17 @@ async def test_a_promotion_moves_the_writes_without_drain() -> None:
             await asyncio.to_thread(rc.stop, old)
             await asyncio.to_thread(rc.promote, new)
             r0 = rounds(pool)
-            await eventually(lambda: pool.primary is pool.pools["failover.replica-1"], 5.0, "moved")
+            await until(lambda: pool.primary is pool.pools["failover.replica-1"], 5.0, "moved")
             moved_after = rounds(pool) - r0
             n = len(writes)
-            await eventually(lambda: len(writes) >= n + 10, 10.0, "writes on the new primary")
+            await until(lambda: len(writes) >= n + 10, 10.0, "writes on the new primary")
             stop.set()
             await task
             assert writes[-1] == new.port and moved_after <= 3
             assert role(pool, "primary") == "down"
             # The old primary back as a primary of its own: it serves nothing.
             await asyncio.to_thread(rc.start, old)
-            await eventually(lambda: role(pool, "primary") == "fenced", 10.0, "fenced")
+            await until(lambda: role(pool, "primary") == "fenced", 10.0, "fenced")
             async with pool.connection() as conn:
                 assert (await where(conn)) == (False, new.port)
             for _ in range(6):
@@ -623,7 +725,7 @@ async def test_a_promotion_moves_the_writes_without_drain() -> None:
                     assert (await where(conn))[1] != old.port
             # Rejoined as a standby of the new primary: it reads again.
             await asyncio.to_thread(rc.rejoin, old)
-            await eventually(lambda: role(pool, "primary") == "replica", 15.0, "rejoined")
+            await until(lambda: role(pool, "primary") == "replica", 15.0, "rejoined")
             async with pool.connection(read_only=True) as conn:
                 assert (await where(conn))[0]
 
@@ -647,10 +749,8 @@ async def test_a_pool_dropped_without_close_stops_probing(rc: ReplicatedCluster)
     assert probing()
     del pool
     gc.collect()
-    await eventually(lambda: not probing(), 5.0, "the probe task ended")
-    await eventually(
-        lambda: count_backends(rc.primary.dsn, "dropped.probe") == 0, 5.0, "probe closed"
-    )
+    await until(lambda: not probing(), 5.0, "the probe task ended")
+    await until(lambda: count_backends(rc.primary.dsn, "dropped.probe") == 0, 5.0, "probe closed")
 
 
 async def test_full_replicas_send_reads_to_the_primary_without_marking_them_down(
