@@ -118,10 +118,7 @@ class Connector(Generic[ConnT]):
                     with move_on_after(limit) as scope, Seat.watching(seat, scope):
                         await self._connect_once(slot)
                     if seat is not None and seat.done():
-                        got, seat = seat.take_instead(slot), None
-                        if got.conn is not None:
-                            return got
-                        continue  # handed a free slot: given on; a new seat if this fails
+                        return seat.take_instead(slot)
                     if not scope.cancelled_caught:
                         return slot
                     if limit is remaining:
@@ -134,6 +131,8 @@ class Connector(Generic[ConnT]):
                     if not retry:
                         raise
                 if borrower and seat is None and retry and not core.null:
+                    if core.state != "open":  # closing: no connection will be handed out
+                        raise core.closed_error()
                     ready = core.queue.swap_top(slot)  # a connection kept meanwhile
                     if ready is not None:
                         return ready
@@ -144,9 +143,7 @@ class Connector(Generic[ConnT]):
                 with anyio.CancelScope() as scope, Seat.watching(seat, scope):
                     await asyncio.sleep(delay)
                 if seat is not None and seat.done():
-                    got, seat = seat.take_instead(slot), None
-                    if got.conn is not None:
-                        return got
+                    return seat.take_instead(slot)
         finally:
             if seat is not None:
                 seat.leave()
@@ -357,6 +354,9 @@ class Seat(Generic[ConnT]):
 
     __slots__ = ("_core", "_done", "_error", "_handed", "_loop", "_scope")
 
+    #: Handed ready slots only (:meth:`HandoffQueue.add_seat`): it holds a free one.
+    ready_only = True
+
     def __init__(self, core: PoolCore[ConnT]) -> None:
         self._core = core
         self._loop = asyncio.get_running_loop()
@@ -364,7 +364,7 @@ class Seat(Generic[ConnT]):
         self._handed: Slot[ConnT] | None = None
         self._error: BaseException | None = None
         self._scope: anyio.CancelScope | None = None
-        core.queue.add_waiter(self)
+        core.queue.add_seat(self)
 
     @staticmethod
     @contextlib.contextmanager
@@ -400,10 +400,12 @@ class Seat(Generic[ConnT]):
         if self._done:
             return False
         self._done = True
+        self._core.queue.seat_left()
         return True
 
     def _finish(self) -> None:
         self._done = True
+        self._core.queue.seat_left()
         scope = self._scope
         if scope is None:
             return
@@ -421,16 +423,16 @@ class Seat(Generic[ConnT]):
             scope.cancel()
 
     def take_instead(self, slot: Slot[ConnT]) -> Slot[ConnT]:
-        """The slot to go on with once completed: the one handed (``slot``, the borrower's
-        free one, goes back to the pool), or ``slot`` itself when the one handed is free
-        too or ``slot`` got connected meanwhile. Raises what the queue failed it with
-        (the caller still holds ``slot``)."""
+        """The slot to go on with once completed: the ready one handed (``slot``, the
+        borrower's free one, goes back to the pool), or ``slot`` itself when it got
+        connected meanwhile. Raises what the queue failed it with (the caller still
+        holds ``slot``)."""
         core = self._core
         handed, self._handed = self._handed, None
         if self._error is not None:
             raise self._error
-        assert handed is not None
-        if handed.conn is None or slot.conn is not None:
+        assert handed is not None and handed.conn is not None  # ready only
+        if slot.conn is not None:
             core.release_slot(handed)  # to the next in line
             return slot
         core.release_slot(slot)

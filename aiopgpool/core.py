@@ -556,6 +556,9 @@ class PoolCore(Generic[ConnT]):
     def after_return(self, slot: Slot[ConnT]) -> None:
         """A return is over: the slot goes back; closing or refilling follow."""
         self.returning -= 1
+        if self.state != OPEN and slot.conn is not None:
+            # Closing began while the return was under way: lent to nobody now.
+            self.discard(slot, "pool closing")
         self.release_slot(slot)
         if self.state == CLOSING and not self._borrowed and not self.returning:
             self.closing.all_returned()

@@ -205,6 +205,10 @@ class ThreadPort(Generic[ConnT]):
             if slot is not None:
                 core.returning -= 1  # over here: after_return() is for the loop
                 core.release_slot(slot)
+            if core.state == "closing" and not core.borrowed and not core.returning:
+                loop = core.loop
+                if loop is not None:  # a close() waits for this return: wake it
+                    loop.call_soon_threadsafe(core.closing.all_returned)
 
     async def prepare(
         self,

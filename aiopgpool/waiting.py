@@ -77,6 +77,7 @@ class HandoffQueue(Generic[T]):
         "_loop",
         "_make_free",
         "_plain_futures",
+        "_seated",
         "_sweep_at",
         "_sweeper",
         "_waiters",
@@ -95,6 +96,9 @@ class HandoffQueue(Generic[T]):
         self._waiters: deque[tuple[Any, float]] = deque()
         # Futures in line not done yet: whoever completes one counts it out.
         self._waiting = 0
+        # Of those, seats (add_seat): borrowers that hold a free slot already and
+        # wait for a ready item only. Each counts itself out (seat_left).
+        self._seated = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._plain_futures = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -132,8 +136,8 @@ class HandoffQueue(Generic[T]):
 
     @property
     def waiting(self) -> int:
-        """How many getters are waiting now."""
-        return self._waiting
+        """How many getters are waiting now (seats, which hold a slot already, aside)."""
+        return self._waiting - self._seated
 
     def get_nowait(self) -> T | None:
         """The top ready item, else a free one, or None when there is none.
@@ -150,8 +154,14 @@ class HandoffQueue(Generic[T]):
         return None
 
     def put(self, item: T, ready: bool) -> None:
-        """Hand ``item`` to the longest waiter, or keep it (``ready``: on top; else counted)."""
+        """Hand ``item`` to the longest waiter, or keep it (``ready``: on top; else counted).
+
+        A free item is never handed to a seat (:meth:`add_seat`).
+        """
         waiters = self._waiters
+        if not ready and self._seated:
+            self._put_free(item)
+            return
         while waiters:
             fut, _ = _deque_popleft(waiters)
             if not fut.done():
@@ -163,9 +173,21 @@ class HandoffQueue(Generic[T]):
         else:
             self.free += 1
 
+    def _put_free(self, item: T) -> None:
+        """:meth:`put` of a free item while seats are in line: to the longest waiter that
+        is not a seat (the seats keep their places), or counted."""
+        waiters = self._waiters
+        for i, (fut, _) in enumerate(waiters):
+            if not fut.done() and not getattr(fut, "ready_only", False):
+                del waiters[i]
+                fut.set_result(item)
+                self._waiting -= 1
+                return
+        self.free += 1
+
     def add_free(self, count: int) -> None:
         """``count`` more free items: handed to waiters first."""
-        while count and self._waiting:
+        while count and self._waiting - self._seated:
             self.put(self._make_free(), False)
             count -= 1
         self.free += count
@@ -275,6 +297,22 @@ class HandoffQueue(Generic[T]):
         """
         _deque_append(self._waiters, (waiter, _NEVER))
         self._waiting += 1
+
+    def add_seat(self, seat: Waiter[T]) -> None:
+        """Put a seat in line: a borrower that holds a free item already (it is
+        connecting it) and waits for a ready item only. It has a true ``ready_only``
+        attribute, is handed no free item, is not counted in :attr:`waiting`, and calls
+        :meth:`seat_left` once done (handed an item, failed or cancelled).
+
+        Only while no ready item is kept.
+        """
+        _deque_append(self._waiters, (seat, _NEVER))
+        self._waiting += 1
+        self._seated += 1
+
+    def seat_left(self) -> None:
+        """A seat is done: handed an item, failed, or cancelled."""
+        self._seated -= 1
 
     def leave(self, waiter: Waiter[T]) -> bool:
         """An outside waiter stops waiting: True if it left with nothing.

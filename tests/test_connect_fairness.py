@@ -142,3 +142,124 @@ async def test_a_borrower_in_line_while_connecting_fails_gets_pool_closed_at_clo
     assert held.closed
     stats = pool.stats()
     assert (stats.size, stats.in_use, stats.waiting) == (0, 0, 0)
+
+
+class SlowRefusal:
+    """A ``configure`` whose attempts fail slowly while ``refuse`` is set: a borrower's
+    attempt is in flight a while (out of line) before it fails."""
+
+    def __init__(self) -> None:
+        self.refuse = False
+
+    async def __call__(self, conn: Any) -> None:
+        if self.refuse:
+            await asyncio.sleep(0.3)
+            raise RuntimeError("refused")
+
+
+async def test_a_free_slot_goes_to_a_waiter_and_the_seats_keep_their_places(dsn: str) -> None:
+    """A connection closed on return frees a slot: it goes to the first waiter that has
+    none, not down the line of borrowers already connecting (which would cancel their
+    attempts and take them out of line); A, first in line, still gets the next connection
+    given back, before E and F who asked later."""
+    refusal = SlowRefusal()
+    async with AsyncConnectionPool(
+        dsn, name=unique_name("fifo-free"), min_size=0, max_size=3, timeout=10, configure=refusal
+    ) as pool:
+        h1, h2 = await pool.getconn(), await pool.getconn()
+        refusal.refuse = True
+        order: list[str] = []
+
+        async def borrower(name: str) -> Any:
+            conn = await pool.getconn(timeout=5)
+            order.append(name)
+            return conn
+
+        a = asyncio.create_task(borrower("A"))  # the last free slot; fails; in line
+        await asyncio.sleep(0.5)
+        assert pool.stats().waiting == 0, "a borrower connecting its own slot is not waiting"
+        e = asyncio.create_task(borrower("E"))  # no slot: waits in line, behind A
+        await asyncio.sleep(0.1)
+        assert pool.stats().waiting == 1
+        await pool.putconn(h2, close=True)  # a free slot: to E, A keeps its place
+        await asyncio.sleep(0.05)
+        f = asyncio.create_task(borrower("F"))
+        await asyncio.sleep(0.05)
+        await pool.putconn(h1)  # given back: A is first
+        await asyncio.sleep(0.05)
+        assert order == ["A"]
+        refusal.refuse = False
+        conns = await asyncio.gather(a, e, f)
+        for conn in conns:
+            await pool.putconn(conn)
+        stats = pool.stats()
+        assert (stats.in_use, stats.waiting) == (0, 0)
+
+
+async def test_borrowers_connecting_do_not_count_against_max_waiting(
+    one_connection_dsn: str,
+) -> None:
+    """Borrowers that hold a slot and are connecting are not waiting requests: neither
+    ``stats().waiting`` nor ``max_waiting`` count them, nor does ``timeout=0``'s check of
+    slots in transit count them twice."""
+    async with AsyncConnectionPool(
+        one_connection_dsn,
+        name=unique_name("fifo-max-waiting"),
+        min_size=0,
+        max_size=3,
+        timeout=5,
+        max_waiting=1,
+    ) as pool:
+        held = await pool.getconn()
+        seated = []
+        for _ in range(2):  # one after the other: the first is first in line
+            seated.append(asyncio.create_task(pool.getconn()))
+            await asyncio.sleep(0.3)
+        assert pool.stats().waiting == 0
+        late = asyncio.create_task(pool.getconn(timeout=3))  # admitted: nobody waits
+        await asyncio.sleep(0.1)
+        assert pool.stats().waiting == 1
+        await pool.putconn(held)
+        first = await asyncio.wait_for(seated[0], 5)
+        assert first is held
+        for task in (*seated[1:], late):
+            task.cancel()
+        await asyncio.gather(*seated[1:], late, return_exceptions=True)
+        await pool.putconn(first)
+        stats = pool.stats()
+        assert (stats.in_use, stats.waiting) == (0, 0)
+
+
+async def test_no_connection_is_lent_during_a_graceful_close(dsn: str) -> None:
+    """A borrower whose attempt fails after close() began gets PoolClosed: it does not sit
+    in line for a return that was under way when close() began (that connection is
+    closed, not lent to be closed under its borrower)."""
+    refusal = SlowRefusal()
+
+    async def slow_reset(conn: Any) -> None:
+        await asyncio.sleep(0.5)
+
+    pool = AsyncConnectionPool(
+        dsn,
+        name=unique_name("fifo-closing"),
+        min_size=0,
+        max_size=2,
+        timeout=5,
+        configure=refusal,
+        reset=slow_reset,
+    )
+    await pool.open()
+    held = await pool.getconn()
+    refusal.refuse = True
+    b = asyncio.create_task(pool.getconn())  # its attempt in flight
+    await asyncio.sleep(0.1)
+    returning = asyncio.create_task(pool.putconn(held))  # in reset
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(pool.close(timeout=5))
+    with pytest.raises(PoolClosed):
+        await asyncio.wait_for(b, 5)
+    await returning
+    await closing
+    assert held.closed
+    stats = pool.stats()
+    assert (stats.size, stats.in_use, stats.waiting) == (0, 0, 0)

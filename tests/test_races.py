@@ -383,3 +383,42 @@ async def test_drain_replaces_connections_out_of_the_queue_too(dsn: str) -> None
         await pool.drain()
         await returning
         assert old not in await pids()
+
+
+def test_a_waiter_interrupted_while_close_waits_wakes_close(dsn: str) -> None:
+    """A waiting thread handed a connection, then interrupted while close() waits for that
+    very connection: giving it back tells close(), which returns at once instead of
+    sitting out its timeout."""
+    pool = ConnectionPool(dsn, name=unique_name("interrupted-closing"), min_size=1, max_size=1)
+    pool.open(wait=True)
+    held = pool.getconn()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        while pool._core.state != "closing":  # until close() has begun
+            time.sleep(0.01)
+        raise _Interrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    main = threading.get_ident()
+    took: list[float] = []
+
+    def other() -> None:
+        time.sleep(0.3)  # the main thread waits in line now
+        signal.pthread_kill(main, signal.SIGUSR1)
+        time.sleep(0.1)
+        pool.putconn(held)  # handed to the main thread's waiter
+        start = time.monotonic()
+        pool.close(timeout=30)
+        took.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        with pytest.raises(_Interrupt):
+            pool.getconn()
+    finally:
+        thread.join(60)
+        signal.signal(signal.SIGUSR1, previous)
+    assert took and took[0] < 20, "close() waited for a connection nobody held"
+    assert held.closed
+    assert pool.closed
