@@ -92,11 +92,14 @@ def url_problem(conninfo: str) -> str | None:
 
     * an ``@`` is left in the hosts part (hosts and ports) or in the dbname
       part (a real ``@`` there must be written ``%40``, which libpq decodes);
-    * a port in the hosts part is not a number (libpq could not connect
-      with it; a user name or password with a ``/`` leaves one).
+    * a host given as a query parameter (``?host=``, ``?hostaddr=``) has an
+      ``@`` (a password with a ``/`` and then a ``?`` leaves its pieces there);
+    * a port, in the hosts part or a ``?port=`` parameter, is not a number
+      (libpq could not connect with it; a user name or password with a ``/``
+      leaves one).
 
-    Query parameters are not examined (``?user=a@b`` is fine), nor is anything
-    that is not a URL. Only a string libpq accepted is meant to be passed.
+    Other query parameters are not examined (``?user=a@b`` is fine), nor is
+    anything that is not a URL. Only a string libpq accepted is meant to be passed.
     """
     for prefix in _URL_PREFIXES:
         if conninfo.startswith(prefix):
@@ -109,13 +112,28 @@ def url_problem(conninfo: str) -> str | None:
     hosts_end, ports = _scan_hosts(rest, start)
     if "@" in rest[start:hosts_end]:
         return _USERINFO_PROBLEM
+    query_start = hosts_end
     if rest[hosts_end : hosts_end + 1] == "/":
-        dbname_end = _find_any(rest, "?", hosts_end + 1)
-        if "@" in rest[hosts_end + 1 : dbname_end]:
+        query_start = _find_any(rest, "?", hosts_end + 1)
+        if "@" in rest[hosts_end + 1 : query_start]:
             return _USERINFO_PROBLEM
+    # Hosts and ports given as query parameters: a password with a '/' then a '?' may
+    # have put its pieces there ("u:123/x?host=y@h").
+    for pair in rest[query_start + 1 :].split("&") if rest[query_start:] else ():
+        key, _, value = pair.partition("=")
+        key, value = unquote(key), unquote(value)
+        if key in ("host", "hostaddr") and not all(_is_host(h) for h in value.split(",")):
+            return _USERINFO_PROBLEM
+        if key == "port":
+            ports += value.split(",")
     if not all(_is_port(port) for port in ports):
         return _PORT_PROBLEM
     return None
+
+
+def _is_host(host: str) -> bool:
+    """No ``@`` but a leading one (an abstract Unix socket): a host cannot have one."""
+    return "@" not in host[1:]
 
 
 _DBNAME_PROBLEM = (

@@ -170,13 +170,18 @@ class MemberStatus:
     primary: serves nothing), ``"down"`` (unreachable), ``"unknown"`` (not probed
     yet)."""
     lag: float | None
-    """Seconds behind the primary (replicas; None when not known, or diverged)."""
+    """Seconds behind the primary (replicas; None when not known: the primary, and a
+    member diverged, fenced, down or not probed yet)."""
     lsn: int | None
     """The last probed position (replay position on a replica)."""
     in_use: int
     """Connections lent through the replicated pool and not returned yet."""
     error: str | None
     """Why the last probe failed."""
+
+
+# The roles whose last probe measured a lag: any other's is stale or meaningless.
+_MEASURED_LAG = frozenset({"replica", "lagging", "paused"})
 
 
 class Member(Generic[P]):
@@ -236,7 +241,7 @@ class Member(Generic[P]):
             self.name,
             self.configured,
             self.role,
-            self.lag if probed and self.role not in ("primary", "diverged") else None,
+            self.lag if probed and self.role in _MEASURED_LAG else None,
             self.lsn if probed else None,
             self.busy,
             self.error,

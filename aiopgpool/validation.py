@@ -97,7 +97,7 @@ class Validation(Generic[ConnT]):
             while True:
                 if slot.conn is not None:
                     if await self._usable(slot, deadline):
-                        if core.state == "closed":  # closed while we checked it
+                        if core.state != "open":  # closing or closed while we checked it
                             raise core.closed_error()
                         return slot
                     swapped = core.queue.swap_top(slot)
@@ -120,7 +120,7 @@ class Validation(Generic[ConnT]):
                 core.connector.notify_size()
                 check_error = await self._checked(slot)
                 if check_error is None:
-                    if core.state == "closed":  # closed while it was checked
+                    if core.state != "open":  # closing or closed while it connected
                         raise core.closed_error()
                     return slot
                 # A fresh connection failed the check: back off as after a failed

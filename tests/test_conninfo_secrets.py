@@ -50,7 +50,8 @@ VALID: list[tuple[str, dict[str, str]]] = [
     ("postgresql://h1/db?options=-c%20x%3Dy@z", {"options": "-c x=y@z", "dbname": "db"}),
     ("postgresql://h1/db?user=a@b", {"user": "a@b", "host": "h1"}),
     ("postgresql://h1/db?options=a@b/c", {"options": "a@b/c", "dbname": "db"}),
-    ("postgresql://u:p@h1/db?host=x@y", {"host": "x@y"}),
+    ("postgresql://u:p@h1/db?host=%40sock", {"host": "@sock"}),
+    ("postgresql://u:p@h1/db?port=5433", {"port": "5433"}),
     ("postgresql://h1/d%40b", {"dbname": "d@b"}),
     ("postgresql://%40sock/db", {"host": "@sock"}),  # an abstract Unix socket
     ("postgresql://h:/db", {"host": "h"}),
@@ -81,8 +82,12 @@ MALFORMED: list[tuple[str, str]] = [
     ("postgresql://alice:pa/ss@[::1]:5432/db", USERINFO),
     ("postgresql://u@@sock/db", USERINFO),  # an '@' in a host is written %40
     ("postgresql://h/d@b", USERINFO),  # an '@' in a dbname is written %40
-    ("postgresql://alice:pa/s?host=x@h/db", PORT),  # the '@' went to the query
+    ("postgresql://alice:pa/s?host=x@h/db", USERINFO),  # the "@" went to the query
     ("postgresql://h:abc/db", PORT),
+    ("postgresql://u:p@h1/db?host=x@y", USERINFO),  # a host has no '@'
+    ("postgresql://alice:123/x?host=y@h/db", USERINFO),  # password 123/x?host=y
+    ("postgresql://alice:123/x?hostaddr=y@h/db", USERINFO),
+    ("postgresql://alice:123/x?port=y@h/db", PORT),
 ]
 
 

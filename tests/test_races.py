@@ -422,3 +422,28 @@ def test_a_waiter_interrupted_while_close_waits_wakes_close(dsn: str) -> None:
     assert took and took[0] < 20, "close() waited for a connection nobody held"
     assert held.closed
     assert pool.closed
+
+
+async def test_a_connect_under_way_when_close_begins_is_not_lent(dsn: str, backends: Any) -> None:
+    """A checkout whose connection is still opening when a graceful close() begins gets
+    PoolClosed once it is open (close() refuses new requests), and that connection is
+    closed, rather than lent and then closed under its borrower."""
+    name = unique_name("connect-under-close")
+
+    async def slow_configure(conn: Any) -> None:
+        await asyncio.sleep(0.5)
+
+    pool = AsyncConnectionPool(dsn, name=name, min_size=0, max_size=2, configure=slow_configure)
+    await pool.open()
+    held = await pool.getconn()  # close() waits for it: the pool stays "closing" a while
+    borrower = asyncio.create_task(pool.getconn())
+    await asyncio.sleep(0.2)  # its connection is opening
+    closing = asyncio.create_task(pool.close(timeout=10))
+    with pytest.raises(PoolClosed):
+        await borrower
+    assert not closing.done()
+    await pool.putconn(held)
+    await closing
+    stats = pool.stats()
+    assert (stats.size, stats.in_use) == (0, 0)
+    assert await eventually(backends, name, expect=0) == 0

@@ -175,6 +175,12 @@ def test_topology_lag_is_time_since_the_primary_got_past_the_replay_position() -
     assert r2.lag == pytest.approx(1.0) and r2.role == "replica"  # at the limit
     topo.update([_p(300), _r(300), _r(150)], now=53.0)
     assert r2.lag == pytest.approx(2.0) and r2.role == "lagging" and topo.readable == (r1,)
+    assert r2.status().lag == pytest.approx(2.0)
+    # Down, or out of recovery (fenced): no lag shown, not the last one measured.
+    topo.update([_p(300), _r(300), ConnectionError("refused")], now=53.5)
+    assert r2.role == "down" and r2.status().lag is None
+    topo.update([_p(300), _r(300), _p(150)], now=53.6)
+    assert r2.role == "fenced" and r2.status().lag is None
     topo.update([_p(300), _r(300), _r(300)], now=54.0)
     assert r2.lag == 0.0 and topo.readable == (r1, r2)
     # Paused and behind: out at once; paused but caught up: still in.
