@@ -296,6 +296,6 @@ def _shown(key: str, value: object) -> object:
         return value
     if key == "dbname" and ("=" in value or value.startswith(_URL_PREFIXES)):
         return "(a connection string)"
-    if key in ("host", "hostaddr", "port") and any("@" in v[1:] for v in value.split(",")):
+    if key in ("host", "hostaddr", "port") and not all(_is_host(v) for v in value.split(",")):
         return "(not shown)"
     return value

@@ -555,15 +555,22 @@ class PoolCore(Generic[ConnT]):
 
     def after_return(self, slot: Slot[ConnT]) -> None:
         """A return is over: the slot goes back; closing or refilling follow."""
+        if self.end_return(slot):
+            self.closing.all_returned()
+        elif self.state == OPEN and slot.conn is None:
+            self.connector.fill()
+
+    def end_return(self, slot: Slot[ConnT]) -> bool:
+        """The slot of a return begun with :meth:`give_back` goes back (its connection
+        closed if the pool is closing); True when that was the last connection a
+        closing pool waited for. Never suspends nor schedules (callable from a thread
+        of the sync facade under its lock)."""
         self.returning -= 1
         if self.state != OPEN and slot.conn is not None:
             # Closing began while the return was under way: lent to nobody now.
             self.discard(slot, "pool closing")
         self.release_slot(slot)
-        if self.state == CLOSING and not self._borrowed and not self.returning:
-            self.closing.all_returned()
-        elif self.state == OPEN and slot.conn is None:
-            self.connector.fill()
+        return self.state == CLOSING and not self._borrowed and not self.returning
 
     def loan_of(self, conn: ConnT) -> float | None:
         """What identifies ``conn``'s current loan (when it began); None: not borrowed."""

@@ -202,13 +202,10 @@ class ThreadPort(Generic[ConnT]):
             core.release_slot(got)
         else:
             slot = core.give_back(got, None, False)
-            if slot is not None:
-                core.returning -= 1  # over here: after_return() is for the loop
-                core.release_slot(slot)
-            if core.state == "closing" and not core.borrowed and not core.returning:
-                loop = core.loop
-                if loop is not None:  # a close() waits for this return: wake it
-                    loop.call_soon_threadsafe(core.closing.all_returned)
+            # Ended here, not with after_return(), which is for the loop.
+            if slot is not None and core.end_return(slot) and core.loop is not None:
+                # A close() waits for this return: wake it, on its loop.
+                core.loop.call_soon_threadsafe(core.closing.all_returned)
 
     async def prepare(
         self,

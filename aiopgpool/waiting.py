@@ -187,7 +187,7 @@ class HandoffQueue(Generic[T]):
 
     def add_free(self, count: int) -> None:
         """``count`` more free items: handed to waiters first."""
-        while count and self._waiting - self._seated:
+        while count and self.waiting:
             self.put(self._make_free(), False)
             count -= 1
         self.free += count
@@ -306,8 +306,7 @@ class HandoffQueue(Generic[T]):
 
         Only while no ready item is kept.
         """
-        _deque_append(self._waiters, (seat, _NEVER))
-        self._waiting += 1
+        self.add_waiter(seat)
         self._seated += 1
 
     def seat_left(self) -> None:
