@@ -68,6 +68,8 @@ class Closing(Generic[ConnT]):
             core.state = "closing"
             core.update_fast()
             core.queue.fail_waiters(core.closed_error)
+            for slot in core.queue.take(_has_conn):  # idle: nobody may borrow them now
+                core.release_slot(slot)
             if core.borrowed or core.returning:
                 self._all_returned = asyncio.get_running_loop().create_future()
         if self._all_returned is not None and not self._all_returned.done():
@@ -108,6 +110,16 @@ class Closing(Generic[ConnT]):
                 len(core.borrowed),
             )
         self.close_now(keep_borrowed=True)
+
+    async def close_at_exit(self) -> None:
+        """Interpreter exit: close at once, leaving borrowed connections to their borrowers.
+
+        Those are daemon threads, which the interpreter stops with the process
+        (closing the sockets); closed under them mid-query, each would print a
+        traceback on its way out.
+        """
+        if self._core.state != "closed":
+            self.close_now(keep_borrowed=True)
 
     def close_now(self, *, keep_borrowed: bool = False) -> None:
         """Close at once: fail waiters, stop background work, close connections."""

@@ -309,7 +309,6 @@ class PoolCore(Generic[ConnT]):
         # armed), or its task refuses the pool loop's future (below).
         if get_ident() != self.loop_thread:
             self.check_loop()
-        stats = self.counters
         start = monotonic()
         wait: float | None
         if seconds is None and self.timeout and not self.max_waiting:
@@ -321,7 +320,7 @@ class PoolCore(Generic[ConnT]):
         except RuntimeError:
             self.check_loop()  # "Event loop is closed": PoolError, naming both loops
             raise
-        stats.requests_waited += 1
+        self.counters.requests_waited += 1
         try:
             slot = await fut
         except BaseException as exc:
@@ -335,12 +334,13 @@ class PoolCore(Generic[ConnT]):
                     # another loop of the pool's thread. PoolError, naming both.
                     self.check_loop()
                 raise
-            stats.timeouts += 1
+            self.counters.timeouts += 1  # not stats: replaced if pop_stats() ran meanwhile
             # timeout_error chains the last connection error itself (mypyc drops `from`).
             raise timeout_error(self, seconds)  # noqa: B904
         now = monotonic()
         waited = now - start  # self._waited(), inlined: every waited request
-        stats.wait_time_total += waited
+        # self.counters again: a pop_stats() during the wait replaced them.
+        self.counters.wait_time_total += waited
         self.wait_hist.counts[floor(waited * 1e6).bit_length()] += 1
         if (
             key is None
@@ -453,11 +453,16 @@ class PoolCore(Generic[ConnT]):
         return self.timeout if timeout is None else check_timeout("timeout", timeout)
 
     def release_slot(self, slot: Slot[ConnT]) -> None:
-        """Give a slot back to the queue (or drop it, after a shrinking resize)."""
+        """Give a slot back to the queue (or drop it, after a shrinking resize).
+
+        Once closing began its connection is closed: nobody may borrow it any more.
+        """
         if self.state == CLOSED:
             if slot.conn is not None:
                 self.discard(slot, "pool closed")
             return
+        if self.state == CLOSING and slot.conn is not None:
+            self.discard(slot, "pool closing")
         if slot.generation != self.generation and slot.conn is not None:
             # Out of the queue when drain() ran (checked, being returned): replaced too.
             self.discard(slot, "drained")
@@ -566,9 +571,6 @@ class PoolCore(Generic[ConnT]):
         closing pool waited for. Never suspends nor schedules (callable from a thread
         of the sync facade under its lock)."""
         self.returning -= 1
-        if self.state != OPEN and slot.conn is not None:
-            # Closing began while the return was under way: lent to nobody now.
-            self.discard(slot, "pool closing")
         self.release_slot(slot)
         return self.state == CLOSING and not self._borrowed and not self.returning
 

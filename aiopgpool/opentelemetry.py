@@ -148,8 +148,9 @@ class _Instruments:
     def __init__(self, meter: Meter) -> None:
         self._lock = threading.Lock()
         self._pools: dict[int, PoolRef[Any]] = {}
-        # (pool name, histogram field) -> that pool histogram as last replayed
-        self._replayed: dict[tuple[str, str], PoolHistogram] = {}
+        # (pool name, histogram field) -> when its counting began, and that pool
+        # histogram as last replayed
+        self._replayed: dict[tuple[str, str], tuple[float, PoolHistogram]] = {}
         self._warned: set[str] = set()
         self._samples: list[Sample] = []
         self._options: CallbackOptions | None = None
@@ -218,14 +219,17 @@ class _Instruments:
         """Record what the pool's histograms gained since the last replay.
 
         Kept by pool name (unique among the exported pools), so a pool instrumented
-        again continues where it was, and a new pool under an old name starts over.
+        again continues where it was. All of it is new when the pool's counting began
+        since (``counters_since``): a new pool under an old name, or a ``pop_stats()``.
         """
         attributes = {POOL_NAME: sample.stats.name}
+        since = sample.stats.counters_since
         for figure, histogram in self._histograms:
             current: PoolHistogram = getattr(sample.stats, figure.field)
             key = (sample.stats.name, figure.field)
-            gained = _delta(self._replayed.get(key), current)
-            self._replayed[key] = current
+            last = self._replayed.get(key)
+            gained = _delta(last[1] if last is not None and last[0] == since else None, current)
+            self._replayed[key] = (since, current)
             if gained.count <= 0:
                 continue
             for value, n in replay(gained.bounds, gained.counts, gained.sum):

@@ -128,7 +128,15 @@ class PoolCollector(Collector):
                 )
             for sample in samples:
                 value = figure.read(sample)
-                if value is not None:
+                if value is None:
+                    continue
+                if isinstance(family, CounterMetricFamily):
+                    # _created: a reset (pop_stats(), a new pool under the name) is seen
+                    # even when the counter has grown past its old value since.
+                    family.add_metric(
+                        [sample.stats.name], value, created=sample.stats.counters_since
+                    )
+                else:
                     family.add_metric([sample.stats.name], value)
             yield family
         for hist in HISTOGRAMS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from math import floor
+from time import time
 from typing import Any
 
 __all__ = [
@@ -145,6 +146,9 @@ class PoolStats:
     """Time from checkout to return, every return."""
     connect_time_histogram: Histogram = field(default_factory=Histogram.empty)
     """Time to open (and configure) a connection, every successful attempt."""
+    counters_since: float = 0.0
+    """When the counters and histograms began (Unix time): the pool's creation, or
+    the last ``pop_stats()``. Exporters tell a reset by it (Prometheus ``_created``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict."""
@@ -163,11 +167,13 @@ class Counters:
         "requests",
         "requests_waited",
         "returns_bad",
+        "since",
         "timeouts",
         "wait_time_total",
     )
 
     def __init__(self) -> None:
+        self.since = time()  # see PoolStats.counters_since
         self.requests = 0
         self.requests_waited = 0
         self.wait_time_total = 0.0
@@ -216,6 +222,7 @@ def snapshot(
         wait_time_histogram=wait.snapshot(c.requests - c.requests_waited, c.wait_time_total),
         use_time_histogram=use.snapshot(),
         connect_time_histogram=connect.snapshot(),
+        counters_since=c.since,
     )
 
 

@@ -62,7 +62,7 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         self._bridge = LoopThread(
             options.name,  # type: ignore[arg-type]  # set by PoolOptions
             keepalive=self._core,
-            on_exit=partial(self._core.closing.close, 0),
+            on_exit=self._core.closing.close_at_exit,
         )
         self._lock = self._bridge.lock
         self._port: ThreadPort[C] = ThreadPort(self._core, self._lock)
@@ -138,8 +138,10 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         return bridge
 
     def _refuse_caller(self) -> NoReturn:
-        """Raise why this thread cannot use the pool now (see ``LoopThread.serves_caller``)."""
+        """Raise why this thread cannot use the pool now (see ``LoopThread.serves_caller``);
+        a daemon thread once the interpreter exits is parked instead."""
         self._bridge.check_caller()
+        self._bridge.park_if_exited()
         raise self._core.closed_error()
 
     # -- checkout and return ---------------------------------------------------------
@@ -189,6 +191,20 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         key: Hashable | None,
     ) -> C:
         """The rest of a checkout the hot path could not serve: wait, or prepare on the loop."""
+        try:
+            return self._wait_or_prepare(got, waiter, start, timeout, key)
+        except PoolClosed:
+            self._bridge.park_if_exited()  # closed because the interpreter exits
+            raise
+
+    def _wait_or_prepare(
+        self,
+        got: C | Slot[C] | None,
+        waiter: ThreadWaiter[C] | None,
+        start: float,
+        timeout: float | None,
+        key: Hashable | None,
+    ) -> C:
         if waiter is not None:
             got = self._wait(waiter, timeout)
         assert got is not None
@@ -241,7 +257,7 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         finally:
             lock.release()
         if slot is not None:
-            self._finish_return(conn, slot, bool(close) or self._core.null)
+            self._finish_return(conn, slot, bool(close))
 
     def _finish_return(self, conn: C, slot: Slot[C], close: bool) -> None:
         """A return off the hot path, after ``give_back``: clean, reset or close, then pass on."""
@@ -251,6 +267,11 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         bad = lost = None
         broken = False
         interrupted: BaseException | None = None
+        if self._core.null and not close:
+            # Not kept, so not cleaned: a bad return is counted all the same.
+            if lifecycle.is_bad_return(conn):
+                bad = lifecycle.describe_state(conn)
+            close = True
         if not close:
             stage = "cleaning"
             try:

@@ -237,6 +237,8 @@ class Validation(Generic[ConnT]):
             if close:
                 core.discard(slot, "closed by its borrower")  # nothing to do if done already
             elif core.state != "open" or core.null or core.excess:
+                if conn is not None and lifecycle.is_bad_return(conn):
+                    self.note_bad_return(lifecycle.describe_state(conn))  # counted all the same
                 core.discard(slot, "not kept")
             elif slot.generation != core.generation:
                 core.discard(slot, "drained")

@@ -21,7 +21,14 @@ import psycopg
 import pytest
 from helpers import activity, unique_name, until
 
-from aiopgpool import AsyncConnectionPool, ConnectionPool, PoolError, PoolTimeout
+from aiopgpool import (
+    AsyncConnectionPool,
+    AsyncNullConnectionPool,
+    ConnectionPool,
+    NullConnectionPool,
+    PoolError,
+    PoolTimeout,
+)
 from aiopgpool.testing.proxy import TcpProxy
 
 # Waiters must fail at their deadline within this much (the issue's +-0.2 s).
@@ -230,6 +237,33 @@ async def test_terminated_busy_backend_is_discarded(
         stats = pool.stats()
         assert stats.returns_bad == 1
         await _take_all(pool)
+
+
+@pytest.mark.parametrize("null", [False, True], ids=["pool", "null"])
+async def test_a_broken_return_counts_as_bad_in_every_pool(
+    dsn: str, terminate: Callable[..., int], null: bool
+) -> None:
+    """A connection the server killed while borrowed counts in returns_bad, whether the
+    pool keeps connections or not (psycopg_pool's null pools count it too)."""
+    name = unique_name("faults-bad-return")
+    cls = AsyncNullConnectionPool if null else AsyncConnectionPool
+    async with cls(dsn, min_size=0, max_size=2, name=name) as pool:
+        with pytest.raises(psycopg.OperationalError):
+            async with pool.connection() as conn:
+                assert terminate(name) == 1
+                await conn.execute("SELECT 1")
+        assert pool.stats().returns_bad == 1
+        assert pool.get_stats()["returns_bad"] == 1
+
+    def in_sync_pool() -> int:
+        sync_cls = NullConnectionPool if null else ConnectionPool
+        with sync_cls(dsn, min_size=0, max_size=2, name=name) as pool:
+            with pytest.raises(psycopg.OperationalError), pool.connection() as conn:
+                assert terminate(name) == 1
+                conn.execute("SELECT 1")
+            return int(pool.stats().returns_bad)
+
+    assert await asyncio.to_thread(in_sync_pool) == 1
 
 
 # -- network cuts -----------------------------------------------------------------------------

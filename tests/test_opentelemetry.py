@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import itertools
 import math
 import os
@@ -284,6 +285,40 @@ def test_histogram_replay_is_exact(reader: InMemoryMetricReader) -> None:
             assert _otel_buckets(point) == list(want.counts)
             assert point.count == want.count
             assert math.isclose(point.sum, want.sum, rel_tol=1e-9, abs_tol=1e-9)
+
+
+async def test_pop_stats_and_a_new_pool_under_the_name_lose_nothing(
+    dsn: str, reader: InMemoryMetricReader
+) -> None:
+    """A pop_stats() between two collections, then a new pool under the same name: the
+    exported histograms go on counting every use (the reset is told by counters_since,
+    not guessed from a count going down, which fewer uses before it would not show)."""
+    name = _name("pop")
+
+    async def uses(pool: AsyncConnectionPool, n: int) -> None:
+        for _ in range(n):
+            async with pool.connection():
+                pass
+
+    def use_count() -> int:
+        point = _value(_points(reader), "db.client.connection.use_time", name)
+        return int(point.count)
+
+    async with AsyncConnectionPool(dsn, name=name, min_size=1, max_size=1) as pool:
+        instrument(pool, reader.provider)  # type: ignore[attr-defined]
+        await uses(pool, 2)
+        assert use_count() == 2
+        since = pool.stats().counters_since
+        pool.pop_stats()
+        assert pool.stats().counters_since > since
+        await uses(pool, 5)
+        assert use_count() == 7
+    del pool  # gone: the name is free for the next pool
+    gc.collect()
+    async with AsyncConnectionPool(dsn, name=name, min_size=1, max_size=1) as again:
+        instrument(again, reader.provider)  # type: ignore[attr-defined]
+        await uses(again, 9)
+        assert use_count() == 16
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -187,6 +187,30 @@ def test_same_name_exported_once(dsn: str, scraper: Scraper, caplog: Any) -> Non
     assert "two pools are named" in caplog.text
 
 
+def test_counters_carry_their_start_so_a_pop_stats_is_seen(dsn: str, scraper: Scraper) -> None:
+    """Every counter has its ``_created`` sample, the time its counting began: after a
+    pop_stats() it moves, so Prometheus sees the reset even where the counter has grown
+    past its old value by the next scrape."""
+    name = _name("created")
+    with ConnectionPool(dsn, name=name, min_size=1, max_size=1) as pool:
+        scraper.registry.register(PoolCollector(pool))
+        with pool.connection():
+            pass
+        before = scraper.samples()
+        created = _get(before, "aiopgpool_pool_requests_created", pool_name=name)
+        assert created == pytest.approx(pool.stats().counters_since)
+        assert _get(before, "aiopgpool_pool_requests_total", pool_name=name) == 1
+        pool.pop_stats()
+        for _ in range(3):
+            with pool.connection():
+                pass
+        after = scraper.samples()
+        assert _get(after, "aiopgpool_pool_requests_total", pool_name=name) == 3
+        moved = _get(after, "aiopgpool_pool_requests_created", pool_name=name)
+        assert moved is not None and created is not None and moved > created
+        assert _get(after, "db_client_connection_timeouts_created", pool_name=name) == moved
+
+
 def test_cumulative_buckets() -> None:
     """Non-cumulative pool counts become Prometheus' cumulative ``le`` buckets."""
     rnd = random.Random(7)

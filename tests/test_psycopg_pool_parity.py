@@ -914,6 +914,29 @@ def test_get_stats_keys_match_psycopg_pool_sync(dsn: str) -> None:
         assert pool.get_stats()["requests_num"] == 0
 
 
+async def test_pop_stats_while_requests_wait_keeps_their_outcome(dsn: str) -> None:
+    """Requests waiting when pop_stats() runs count their timeout or their wait in the
+    new period, as psycopg_pool does (they were written to the discarded counters)."""
+    async with async_pool(AsyncConnectionPool, dsn, "pop-waiting", max_size=1) as pool:
+        held = await pool.getconn()
+        late = [asyncio.create_task(pool.getconn(timeout=0.3)) for _ in range(3)]
+        served = [asyncio.create_task(pool.getconn(timeout=10)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        popped = pool.pop_stats()
+        assert popped["requests_queued"] == 5 and popped["requests_errors"] == 0
+        for task in late:
+            with pytest.raises(PoolTimeout):
+                await task
+        await pool.putconn(held)
+        for task in served:
+            await pool.putconn(await task)
+        after, stats = pool.get_stats(), pool.stats()
+        assert after["requests_errors"] == stats.timeouts == 3
+        assert stats.wait_time_total >= 5 * 0.2
+        assert stats.wait_time_total == pytest.approx(stats.wait_time_histogram.sum)
+        assert stats.wait_time_histogram.count == 5
+
+
 # -- generic pool classes, as mypy sees them ----------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import eventually, eventually_blocking, unique_name
+from helpers import eventually, eventually_blocking, unique_name, until
 
 from aiopgpool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
@@ -442,8 +442,37 @@ async def test_a_connect_under_way_when_close_begins_is_not_lent(dsn: str, backe
     with pytest.raises(PoolClosed):
         await borrower
     assert not closing.done()
+    # The refused connection is closed at once, not kept idle until close() ends.
+    assert pool.stats().size == 1
+    assert await eventually(backends, name, expect=1) == 1
     await pool.putconn(held)
     await closing
     stats = pool.stats()
     assert (stats.size, stats.in_use) == (0, 0)
+    assert await eventually(backends, name, expect=0) == 0
+
+
+async def test_a_background_fill_ending_while_close_waits_is_closed(
+    dsn: str, backends: Any
+) -> None:
+    """Idle connections, and one the background refill opens after a graceful close()
+    began, are closed at once rather than kept idle until close() ends."""
+    name = unique_name("fill-under-close")
+
+    async def slow_configure(conn: Any) -> None:
+        await asyncio.sleep(0.5)
+
+    pool = AsyncConnectionPool(dsn, name=name, min_size=3, max_size=3, configure=slow_configure)
+    await pool.open(wait=True)
+    held = await pool.getconn()
+    await pool.putconn(held, close=True)  # the refill opens another one
+    held = await pool.getconn()
+    await asyncio.sleep(0.1)
+    closing = asyncio.create_task(pool.close(timeout=10))
+    await asyncio.sleep(0.1)
+    assert not closing.done()
+    await until(lambda: pool.stats().size == 1, timeout=5)
+    assert await eventually(backends, name, expect=1) == 1
+    await pool.putconn(held)
+    await closing
     assert await eventually(backends, name, expect=0) == 0

@@ -1218,6 +1218,57 @@ def test_process_exits_cleanly_without_close(dsn: str, backends: Any) -> None:
         assert eventually_blocking(lambda s=suffix: backends(f"{prefix}-{s}"), 0) == 0
 
 
+BUSY_AT_EXIT_SCRIPT = """
+import os, threading, time
+from aiopgpool import ConnectionPool, ThreadedConnectionPool
+
+dsn = os.environ["AIOPGPOOL_TEST_DSN"]
+prefix = os.environ["AIOPGPOOL_TEST_PREFIX"]
+pool = ConnectionPool(dsn, name=prefix + "-a", min_size=1, max_size=2, timeout=0.5)
+pool.open(wait=True, timeout=10)
+legacy = ThreadedConnectionPool(1, 2, dsn, application_name=prefix + "-c")
+served = [0]
+
+def serve():  # a threaded server's worker: more of them than connections
+    while True:
+        with pool.connection() as conn:
+            conn.execute("SELECT pg_sleep(0.01)")
+        served[0] += 1
+
+def legacy_serve():
+    while True:
+        try:
+            conn = legacy.getconn()
+        except Exception:  # exhausted: psycopg2's pools do not wait
+            time.sleep(0.001)
+            continue
+        conn.execute("SELECT pg_sleep(0.01)")
+        conn.rollback()
+        legacy.putconn(conn)
+
+for target in [serve] * 4 + [legacy_serve] * 3:
+    threading.Thread(target=target, daemon=True).start()
+while served[0] < 20:
+    time.sleep(0.01)
+print("ok", flush=True)
+"""
+
+
+def test_daemon_threads_using_the_pool_at_exit_print_nothing(dsn: str, backends: Any) -> None:
+    """Daemon threads still using pools when the interpreter exits (a threaded server
+    stopped by Ctrl-C) are stopped by the interpreter where they stand, as without a
+    pool: the pools closing at exit raise nothing into them, so no traceback."""
+    prefix = uname("busy-exit")
+    for _ in range(3):
+        proc = run_python(
+            BUSY_AT_EXIT_SCRIPT, timeout=20, AIOPGPOOL_TEST_DSN=dsn, AIOPGPOOL_TEST_PREFIX=prefix
+        )
+        assert proc.stdout.strip() == "ok"
+        assert proc.stderr == ""
+        for suffix in "ac":
+            assert eventually_blocking(lambda s=suffix: backends(f"{prefix}-{s}"), 0) == 0
+
+
 def _read_with_deadline(fd: int, deadline: float) -> bytes:
     data = b""
     while time.monotonic() < deadline:
