@@ -88,8 +88,6 @@ class LoopThread:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Lock()  # close() may come from two threads at once
         self.forked = False
-        #: Set when the interpreter began to exit (see :meth:`close_at_exit`).
-        self.exited = False
         #: True while the portal serves (and this is not a forked child): the
         #: hot paths' one test before they try the lock (see ``serves_caller``).
         self.serving = False
@@ -188,12 +186,7 @@ class LoopThread:
 
         False: :meth:`check_caller` raises the reason, or the loop is not running.
         """
-        return (
-            self._portal is not None
-            and not self.forked
-            and not self.exited
-            and get_ident() != self._ident
-        )
+        return self._portal is not None and not self.forked and get_ident() != self._ident
 
     def check_caller(self) -> None:
         """Raise a clear error where a call would deadlock or touch a parent's sockets."""
@@ -239,33 +232,15 @@ class LoopThread:
             logger.warning("pool %r: background call failed: %s", self.name, future.exception())
 
     def close_at_exit(self) -> None:
-        """Close the pool with a short deadline (interpreter exit, never blocks long).
-
-        From now on, a daemon thread still using the pool is parked (see
-        :meth:`park_if_exited`) rather than given errors.
-        """
+        """Run the pool's exit handler with a short deadline (never blocks long)."""
         portal = self._portal
         if portal is None or self.forked:
             return
-        self.exited = True
-        self.serving = False  # every call takes the slow path, which parks daemon threads
         try:
             future = portal.start_task_soon(self._on_exit)
             future.result(timeout=EXIT_CLOSE_TIMEOUT)
         except BaseException:
             pass
-
-    def park_if_exited(self) -> None:
-        """Once the interpreter began to exit, block a daemon thread for good; else return.
-
-        Only daemon threads are left then (the others were joined before the
-        exit handlers ran), and the interpreter is about to stop them where
-        they stand. Raising :class:`PoolClosed` into one instead would print a
-        traceback for every thread still serving requests (a threaded server
-        stopped with Ctrl-C), about a pool closed only because the process ends.
-        """
-        if self.exited and threading.current_thread().daemon:
-            threading.Event().wait()
 
 
 def _close_all_at_exit() -> None:

@@ -87,7 +87,7 @@ class Closing(Generic[ConnT]):
                     "pool %r: %d connections still borrowed or being returned after %g s: "
                     "closing them",
                     core.name,
-                    len(core.borrowed) + core.returning,
+                    len(core.borrowed) + len(core.returning),
                     timeout,
                 )
         if core.state != "closed":
@@ -112,14 +112,23 @@ class Closing(Generic[ConnT]):
         self.close_now(keep_borrowed=True)
 
     async def close_at_exit(self) -> None:
-        """Interpreter exit: close at once, leaving borrowed connections to their borrowers.
+        """Interpreter exit: close the idle connections and stop the background work.
 
-        Those are daemon threads, which the interpreter stops with the process
-        (closing the sockets); closed under them mid-query, each would print a
-        traceback on its way out.
+        The pool stays open. Whatever still uses it is a daemon thread (the others
+        were joined before the exit handlers ran), which the interpreter stops where
+        it stands, closing its sockets with the process. Closed, the pool would raise
+        ``PoolClosed`` into each (a traceback per thread of a threaded server stopped
+        by Ctrl-C), or close connections under their queries; and holding such a
+        thread instead could hang the exit (a later exit handler joins it, or needs a
+        lock it holds).
         """
-        if self._core.state != "closed":
-            self.close_now(keep_borrowed=True)
+        core = self._core
+        if core.state != "open":
+            return
+        core.maintenance.stop()
+        for slot in core.queue.take(_has_conn):
+            core.discard(slot, "interpreter exit")
+            core.release_slot(slot)
 
     def close_now(self, *, keep_borrowed: bool = False) -> None:
         """Close at once: fail waiters, stop background work, close connections."""
@@ -139,4 +148,11 @@ class Closing(Generic[ConnT]):
             if not keep_borrowed:
                 core.discard(slot, "pool closed while borrowed")
         core.forget_borrowed()
+        if not keep_borrowed:
+            # Returns still rolling back or running `reset`, connections being tested
+            # (`check`, a ping): a hung one would keep its backend for good. Shut down
+            # under that work, which then fails at once and counts the connection out.
+            for slot in (*core.returning, *core.checking):
+                if slot.conn is not None:
+                    core.lifecycle.close(slot.conn)
         logger.info("pool %r closed", core.name)

@@ -25,11 +25,12 @@ from .errors import PoolClosed, PoolTimeout
 from .lifecycle import Lifecycle
 from .options import check_timeout
 from .slot import Slot, mark_tested
+from .waiting import WaitTimeout
 
 if TYPE_CHECKING:
     from .core import PoolCore
 
-__all__ = ["LIFETIME_JITTER", "MAX_CONCURRENT_CONNECTS", "Connector", "Seat"]
+__all__ = ["FIRST_ATTEMPT_FLOOR", "LIFETIME_JITTER", "MAX_CONCURRENT_CONNECTS", "Connector", "Seat"]
 
 logger = logging.getLogger("aiopgpool")
 
@@ -40,6 +41,11 @@ MAX_CONCURRENT_CONNECTS = 16
 # A connection's max_lifetime is shortened by up to this fraction, so that
 # connections made together do not all expire together.
 LIFETIME_JITTER = 0.05
+
+
+#: Seconds the background fill's first attempt may take at least, with no pool timeout
+#: to bound it, however short ``reconnect_timeout`` is (psycopg_pool's default timeout).
+FIRST_ATTEMPT_FLOOR = 30.0
 
 
 class Connector(Generic[ConnT]):
@@ -81,16 +87,32 @@ class Connector(Generic[ConnT]):
     # -- one connection ----------------------------------------------------------------
 
     async def connect(
-        self, slot: Slot[ConnT], deadline: float | None, *, retry: bool, borrower: bool = False
+        self,
+        slot: Slot[ConnT],
+        deadline: float | None,
+        *,
+        retry: bool,
+        borrower: bool = False,
+        always_try: bool = False,
     ) -> Slot[ConnT]:
         """Open a connection on a free slot, retrying with backoff until ``deadline``.
 
-        Returns ``slot``, connected. A ``borrower`` (a checkout connecting its own
-        slot) also takes its place in the waiters' line once an attempt failed:
-        a connection given back meanwhile is handed to it, in line order, and it
-        returns that slot instead (``slot`` goes back to the pool, free). Else a
-        connection returned while the server refuses new ones (too many clients)
-        would go to a later request, and the borrower to its timeout.
+        Returns ``slot``, connected. An attempt cut short, by the attempt limit or
+        by the deadline, counts as a failed one (logged, counted, towards
+        ``reconnect_failed``), except at a ``borrower``'s own deadline: it gave up.
+
+        ``always_try``: the first attempt is made however near the deadline is
+        (``reconnect_timeout`` bounds the retries of the background fill, not its
+        first attempt, as in psycopg_pool), bounded by the pool's timeout alone
+        (with ``timeout=None``, by the deadline but never less than
+        :data:`FIRST_ATTEMPT_FLOOR`).
+
+        A ``borrower`` (a checkout connecting its own slot) also takes its place in
+        the waiters' line once an attempt failed: a connection given back meanwhile is
+        handed to it, in line order, and it returns that slot instead (``slot`` goes
+        back to the pool, free). Else a connection returned while the server refuses
+        new ones (too many clients) would go to a later request, and the borrower to
+        its timeout.
         """
         core = self._core
         backoff = Backoff()
@@ -104,7 +126,13 @@ class Connector(Generic[ConnT]):
                 if core.state == "closed":
                     raise core.closed_error()
                 remaining = None if deadline is None else deadline - monotonic()
-                if remaining is not None and remaining <= 0:
+                if always_try:  # the first attempt: bounded by the attempt limit alone
+                    always_try = False
+                    if remaining is not None and attempt_limit is None:
+                        remaining = max(remaining, FIRST_ATTEMPT_FLOOR)
+                    else:
+                        remaining = None
+                elif remaining is not None and remaining <= 0:
                     raise PoolTimeout(
                         f"pool {core.name!r}: could not connect before the deadline"
                     ) from self._last_error
@@ -121,9 +149,14 @@ class Connector(Generic[ConnT]):
                         return seat.take_instead(slot)
                     if not scope.cancelled_caught:
                         return slot
+                    # Cut at the attempt limit, or at the deadline (then raised above): a
+                    # failed attempt, but for a borrower's own deadline (it gave up).
+                    if limit is not remaining or not borrower:
+                        self._failed(
+                            PoolTimeout(f"connection attempt took longer than {limit:g} s")
+                        )
                     if limit is remaining:
-                        continue  # the deadline: raised above
-                    self._failed(PoolTimeout(f"connection attempt took longer than {limit:g} s"))
+                        continue
                 except PoolClosed:
                     raise
                 except Exception as exc:
@@ -252,7 +285,7 @@ class Connector(Generic[ConnT]):
             deadline = monotonic() + core.reconnect_timeout
         connected = False
         try:
-            await self.connect(slot, deadline, retry=True)
+            await self.connect(slot, deadline, retry=True, always_try=True)
             connected = True
         except PoolTimeout:
             self.gave_up()
@@ -311,16 +344,38 @@ class Connector(Generic[ConnT]):
                     watchers.remove(fut)
 
     async def _try_one(self, timeout: float, fail_fast: bool) -> None:
-        """A null pool's wait(): open one connection within ``timeout``, then close it."""
+        """A null pool's wait(): open one connection within ``timeout``, then close it.
+
+        On a slot of the pool's, waited for in line when every one is lent: its
+        ``max_size`` bounds the connections to the server, this one's included.
+        """
         core = self._core
-        slot: Slot[ConnT] = Slot()
+        queue = core.queue
+        start = monotonic()
+        slot = queue.take_free_one()
+        if slot is None:
+            fut = queue.join(timeout, start)
+            try:
+                slot = await fut
+            except WaitTimeout:
+                raise PoolTimeout(
+                    f"pool {core.name!r}: no free slot to connect within {timeout:g} s "
+                    f"(max_size={core.max_size}, all lent)"
+                ) from None
+            except BaseException:
+                handed = queue.withdraw(fut)
+                if handed is not None:
+                    core.release_slot(handed)
+                raise
         try:
-            await self.connect(slot, monotonic() + timeout, retry=not fail_fast)
+            await self.connect(slot, start + timeout, retry=not fail_fast)
         except PoolTimeout as exc:
             raise PoolTimeout(
                 f"pool {core.name!r}: could not connect within {timeout:g} s"
             ) from exc.__cause__
-        core.discard(slot, "wait() attempt")
+        finally:
+            core.discard(slot, "wait() attempt")
+            core.release_slot(slot)
 
     def notify_size(self) -> None:
         """Wake the callers of :meth:`wait` once ``min_size`` connections exist."""

@@ -16,8 +16,12 @@ connection errors would then show.
 
 from __future__ import annotations
 
+import configparser
+import contextlib
 import inspect
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -203,10 +207,34 @@ def _check_kwargs(kwargs: object) -> dict[str, Any]:
     return dict(kwargs)
 
 
+def service_keys(service: str) -> frozenset[str]:
+    """The keywords a connection service file's definition of ``service`` sets.
+
+    Where libpq looks (``PGSERVICEFILE`` or ``~/.pg_service.conf``, then
+    ``PGSYSCONFDIR/pg_service.conf``); nothing when it is not found there (libpq's
+    compiled-in system directory is not known here). Values are never read.
+    """
+    files = []
+    with contextlib.suppress(RuntimeError):  # no home directory to be found
+        files.append(os.environ.get("PGSERVICEFILE") or str(Path.home() / ".pg_service.conf"))
+    if os.environ.get("PGSYSCONFDIR"):
+        files.append(os.path.join(os.environ["PGSYSCONFDIR"], "pg_service.conf"))
+    for name in files:
+        # No [DEFAULT] section: libpq has none (configparser's would apply to every one).
+        parser = configparser.ConfigParser(interpolation=None, strict=False, default_section="")
+        try:
+            parser.read(name, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        if parser.has_section(service):
+            return frozenset(parser.options(service))
+    return frozenset()
+
+
 class ConnectTarget:
     """The arguments of ``connect()`` for one pool, static or produced per attempt."""
 
-    __slots__ = ("_conninfo", "_kwargs", "_name", "_static", "wants_primary")
+    __slots__ = ("_conninfo", "_kwargs", "_name", "_static", "wants_primary", "wants_read_write")
 
     def __init__(self, conninfo: str | Callable[[], Any], kwargs: Any, name: str) -> None:
         self._conninfo = conninfo
@@ -216,12 +244,18 @@ class ConnectTarget:
         #: The conninfo asks for a writable primary (``target_session_attrs``):
         #: the pool then follows role changes (a callable conninfo: its kwargs decide).
         self.wants_primary = False
+        #: ... and one that is not read-only (``read-write``): a server made read-only
+        #: in place counts as a role change too (for ``primary``, only recovery does).
+        self.wants_read_write = False
+        attrs: object = None
         if not callable(conninfo) and not callable(kwargs):
             self._static = self._finish(conninfo, kwargs)
             params = {**parse_conninfo(self._static[0]), **self._static[1]}
-            self.wants_primary = params.get("target_session_attrs") in _PRIMARY_ATTRS
+            attrs = params.get("target_session_attrs")
         elif not callable(kwargs) and kwargs:
-            self.wants_primary = kwargs.get("target_session_attrs") in _PRIMARY_ATTRS
+            attrs = kwargs.get("target_session_attrs")
+        self.wants_primary = attrs in _PRIMARY_ATTRS
+        self.wants_read_write = attrs == "read-write"
 
     @property
     def dynamic(self) -> bool:
@@ -236,9 +270,14 @@ class ConnectTarget:
         params = parse_conninfo(conninfo)
         out = _check_kwargs(kwargs)
         check_dbname(out["dbname"] if "dbname" in out else params.get("dbname"))
-        if "application_name" not in params and "application_name" not in out:
+        # What the user set wins: in the conninfo, in kwargs, in its service's definition
+        # (which libpq reads after these keywords, so a default here would override it)
+        # or, for application_name, in the environment.
+        service = out.get("service") or params.get("service") or os.environ.get("PGSERVICE")
+        given = {*params, *out, *service_keys(service)} if service else {*params, *out}
+        if "application_name" not in given and not os.environ.get("PGAPPNAME"):
             out["application_name"] = self._name
-        if _KEEPALIVE_KEYS.isdisjoint(params) and _KEEPALIVE_KEYS.isdisjoint(out):
+        if _KEEPALIVE_KEYS.isdisjoint(given):
             out.update(KEEPALIVE_DEFAULTS)
         return conninfo, out
 

@@ -91,8 +91,10 @@ class PoolCore(Generic[ConnT]):
         "_state_of",
         "_target",
         "_waiters",
+        "checking",
         "closing",
         "connect_hist",
+        "connecting_borrowers",
         "connector",
         "counters",
         "excess",
@@ -161,9 +163,15 @@ class PoolCore(Generic[ConnT]):
         self._key_of: dict[ConnT, Hashable] = {}
         self.generation = 0
         self._preparing = 0  # slots being checked or connected for a borrower
-        # Returns under way off the hot path (rolling back, resetting): a graceful
-        # close() waits for them as it waits for borrowed connections.
-        self.returning = 0
+        # Checkouts opening their own connection: pending requests too (stats().waiting).
+        self.connecting_borrowers = 0
+        # The slots of returns under way off the hot path (rolling back, resetting): a
+        # graceful close() waits for them as for borrowed connections, and closing
+        # at once shuts their connections down under the work in progress.
+        self.returning: set[Slot[ConnT]] = set()
+        # Slots whose connection a checkout or check() is testing (a ping, `check`):
+        # closing at once shuts those down too.
+        self.checking: set[Slot[ConnT]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         # The thread last seen running ``loop``: a return compares thread
         # identities (see give_back), not loops, which costs a getpid() system
@@ -301,7 +309,7 @@ class PoolCore(Generic[ConnT]):
             kept = self.queue.get_nowait()
         if kept is not None:
             self._preparing += 1
-            return self._lend(await self.validation.prepare(kept, None, seconds), key)
+            return self._lend(await self.validation.prepare(kept, None, seconds, False), key)
         # Nothing kept: wait in line, on the pool's own loop only. Compared by
         # thread, as give_back does: get_running_loop() is a getpid() system
         # call on Python 3.10 and 3.11. Another loop of this thread is caught
@@ -352,7 +360,7 @@ class PoolCore(Generic[ConnT]):
             if conn is not None:
                 return conn
         self._preparing += 1
-        return self._lend(await self.validation.prepare(slot, start, seconds), key)
+        return self._lend(await self.validation.prepare(slot, start, seconds, True), key)
 
     def _request(self, key: Hashable | None) -> ConnT | None:
         """Validate a request off the hot path (its timeout checked already); the key's
@@ -555,7 +563,7 @@ class PoolCore(Generic[ConnT]):
         if slot.leak_timer is not None:  # never on the fast path: leak_timeout turns it off
             slot.leak_timer.cancel()
             slot.leak_timer = None
-        self.returning += 1  # until after_return()
+        self.returning.add(slot)  # until after_return()
         return slot
 
     def after_return(self, slot: Slot[ConnT]) -> None:
@@ -570,7 +578,7 @@ class PoolCore(Generic[ConnT]):
         closed if the pool is closing); True when that was the last connection a
         closing pool waited for. Never suspends nor schedules (callable from a thread
         of the sync facade under its lock)."""
-        self.returning -= 1
+        self.returning.discard(slot)
         self.release_slot(slot)
         return self.state == CLOSING and not self._borrowed and not self.returning
 
@@ -616,7 +624,7 @@ class PoolCore(Generic[ConnT]):
             self.size,
             len(self.queue),
             len(self._borrowed),
-            self.queue.waiting,
+            self.queue.waiting + self.connecting_borrowers,
             self.min_size,
             self.max_size,
             self.counters,

@@ -59,17 +59,27 @@ ACTIVE = TransactionStatus.ACTIVE
 OK = ConnStatus.OK
 
 _POLLIN = select.POLLIN
-# Asked after a failed transaction on a role-tracking pool, where the server's
-# ParameterStatus may not say it (PostgreSQL < 14, a transaction-mode pooler).
-ROLE_QUERY = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+# Asked by a role-tracking pool when a connection reports default_transaction_read_only=on
+# (the server's setting, or only its session's?), and after a failed transaction, where the
+# server's ParameterStatus may not say it (PostgreSQL < 14, a transaction-mode pooler).
+# reset_val is what RESET would restore (the configuration file's value, the role's, the
+# database's, the startup options'): a session's SET does not change it, a reload does.
+ROLE_QUERY = (
+    "SELECT pg_is_in_recovery(), reset_val FROM pg_settings"
+    " WHERE name = 'default_transaction_read_only'"
+)
 
 
-def role_words(row: Any) -> str | None:
-    """Why a server is no longer a writable primary, from :data:`ROLE_QUERY`'s row."""
+def role_words(row: Any, read_only_counts: bool = True) -> str | None:
+    """Why a server is no longer a writable primary, from :data:`ROLE_QUERY`'s row.
+
+    ``read_only_counts``: a server whose sessions are read-only by default is
+    no longer one either (``target_session_attrs=read-write``; not ``primary``).
+    """
     if row and row[0]:
         return "pg_is_in_recovery()"
-    if row and row[1] == "on":
-        return "transaction_read_only=on"
+    if read_only_counts and row and row[1] == "on":
+        return "default_transaction_read_only=on"
     return None
 
 
@@ -203,6 +213,15 @@ class Lifecycle(ABC, Generic[ConnT]):
         """Why ``conn``'s server is no longer a writable primary, from what it reported, or None."""
         return None
 
+    def turned_read_only(self, conn: ConnT, baseline: Baseline) -> bool:
+        """``conn`` reports read-only sessions, which it did not when it connected.
+
+        Its server's setting, or only its own session's (a borrower's ``SET``):
+        :meth:`ask_role` tells which. Never true for a pool that ignores
+        read-only (``target_session_attrs=primary``).
+        """
+        return False
+
     def describe_state(self, conn: ConnT) -> str:
         """Words for a bad return's state, for the WARNING it logs (never the conninfo)."""
         state = self.state_of(conn)
@@ -217,7 +236,10 @@ class Lifecycle(ABC, Generic[ConnT]):
         return False
 
     async def ask_role(self, conn: ConnT) -> str | None:
-        """Ask the server why it is no longer a writable primary (None: it still is)."""
+        """Ask the server why it is no longer a writable primary (None: it still is).
+
+        A session's own settings do not count: only the server's.
+        """
         return None
 
     @abstractmethod
@@ -409,14 +431,23 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
                 "" if "prepare_threshold" not in kwargs else " (unless prepare_threshold is set)",
             )
 
-    def follow_role(self, state_of: Callable[[Any], Baseline], wants_primary: bool) -> None:
+    #: Read-only sessions count as a role change (``read-write``, not ``primary``).
+    read_only_counts = False
+
+    def follow_role(
+        self, state_of: Callable[[Any], Baseline], wants_primary: bool, read_write: bool = False
+    ) -> None:
         """Set ``state_of`` (and role tracking, when the conninfo wants a writable primary).
 
-        A tracking pool's state includes the two ParameterStatus values that
-        say a server stopped being a writable primary, so that a return seeing
-        them changed leaves the hot path: no cost to any other pool.
+        A tracking pool's state includes the ParameterStatus values that say a
+        server stopped being a writable primary (``in_hot_standby``, and for
+        ``read_write``, ``default_transaction_read_only``), so that a return
+        seeing them changed leaves the hot path: no cost to any other pool.
+        Being the baseline's too, a value a connection had from the start (its
+        startup options) is no change.
         """
         self.tracks_role = wants_primary
+        self.read_only_counts = wants_primary and read_write
         if not wants_primary:
             self.state_of = state_of
             return
@@ -425,7 +456,10 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
             status = conn.pgconn.parameter_status
             return (*state_of(conn), status(_IN_HOT_STANDBY), status(_READ_ONLY))
 
-        self.state_of = tracked_state
+        def primary_state(conn: Any) -> Baseline:
+            return (*state_of(conn), conn.pgconn.parameter_status(_IN_HOT_STANDBY))
+
+        self.state_of = tracked_state if read_write else primary_state
 
     def server_of(self, conn: PgConnT) -> Any:
         pgconn = conn.pgconn
@@ -436,12 +470,18 @@ class PsycopgLifecycle(Lifecycle[PgConnT]):
         return conn.pgconn.transaction_status == INERROR
 
     def role_lost(self, conn: PgConnT) -> str | None:
-        status = conn.pgconn.parameter_status
-        if status(_IN_HOT_STANDBY) == b"on":
+        # default_transaction_read_only is the session's value, set by the server's
+        # configuration or by the session itself: turned_read_only() and ask_role() tell.
+        if conn.pgconn.parameter_status(_IN_HOT_STANDBY) == b"on":
             return "in_hot_standby=on"
-        if status(_READ_ONLY) == b"on":
-            return "default_transaction_read_only=on"
         return None
+
+    def turned_read_only(self, conn: PgConnT, baseline: Baseline) -> bool:
+        return (
+            self.read_only_counts
+            and conn.pgconn.parameter_status(_READ_ONLY) == b"on"
+            and baseline[-1:] != (b"on",)
+        )
 
     def linked(self, conn: PgConnT) -> PgConnT:
         """``conn``, made to know its pool (``close_returns``, ``with conn``)."""
@@ -475,7 +515,9 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
     ) -> None:
         self._target = target
         self._connection_class = connection_class
-        self.follow_role(state_reader(connection_class), target.wants_primary)
+        self.follow_role(
+            state_reader(connection_class), target.wants_primary, target.wants_read_write
+        )
         self._configure = configure
         self._reset = reset
         self._check = check
@@ -534,7 +576,7 @@ class AsyncLifecycle(PsycopgLifecycle[psycopg.AsyncConnection[Any]]):
         await conn.set_autocommit(True)
         try:
             cur = await conn.execute(ROLE_QUERY, prepare=False)
-            return role_words(await cur.fetchone())
+            return role_words(await cur.fetchone(), self.read_only_counts)
         finally:
             await conn.set_autocommit(autocommit)
 

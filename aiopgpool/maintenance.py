@@ -99,13 +99,16 @@ class Maintenance(Generic[ConnT]):
         self._timer: asyncio.TimerHandle | None = None
 
     def schedule(self) -> None:
-        """Arm the timer for the next run (every half of the shortest period, 50 ms to 10 s)."""
+        """Arm the timer for the next run: every half of the shortest period (``max_idle=0``
+        included), 50 ms to 10 s; every 10 s without one, for the refill."""
         core = self._core
-        periods = [p for p in (core.max_idle, core.max_lifetime) if p]
+        # max_idle=0 is a period (close surplus idle connections at once); a
+        # max_lifetime of 0 is not (each one expires as it is used: no timer for it).
+        periods = [p for p in (core.max_idle, core.max_lifetime or None) if p is not None]
         loop = core.loop
-        if not periods or loop is None:
+        if loop is None:
             return
-        interval = min(max(min(periods) / 2, 0.05), 10.0)
+        interval = min(max(min(periods) / 2, 0.05), 10.0) if periods else 10.0
         self._timer = loop.call_later(interval, _tick, weakref.ref(self))
 
     def stop(self) -> None:
@@ -167,11 +170,16 @@ class Maintenance(Generic[ConnT]):
                 slot = taken.pop()
                 conn = slot.conn
                 assert conn is not None
+                core.checking.add(slot)
                 try:
                     await core.lifecycle.probe(conn)
                 except Exception as exc:
                     core.discard(slot, f"check() failed ({exc.__class__.__name__})", lost=True)
+                else:
+                    # The round trip may bring the news that the server changed role.
+                    await core.validation.role_check(slot, held=taken)
                 finally:
+                    core.checking.discard(slot)
                     core.release_slot(slot)
         finally:
             for slot in taken:

@@ -118,13 +118,14 @@ class PoolStats:
     idle: int
     in_use: int
     waiting: int
-    """Requests queued for a connection right now."""
+    """Requests pending right now: queued for a connection, or opening their own."""
     min_size: int
     max_size: int
     requests: int
     """getconn() calls served or failed since the pool was created."""
     requests_waited: int
-    """Requests that found no idle connection and had to wait."""
+    """Requests that found no idle connection and had to wait: in line, or for a
+    connection opened for them."""
     wait_time_total: float
     """Seconds spent waiting, summed over all requests that waited."""
     timeouts: int
@@ -219,7 +220,10 @@ def snapshot(
         connections_closed=c.connections_closed,
         # Requests served at once are not recorded one by one: they waited 0.
         # Waits are only counted in their buckets: their sum is wait_time_total.
-        wait_time_histogram=wait.snapshot(c.requests - c.requests_waited, c.wait_time_total),
+        # (never below 0: a pop_stats() may land between a request and its wait's start)
+        wait_time_histogram=wait.snapshot(
+            max(c.requests - c.requests_waited, 0), c.wait_time_total
+        ),
         use_time_histogram=use.snapshot(),
         connect_time_histogram=connect.snapshot(),
         counters_since=c.since,

@@ -108,6 +108,9 @@ class BlockingLifecycle(Lifecycle[C], Generic[C]):
     async def clean(self, conn: C, baseline: Baseline) -> bool:
         return await anyio.to_thread.run_sync(self.clean_blocking, conn, baseline)
 
+    async def ask_role(self, conn: C) -> str | None:
+        return await anyio.to_thread.run_sync(self.ask_role_blocking, conn)
+
     async def probe(self, conn: C) -> None:
         await anyio.to_thread.run_sync(self.probe_blocking, conn)
 
@@ -186,7 +189,9 @@ class SyncLifecycle(
         BlockingLifecycle.__init__(self, configure, reset, check)
         self._target = target
         self._connection_class = connection_class
-        self.follow_role(state_reader(connection_class), target.wants_primary)
+        self.follow_role(
+            state_reader(connection_class), target.wants_primary, target.wants_read_write
+        )
 
     def close(self, conn: psycopg.Connection[Any]) -> None:
         close_blocking(conn)  # not under a call in progress: see teardown
@@ -230,7 +235,9 @@ class SyncLifecycle(
         autocommit = conn.autocommit
         conn.autocommit = True
         try:
-            return role_words(conn.execute(ROLE_QUERY, prepare=False).fetchone())
+            return role_words(
+                conn.execute(ROLE_QUERY, prepare=False).fetchone(), self.read_only_counts
+            )
         finally:
             conn.autocommit = autocommit
 

@@ -138,10 +138,8 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         return bridge
 
     def _refuse_caller(self) -> NoReturn:
-        """Raise why this thread cannot use the pool now (see ``LoopThread.serves_caller``);
-        a daemon thread once the interpreter exits is parked instead."""
+        """Raise why this thread cannot use the pool now (see ``LoopThread.serves_caller``)."""
         self._bridge.check_caller()
-        self._bridge.park_if_exited()
         raise self._core.closed_error()
 
     # -- checkout and return ---------------------------------------------------------
@@ -191,20 +189,6 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         key: Hashable | None,
     ) -> C:
         """The rest of a checkout the hot path could not serve: wait, or prepare on the loop."""
-        try:
-            return self._wait_or_prepare(got, waiter, start, timeout, key)
-        except PoolClosed:
-            self._bridge.park_if_exited()  # closed because the interpreter exits
-            raise
-
-    def _wait_or_prepare(
-        self,
-        got: C | Slot[C] | None,
-        waiter: ThreadWaiter[C] | None,
-        start: float,
-        timeout: float | None,
-        key: Hashable | None,
-    ) -> C:
         if waiter is not None:
             got = self._wait(waiter, timeout)
         assert got is not None
@@ -214,7 +198,9 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
         stack = None if self._core.leak_timeout is None else borrower_stack()
         claim = Claim()
         bridge = self._running_bridge()
-        future = bridge.submit(self._port.prepare, got, key, timeout, start, stack, claim)
+        future = bridge.submit(
+            self._port.prepare, got, key, timeout, start, waiter is not None, stack, claim
+        )
         try:
             return future.result()
         except BaseException:
@@ -282,9 +268,16 @@ class SyncPoolFacade(PoolAttributes, Generic[C]):
                     broken = close = not lifecycle.clean_blocking(conn, slot.baseline)
                 if lifecycle.tracks_role and not close:
                     lost = lifecycle.role_lost(conn)
-                    if lost is None and failed:
+                    session_only = lost is None and lifecycle.turned_read_only(conn, slot.baseline)
+                    if lost is None and (failed or session_only):
                         lost = lifecycle.ask_role_blocking(conn)
-                    close = lost is not None
+                    close = lost is not None or session_only
+                    if lost is None and session_only:
+                        logger.debug(
+                            "pool %r: a returned connection's session was made read-only "
+                            "(the server is still a writable primary): discarded",
+                            self.name,
+                        )
                 if lifecycle.resets and not close:
                     stage = "reset"
                     close = not lifecycle.reset_blocking(conn)

@@ -213,18 +213,20 @@ class ThreadPort(Generic[ConnT]):
         key: Hashable | None,
         timeout: float | None,
         start: float,
+        waited: bool,
         stack: str | None,
         claim: Claim,
     ) -> ConnT:
         """On the loop: check, replace or connect a slot from :meth:`request_nowait`, lend it.
 
-        ``start`` is the ``time.monotonic()`` at which the request began;
+        ``start`` is the ``time.monotonic()`` at which the request began, ``waited``
+        whether it waited in line;
         ``stack`` the borrower's stack, for leak reports. If the caller thread
         gave up meanwhile (``claim.abandoned``), the connection is given back
         here, and returned to nobody.
         """
         core = self._core
-        conn = core._lend(await core.validation.prepare(slot, start, timeout), key, stack)
+        conn = core._lend(await core.validation.prepare(slot, start, timeout, waited), key, stack)
         # The loop holds the bridge's lock from here until the caller's future has
         # this result: the caller reads the claim and the future under that lock.
         if claim.abandoned:

@@ -71,19 +71,25 @@ class Validation(Generic[ConnT]):
         self._core = core
 
     async def prepare(
-        self, slot: Slot[ConnT], start: float | None, timeout: float | None
+        self, slot: Slot[ConnT], start: float | None, timeout: float | None, waited: bool
     ) -> Slot[ConnT]:
         """Make a slot's connection usable: test it, or replace it, or open one.
 
         ``start``: when the request began (None: now). The caller counted the
         slot in the core's ``_preparing``; this counts it out. On failure the
         slot goes back to the pool.
+
+        ``waited``: the request waited in line, and its wait is counted. One that
+        did not, but has to open a connection, waits for it: it is counted as a
+        waited request (as psycopg_pool counts it) and pending while it connects
+        (not in a null pool, where every checkout connects).
         """
         core = self._core
+        connecting = False
+        if start is None:
+            start = monotonic()
         try:
             core.check_loop()
-            if start is None:
-                start = monotonic()
             timeout = core.effective_timeout(timeout)
             # A slot had at once (timeout=0) still gets connected within the
             # pool's own timeout; when that is 0 too (psycopg2's "fail at
@@ -96,7 +102,12 @@ class Validation(Generic[ConnT]):
             check_error: Exception | None = None
             while True:
                 if slot.conn is not None:
-                    if await self._usable(slot, deadline):
+                    core.checking.add(slot)
+                    try:
+                        usable = await self._usable(slot, deadline)
+                    finally:
+                        core.checking.discard(slot)
+                    if usable:
                         if core.state != "open":  # closing or closed while we checked it
                             raise core.closed_error()
                         return slot
@@ -104,6 +115,12 @@ class Validation(Generic[ConnT]):
                     if swapped is not None:
                         slot = swapped
                     continue
+                if not waited and not connecting and not core.null:
+                    # Counted as it starts waiting (as a queued request is): counted at
+                    # the end, it would show as a wait of 0 meanwhile, then move.
+                    connecting = True
+                    core.connecting_borrowers += 1
+                    core.counters.requests_waited += 1
                 try:
                     got = await core.connector.connect(
                         slot, None if not retry else deadline, retry=retry, borrower=True
@@ -118,7 +135,11 @@ class Validation(Generic[ConnT]):
                     slot = got
                     continue
                 core.connector.notify_size()
-                check_error = await self._checked(slot)
+                core.checking.add(slot)
+                try:
+                    check_error = await self._checked(slot)
+                finally:
+                    core.checking.discard(slot)
                 if check_error is None:
                     if core.state != "open":  # closing or closed while it connected
                         raise core.closed_error()
@@ -144,6 +165,9 @@ class Validation(Generic[ConnT]):
             raise
         finally:
             core._preparing -= 1
+            if connecting:
+                core.connecting_borrowers -= 1
+                core._waited(monotonic() - start)
 
     async def _usable(self, slot: Slot[ConnT], deadline: float | None = None) -> bool:
         """Whether a connected slot can be handed out; discards it if not.
@@ -158,14 +182,25 @@ class Validation(Generic[ConnT]):
             core.discard(slot, "max_lifetime reached")
             return False
         ping = core.ping_after_idle
+        lifecycle = core.lifecycle
+        probed = False
         if not slot.quiet() or (ping is not None and now - slot.returned_at > ping):
             limit = PROBE_TIMEOUT if deadline is None else min(PROBE_TIMEOUT, deadline - now)
             try:
-                await _within(core.lifecycle.probe(conn), max(limit, 0.001))
+                await _within(lifecycle.probe(conn), max(limit, 0.001))
             except Exception as exc:
                 core.discard(slot, f"dead while idle ({exc.__class__.__name__})", lost=True)
                 return False
+            probed = True
         if await self._checked(slot) is not None:
+            return False
+        # A round trip brings the server's reports: one saying it is no longer a writable
+        # primary must keep this connection from being handed out.
+        if (
+            lifecycle.tracks_role
+            and (probed or lifecycle.has_check)
+            and not await self.role_check(slot, deadline=deadline)
+        ):
             return False
         if slot.generation != core.generation:  # drained while we checked it
             core.discard(slot, "drained")
@@ -254,11 +289,8 @@ class Validation(Generic[ConnT]):
                     if lifecycle.tracks_role:
                         self.test_server(slot.server)
                     core.discard(slot, "could not be cleaned after return")
-                elif lifecycle.tracks_role and (
-                    lost := lifecycle.role_lost(conn) or (failed and await lifecycle.ask_role(conn))
-                ):
-                    self.forget_server(slot.server, lost)
-                    core.discard(slot, f"server no longer primary ({lost})")
+                elif lifecycle.tracks_role and not await self.role_check(slot, failed=failed):
+                    pass  # discarded, with every connection to its server if that changed role
                 elif lifecycle.has_reset and not await self._reset(conn):
                     core.discard(slot, "reset failed or left it unusable")
                 elif slot.expires_at <= monotonic():
@@ -298,16 +330,28 @@ class Validation(Generic[ConnT]):
 
     # -- role tracking ------------------------------------------------------------------
 
-    def forget_server(self, server: Any, reason: str, *, refill: bool = True) -> None:
+    def forget_server(
+        self,
+        server: Any,
+        reason: str,
+        *,
+        refill: bool = True,
+        held: list[Slot[ConnT]] | None = None,
+    ) -> None:
         """``server`` is no longer a writable primary: replace every connection to it.
 
         Idle ones go now, borrowed ones when they come back; new connections
         go through the conninfo again (``target_session_attrs`` finds the
         primary). ``refill=False``: the caller is not on the loop, and a
-        return it finishes there refills.
+        return it finishes there refills. ``held``: idle slots the caller took
+        out of the queue and holds; those to ``server`` go too (removed from it).
         """
         core = self._core
         idle = core.queue.take(lambda slot: slot.server == server)
+        if held:
+            mine = [slot for slot in held if slot.server == server]
+            held[:] = [slot for slot in held if slot.server != server]
+            idle += mine
         borrowed = [slot for slot in core.borrowed.values() if slot.server == server]
         logger.warning(
             "pool %r: server %s is no longer a writable primary (%s): replacing its "
@@ -338,6 +382,64 @@ class Validation(Generic[ConnT]):
             core.release_slot(slot)
         if refill:
             core.connector.fill()
+
+    async def role_check(
+        self,
+        slot: Slot[ConnT],
+        *,
+        failed: bool = False,
+        deadline: float | None = None,
+        held: list[Slot[ConnT]] | None = None,
+    ) -> bool:
+        """After a round trip on a role-tracking pool's connection: may it still be lent?
+
+        False, and the connection discarded, when it shows that its server is
+        no longer a writable primary (every connection to that server is then
+        replaced, see :meth:`forget_server`), or that only its own session was
+        made read-only (a borrower's ``SET default_transaction_read_only``:
+        only it goes, logged at DEBUG). A report of read-only sessions, or
+        ``failed`` (it came back in a failed transaction, perhaps a refused
+        write), costs one more round trip, within :data:`PROBE_TIMEOUT` and
+        ``deadline``: the server tells whether it is its setting. ``held``: as
+        for :meth:`forget_server` (``pool.check()``'s slots). Always True on a
+        pool that does not track roles.
+        """
+        core = self._core
+        lifecycle = core.lifecycle
+        conn = slot.conn
+        if not lifecycle.tracks_role or conn is None:
+            return True
+        lost = lifecycle.role_lost(conn)
+        if lost is None:
+            session_only = lifecycle.turned_read_only(conn, slot.baseline)
+            if not (failed or session_only):
+                return True
+            answer: list[str | None] = []
+
+            async def ask() -> None:
+                answer.append(await lifecycle.ask_role(conn))
+
+            limit = (
+                PROBE_TIMEOUT if deadline is None else min(PROBE_TIMEOUT, deadline - monotonic())
+            )
+            try:
+                await _within(ask(), max(limit, 0.001))
+            except Exception as exc:
+                core.discard(slot, f"role query failed ({exc.__class__.__name__})", lost=True)
+                return False
+            lost = answer[0]
+            if lost is None:
+                if not session_only:
+                    return True
+                core.discard(
+                    slot,
+                    "its session was made read-only (default_transaction_read_only=on); "
+                    "the server is still a writable primary",
+                )
+                return False
+        self.forget_server(slot.server, lost, held=held)
+        core.discard(slot, f"server no longer primary ({lost})")
+        return False
 
 
 def _server_words(server: Any) -> str:

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg
 
 from aiopgpool import AsyncConnectionPool
 from aiopgpool.pooler import BACKEND_PID_QUERY
+from aiopgpool.testing import ReplicatedCluster
 
 _seq = itertools.count(1)
 
@@ -207,3 +208,14 @@ def log_texts(records: list[logging.LogRecord]) -> list[str]:
         if record.stack_info:
             texts.append(record.stack_info)
     return texts
+
+
+@contextlib.contextmanager
+def primary_and_standby(table: str) -> Iterator[ReplicatedCluster]:
+    """A primary and one caught-up standby, with the table ``table`` (its definition:
+    ``"name (columns)"``) created on the primary, for tests that write and move roles."""
+    with ReplicatedCluster(standbys=1) as cluster:
+        with psycopg.connect(cluster.primary.dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {table}")
+        cluster.wait_caught_up()
+        yield cluster

@@ -177,10 +177,10 @@ async def test_a_free_slot_goes_to_a_waiter_and_the_seats_keep_their_places(dsn:
 
         a = asyncio.create_task(borrower("A"))  # the last free slot; fails; in line
         await asyncio.sleep(0.5)
-        assert pool.stats().waiting == 0, "a borrower connecting its own slot is not waiting"
+        assert pool.stats().waiting == 1, "a borrower connecting its own slot is pending"
         e = asyncio.create_task(borrower("E"))  # no slot: waits in line, behind A
         await asyncio.sleep(0.1)
-        assert pool.stats().waiting == 1
+        assert pool.stats().waiting == 2
         await pool.putconn(h2, close=True)  # a free slot: to E, A keeps its place
         await asyncio.sleep(0.05)
         f = asyncio.create_task(borrower("F"))
@@ -199,9 +199,9 @@ async def test_a_free_slot_goes_to_a_waiter_and_the_seats_keep_their_places(dsn:
 async def test_borrowers_connecting_do_not_count_against_max_waiting(
     one_connection_dsn: str,
 ) -> None:
-    """Borrowers that hold a slot and are connecting are not waiting requests: neither
-    ``stats().waiting`` nor ``max_waiting`` count them, nor does ``timeout=0``'s check of
-    slots in transit count them twice."""
+    """Borrowers that hold a slot and are connecting do not wait for one: ``max_waiting``
+    does not count them, nor does ``timeout=0``'s check of slots in transit count them
+    twice. ``stats().waiting`` shows them, as pending requests."""
     async with AsyncConnectionPool(
         one_connection_dsn,
         name=unique_name("fifo-max-waiting"),
@@ -215,10 +215,10 @@ async def test_borrowers_connecting_do_not_count_against_max_waiting(
         for _ in range(2):  # one after the other: the first is first in line
             seated.append(asyncio.create_task(pool.getconn()))
             await asyncio.sleep(0.3)
-        assert pool.stats().waiting == 0
+        assert pool.stats().waiting == 2
         late = asyncio.create_task(pool.getconn(timeout=3))  # admitted: nobody waits
         await asyncio.sleep(0.1)
-        assert pool.stats().waiting == 1
+        assert pool.stats().waiting == 3
         await pool.putconn(held)
         first = await asyncio.wait_for(seated[0], 5)
         assert first is held

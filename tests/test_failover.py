@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pytest
-from helpers import unique_name
+from helpers import primary_and_standby, unique_name
 
 from aiopgpool import AsyncConnectionPool, ConnectionPool
 from aiopgpool.testing import LocalCluster, ReplicatedCluster, count_backends
@@ -36,10 +36,7 @@ OUTAGE = 2.0
 @pytest.fixture
 def pair() -> Iterator[ReplicatedCluster]:
     """A primary and one standby, with a table to write to, for a test that moves roles."""
-    with ReplicatedCluster(standbys=1) as cluster:
-        with psycopg.connect(cluster.primary.dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE writes (writer int, at timestamptz DEFAULT now())")
-        cluster.wait_caught_up()
+    with primary_and_standby("writes (writer int, at timestamptz DEFAULT now())") as cluster:
         yield cluster
 
 

@@ -9,11 +9,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from helpers import unique_name
+from helpers import primary_and_standby, unique_name
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from aiopgpool import (
@@ -35,10 +36,7 @@ PASSWORD = "s3cret-Pa55word"  # trust authentication: never sent, and never show
 @pytest.fixture(scope="module")
 def rc() -> Iterator[ReplicatedCluster]:
     """A primary and one standby, with a table to write to."""
-    with ReplicatedCluster(standbys=1) as cluster:
-        with psycopg.connect(cluster.primary.dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE notes (pool text, port int)")
-        cluster.wait_caught_up()
+    with primary_and_standby("notes (pool text, port int)") as cluster:
         yield cluster
 
 
@@ -268,6 +266,33 @@ def test_keepalives_of_the_conninfo_are_left_as_they_are(rc: ReplicatedCluster) 
     ):
         params = _dsn_params(conn)
     assert params["keepalives"] == "0" and "keepalives_idle" not in params
+
+
+def test_a_service_definition_and_pgappname_are_left_as_they_are(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq reads a service's definition (pg_service.conf) after the keywords given to
+    connect: the pool's defaults, given as keywords, overrode its keepalives and its
+    application_name. They are now left out when the service sets them, and the pool's
+    application_name when PGAPPNAME is set."""
+    params = {k: v for k, v in conninfo_to_dict(dsn).items() if k != "password"}
+    lines = ["[ka]", *(f"{k}={v}" for k, v in params.items())]
+    lines += ["keepalives_idle=120", "application_name=from-service"]
+    (tmp_path / "pg_service.conf").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "pg_service.conf"))
+    password = conninfo_to_dict(dsn).get("password")
+    conninfo = "service=ka" + (f" password={password}" if password else "")
+    pool = ConnectionPool(conninfo, name=unique_name("service"))
+    with pool, pool.connection(timeout=10.0) as conn:
+        given = _dsn_params(conn)
+        name = conn.execute("SHOW application_name").fetchone()
+    assert given["keepalives_idle"] == "120" and "keepalives_count" not in given
+    assert name == ("from-service",)
+    monkeypatch.setenv("PGAPPNAME", "from-env")
+    pool = ConnectionPool(dsn, name=unique_name("pgappname"))
+    with pool, pool.connection(timeout=10.0) as conn:
+        assert conn.execute("SHOW application_name").fetchone() == ("from-env",)
+        assert _dsn_params(conn)["keepalives_idle"] == KEEPALIVE_DEFAULTS["keepalives_idle"]
 
 
 # -- ping_after_idle --------------------------------------------------------------------------

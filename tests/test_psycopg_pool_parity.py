@@ -937,6 +937,44 @@ async def test_pop_stats_while_requests_wait_keeps_their_outcome(dsn: str) -> No
         assert stats.wait_time_histogram.count == 5
 
 
+async def test_a_request_that_opens_its_connection_counts_as_waiting(dsn: str) -> None:
+    """A checkout that has to open a connection waits for it, as psycopg_pool counts it:
+    pending in requests_waiting meanwhile, then in requests_queued and requests_wait_ms
+    (it used to count as served at once, so an outage or a cold start showed no wait)."""
+
+    async def slow_configure(conn: Any) -> None:
+        await asyncio.sleep(0.2)
+
+    async with async_pool(
+        AsyncConnectionPool, dsn, "connect-wait", min_size=0, max_size=4,
+        configure=slow_configure,
+    ) as pool:  # fmt: skip
+        tasks = [asyncio.create_task(pool.getconn()) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert pool.stats().waiting == 3
+        assert pool.get_stats()["requests_waiting"] == 3
+        for conn in await asyncio.gather(*tasks):
+            await pool.putconn(conn)
+        stats = pool.get_stats()
+        assert stats["requests_waiting"] == 0
+        assert stats["requests_queued"] == 3
+        assert stats["requests_wait_ms"] >= 3 * 180
+        histogram = pool.stats().wait_time_histogram
+        assert histogram.count == 3 and histogram.counts[0] == 0  # no wait of 0
+
+    unreachable = f"host=127.0.0.1 port={closed_port()} dbname=x user=x"
+
+    def refused() -> tuple[int, int, int]:
+        with ConnectionPool(unreachable, name=uname("connect-wait-s"), min_size=0) as pool:
+            with pytest.raises(PoolTimeout):
+                pool.getconn(timeout=0.3)
+            stats = pool.get_stats()
+            return stats["requests_queued"], stats["requests_errors"], stats["requests_wait_ms"]
+
+    queued, errors, wait_ms = await asyncio.to_thread(refused)
+    assert (queued, errors) == (1, 1) and wait_ms >= 250
+
+
 # -- generic pool classes, as mypy sees them ----------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent

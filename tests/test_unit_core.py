@@ -159,7 +159,7 @@ async def test_cancelled_while_connecting_loses_no_slot() -> None:
         tasks = [asyncio.create_task(core.getconn()) for _ in range(4)]
         await settle()
         assert fake.connecting == 2  # two borrowers connect their slots, two wait in line
-        assert core.stats().waiting == 2
+        assert core.stats().waiting == 4  # all pending, the connecting ones included
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -889,7 +889,7 @@ async def test_histogram_counts_match_requests_and_returns() -> None:
         assert stats.requests == requests
         assert stats.use_time_histogram.count == returns
         assert stats.wait_time_histogram.count == requests
-        assert stats.requests_waited == 2
+        assert stats.requests_waited == 4  # 2 in line, 2 for the connections they opened
         assert stats.timeouts == 2
         assert sum(stats.use_time_histogram.counts) == returns
         assert stats.wait_time_histogram.sum == stats.wait_time_total  # the same figure
@@ -898,6 +898,42 @@ async def test_histogram_counts_match_requests_and_returns() -> None:
         stats = core.stats()
         assert (stats.requests, stats.use_time_histogram.count) == (0, 0)
         assert stats.wait_time_histogram.count == 0
+
+
+async def test_a_connecting_checkout_keeps_the_wait_histogram_monotonic() -> None:
+    """A checkout that opens its own connection counts as waiting from the start: the wait
+    histogram never shows it as a wait of 0 that later moves to its real bucket (a bucket
+    going down is a counter reset to Prometheus), and a pop_stats() meanwhile leaves no
+    negative bucket."""
+    fake = FakeLifecycle()
+    fake.gate = asyncio.Event()
+    async with opened(make_core(fake, max_size=2)) as core:
+        task = asyncio.create_task(core.getconn())
+        await settle()
+        during = core.stats()
+        assert (during.requests, during.requests_waited, during.waiting) == (1, 1, 1)
+        assert during.wait_time_histogram.count == 0
+        await asyncio.sleep(0.01)
+        fake.gate.set()
+        conn = await task
+        after = core.stats()
+        assert after.wait_time_histogram.count == 1 and after.waiting == 0
+        assert all(
+            b >= a
+            for a, b in zip(
+                during.wait_time_histogram.counts, after.wait_time_histogram.counts, strict=True
+            )
+        )
+        fake.gate.clear()
+        second = asyncio.create_task(core.getconn())
+        await settle()
+        core.reset_stats()  # pop_stats() while it connects
+        fake.gate.set()
+        await core.putconn(await second)
+        await core.putconn(conn)
+        stats = core.stats()
+        assert min(stats.wait_time_histogram.counts) >= 0
+        assert stats.requests == 0 and stats.wait_time_histogram.count == 1
 
 
 # -- more paths: closing mid-connect, cancelled returns, min_size, null -----------------------
