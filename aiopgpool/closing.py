@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .deadlines import move_on_after
 from .errors import PoolClosed
 from .options import check_timeout
-from .slot import Slot
 
 if TYPE_CHECKING:
     from .core import PoolCore
@@ -19,10 +18,6 @@ __all__ = ["Closing"]
 logger = logging.getLogger("aiopgpool")
 
 ConnT = TypeVar("ConnT")
-
-
-def _has_conn(slot: Slot[Any]) -> bool:
-    return slot.conn is not None
 
 
 class Closing(Generic[ConnT]):
@@ -68,8 +63,7 @@ class Closing(Generic[ConnT]):
             core.state = "closing"
             core.update_fast()
             core.queue.fail_waiters(core.closed_error)
-            for slot in core.queue.take(_has_conn):  # idle: nobody may borrow them now
-                core.release_slot(slot)
+            core.close_idle("pool closing")  # nobody may borrow them now
             if core.borrowed or core.returning:
                 self._all_returned = asyncio.get_running_loop().create_future()
         if self._all_returned is not None and not self._all_returned.done():
@@ -126,9 +120,7 @@ class Closing(Generic[ConnT]):
         if core.state != "open":
             return
         core.maintenance.stop()
-        for slot in core.queue.take(_has_conn):
-            core.discard(slot, "interpreter exit")
-            core.release_slot(slot)
+        core.close_idle("interpreter exit")
 
     def close_now(self, *, keep_borrowed: bool = False) -> None:
         """Close at once: fail waiters, stop background work, close connections."""
@@ -140,8 +132,7 @@ class Closing(Generic[ConnT]):
         core.maintenance.stop()
         core.queue.fail_waiters(core.closed_error)
         core.connector.stop(core.closed_error)
-        for slot in core.queue.take(_has_conn):
-            core.discard(slot, "pool closed")
+        core.close_idle("pool closed")
         for slot in core.borrowed.values():
             if slot.leak_timer is not None:
                 slot.leak_timer.cancel()

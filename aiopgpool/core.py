@@ -482,6 +482,15 @@ class PoolCore(Generic[ConnT]):
             return
         self.queue.put(slot, slot.conn is not None)
 
+    def close_idle(self, reason: str, which: Callable[[Slot[ConnT]], bool] = _has_conn) -> int:
+        """Close the idle connections ``which`` selects (all by default); their slots go
+        back free (to waiters first; dropped once closed). How many were closed."""
+        taken = self.queue.take(which)
+        for slot in taken:
+            self.discard(slot, reason)
+            self.release_slot(slot)
+        return len(taken)
+
     def discard(self, slot: Slot[ConnT], reason: str, *, lost: bool = False) -> None:
         """Close a slot's connection; the slot becomes free."""
         conn = slot.conn

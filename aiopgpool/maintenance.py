@@ -142,12 +142,9 @@ class Maintenance(Generic[ConnT]):
                 return True
             return False
 
-        taken = core.queue.take(expired)
-        for slot in taken:
-            core.discard(slot, "expired")
-            core.release_slot(slot)
+        closed = core.close_idle("expired", expired)
         core.connector.fill()
-        return len(taken)
+        return closed
 
     async def purge_expired(self) -> int:
         """Close idle connections idle longer than ``max_idle`` (or past max_lifetime) now.
@@ -191,9 +188,7 @@ class Maintenance(Generic[ConnT]):
         core = self._core
         core.check_open()
         core.new_generation()
-        for slot in core.queue.take(_has_conn):
-            core.discard(slot, "drained")
-            core.release_slot(slot)
+        core.close_idle("drained")
         core.connector.fill()
 
     async def resize(self, min_size: int, max_size: int | None = None) -> None:
